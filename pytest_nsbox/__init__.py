@@ -1,0 +1,33 @@
+"""pytest-nsbox: run a test in fresh Linux namespaces over a throwaway overlay of a root filesystem."""
+
+from __future__ import annotations
+
+from .spec import SandboxSpec, nsbox
+
+__version__ = "0.1.0"
+__all__ = ["SandboxSpec", "__version__", "nsbox", "require_sandbox"]
+
+
+def require_sandbox() -> None:
+    """Raise RuntimeError unless the caller runs inside an nsbox sandbox (for destructive tests).
+
+    Checks what a sandbox built by pytest-nsbox always has: the hostname, the root mount's
+    source, and PID 1 being the sandbox's init rather than the host's.
+    """
+    import socket
+
+    from .mounts import HOSTNAME, ROOT_SOURCE
+    from .sandbox import root_mount_source
+
+    problems = []
+    if socket.gethostname() != HOSTNAME:
+        problems.append(f"hostname is {socket.gethostname()!r}")
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            source = root_mount_source(handle.read())
+    except OSError as exc:
+        source = f"unreadable ({exc})"
+    if source != ROOT_SOURCE:
+        problems.append(f"root filesystem is {source!r}")
+    if problems:
+        raise RuntimeError("not inside an nsbox sandbox: " + "; ".join(problems))

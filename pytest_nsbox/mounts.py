@@ -1,0 +1,424 @@
+"""The sandbox's filesystem: a mount plan built in P (pure data), executed step by step in B.
+
+The plan is computed once per (image, network) per session; B runs it after unshare and
+before pivot_root. Each step has a verb_object ``name`` that becomes ``SetupError.step``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+from . import _linux as L
+
+HOSTNAME: Final = "nsbox"
+ROOT_SOURCE: Final = "nsbox-root"  # the source name of the sandbox's "/" mount; C checks it
+REPLACED_TOP_LEVEL: Final = frozenset({"proc", "sys", "dev", "tmp", "run"})
+DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
+MAX_SYMLINK_HOPS: Final = 40
+
+
+class Step(Protocol):
+    name: str
+
+    def run(self) -> None: ...
+
+
+def escape_overlay_path(path: str) -> str:
+    """Escape the characters overlayfs treats specially in lowerdir/upperdir lists."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _b(path: str | Path) -> bytes:
+    return os.fsencode(path)
+
+
+# --- mount table -------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field_text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field_text):
+        if field_text[i] == "\\" and i + 3 < len(field_text) + 1 and field_text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class MountTable:
+    """The mount points of a mount namespace, from ``/proc/self/mountinfo``."""
+
+    mount_points: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> MountTable:
+        points = {_unescape_mountinfo(line.split()[4]) for line in text.splitlines() if line.strip()}
+        return cls(tuple(sorted(points)))
+
+    @classmethod
+    def read(cls) -> MountTable:
+        return cls.parse(Path("/proc/self/mountinfo").read_text())
+
+    def below(self, path: str) -> list[str]:
+        """Mount points strictly below *path*."""
+        prefix = path.rstrip("/") + "/"
+        return [p for p in self.mount_points if p.startswith(prefix)]
+
+
+def locked_flags(path: str) -> int:
+    """The mount flags of the mount holding *path* that a remount inside a user namespace must keep."""
+    st_flags = os.statvfs(path).f_flag
+    return sum(ms for st, ms in L.ST_TO_MS.items() if st_flags & st)
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MakeRootSlave:
+    """Stop our mounts from propagating to the host (runc: MS_SLAVE, not MS_PRIVATE)."""
+
+    name: str = "make_root_slave"
+
+    def run(self) -> None:
+        L.mount(None, b"/", None, L.MS_REC | L.MS_SLAVE)
+
+
+@dataclass(frozen=True, slots=True)
+class MountFs:
+    """Mount a fresh filesystem instance (tmpfs, proc, sysfs, devpts)."""
+
+    name: str
+    fstype: str
+    target: str
+    flags: int = 0
+    data: str | None = None
+    source: str | None = None
+
+    def run(self) -> None:
+        os.makedirs(self.target, exist_ok=True)
+        data = self.data.encode() if self.data else None
+        L.mount(_b(self.source or self.fstype), _b(self.target), self.fstype.encode(), self.flags, data)
+
+
+@dataclass(frozen=True, slots=True)
+class MakeTree:
+    """Create directories, files and symlinks on a filesystem the sandbox owns (scratch, /dev)."""
+
+    name: str
+    dirs: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+    symlinks: tuple[tuple[str, str], ...] = ()  # (link path, link target)
+
+    def run(self) -> None:
+        for path in self.dirs:
+            os.makedirs(path, exist_ok=True)
+        for path, content in self.files:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write(content)
+        for path, target in self.symlinks:
+            os.symlink(target, path)
+
+
+@dataclass(frozen=True, slots=True)
+class MountOverlay:
+    """Overlay *lowers* (top first) with a writable upper layer on the scratch tmpfs."""
+
+    target: str
+    lowers: tuple[str, ...]
+    upper: str
+    work: str
+    source: str = "nsbox-overlay"
+    name: str = "mount_overlay"
+
+    @property
+    def options(self) -> str:
+        lowerdir = ":".join(escape_overlay_path(p) for p in self.lowers)
+        return f"lowerdir={lowerdir},upperdir={escape_overlay_path(self.upper)},workdir={escape_overlay_path(self.work)},userxattr"
+
+    def run(self) -> None:
+        for path in (self.target, self.upper, self.work):
+            os.makedirs(path, exist_ok=True)
+        L.mount(_b(self.source), _b(self.target), b"overlay", 0, self.options.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class BindMount:
+    """Bind a host path into the new root; read-only binds re-mount every submount read-only.
+
+    ``remounts`` pairs each mount below *source* (relative, "" for the top) with the flags a
+    remount must keep (locked flags of the source mounts in a user namespace).
+    """
+
+    source: str
+    root: str
+    path: str  # absolute path inside the new root
+    readonly: bool
+    remounts: tuple[tuple[str, int], ...] = ()
+    name: str = "bind_host_path"
+
+    def run(self) -> None:
+        is_dir = os.path.isdir(self.source)
+        target = make_path_in_root(self.root, self.path, directory=is_dir)
+        L.mount(_b(self.source), target, None, L.MS_BIND | L.MS_REC)
+        if self.readonly:
+            for relative, flags in self.remounts:
+                sub = target + _b(relative)
+                L.mount(None, sub, None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | flags)
+
+
+@dataclass(frozen=True, slots=True)
+class RemountReadonly:
+    """Make an existing mount inside the new root read-only (``/proc/sys``)."""
+
+    target: str
+    flags: int = 0
+    name: str = "remount_readonly"
+
+    def run(self) -> None:
+        L.mount(_b(self.target), _b(self.target), None, L.MS_BIND | L.MS_REC)
+        L.mount(None, _b(self.target), None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | self.flags)
+
+
+@dataclass(frozen=True, slots=True)
+class BindDevNodes:
+    """Populate the sandbox's /dev tmpfs with bind mounts of the host's harmless device nodes."""
+
+    dev: str
+    nodes: tuple[str, ...] = DEV_NODES
+    name: str = "mount_minimal_dev"
+
+    def run(self) -> None:
+        for node in self.nodes:
+            target = f"{self.dev}/{node}"
+            with open(target, "w"):
+                pass
+            L.mount(_b(f"/dev/{node}"), _b(target), None, L.MS_BIND)
+
+
+@dataclass(frozen=True, slots=True)
+class PivotRoot:
+    """Make *root* the new "/" and detach the old root (pivot_root(".", "."), see pivot_root(2))."""
+
+    root: str
+    name: str = "pivot_root"
+
+    def run(self) -> None:
+        os.chdir(self.root)
+        L.pivot_root(b".", b".")
+        L.umount2(b".", L.MNT_DETACH)
+        os.chdir("/")
+
+
+@dataclass(frozen=True, slots=True)
+class SetHostname:
+    hostname: str = HOSTNAME
+    name: str = "set_hostname"
+
+    def run(self) -> None:
+        L.sethostname(self.hostname.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class BringUpLoopback:
+    name: str = "bring_up_loopback"
+
+    def run(self) -> None:
+        L.set_interface_up("lo")
+
+
+def make_path_in_root(root: str, path: str, *, directory: bool) -> bytes:
+    """Create *path* inside *root* (dirs, and a file at the end unless *directory*).
+
+    Symlinks met on the way are resolved as if *root* were "/", so an image's absolute
+    symlink can never send a mount point out to the host's tree.
+    """
+    parts = [p for p in path.split("/") if p and p != "."]
+    current: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if current:
+                current.pop()
+            continue
+        candidate = os.path.join(root, *current, part)
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            if parts or directory:
+                os.mkdir(candidate, 0o755)
+            else:
+                with open(candidate, "w"):
+                    pass
+            current.append(part)
+            continue
+        if stat.S_ISLNK(mode):
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                raise OSError(40, f"too many symbolic links resolving {path!r} in {root}")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                current = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        current.append(part)
+    return _b(os.path.join(root, *current))
+
+
+# --- plan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostPath:
+    """A host path the test needs inside (interpreter, site-packages, rootdir, basetemp)."""
+
+    path: str
+    readonly: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MountPlan:
+    scratch: str
+    root: str
+    steps: tuple[Step, ...]
+
+
+@dataclass
+class _Builder:
+    scratch: str
+    mounts: MountTable
+    steps: list[Step] = field(default_factory=list)
+    layers: int = 0
+
+    @property
+    def root(self) -> str:
+        return f"{self.scratch}/root"
+
+    def overlay(self, target: str, lowers: Sequence[str], source: str = "nsbox-overlay") -> None:
+        self.layers += 1
+        upper, work = f"{self.scratch}/upper/{self.layers}", f"{self.scratch}/work/{self.layers}"
+        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source))
+
+    def bind(self, source: str, path: str, readonly: bool) -> None:
+        remounts: tuple[tuple[str, int], ...] = ()
+        if readonly:
+            subs = [(sub[len(source.rstrip("/")) :], locked_flags(sub)) for sub in self.mounts.below(source)]
+            remounts = (("", locked_flags(source)), *subs)
+        self.steps.append(BindMount(source, self.root, path, readonly, remounts))
+
+    def host_tree(self, host_dir: str, target: str, init_dir: str | None) -> None:
+        """Overlay each entry of *host_dir*; directories holding submounts are rebuilt one level down."""
+        dirs, symlinks = [], []
+        for entry in sorted(os.scandir(host_dir), key=lambda e: e.name):
+            host_path = entry.path if host_dir != "/" else f"/{entry.name}"
+            dest = f"{target}/{entry.name}"
+            if host_dir == "/" and entry.name in REPLACED_TOP_LEVEL:
+                continue
+            if entry.is_symlink():
+                symlinks.append((dest, os.readlink(host_path)))
+            elif entry.is_dir(follow_symlinks=False):
+                if self.mounts.below(host_path):
+                    dirs.append(dest)
+                    self.host_tree(host_path, dest, None)
+                else:
+                    init = f"{init_dir}/{entry.name}" if init_dir and entry.name == "etc" else None
+                    self.overlay(dest, [init, host_path] if init else [host_path])
+            elif entry.is_file(follow_symlinks=False):
+                self.bind(host_path, dest[len(self.root) :], readonly=True)
+        self.steps.insert(0, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks)))
+
+
+def init_layer_files(network: str, host_resolv_conf: str) -> dict[str, str]:
+    """The init layer (Docker's term): per-sandbox /etc/hostname, /etc/hosts, /etc/resolv.conf."""
+    hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{HOSTNAME}\n"
+    resolv = host_resolv_conf if network == "host" else "# nsbox: network='none', no name servers\n"
+    return {"etc/hostname": f"{HOSTNAME}\n", "etc/hosts": hosts, "etc/resolv.conf": resolv}
+
+
+def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
+    """Drop paths already covered by a shorter one with the same or stronger access; sort by depth."""
+    chosen: list[HostPath] = []
+    for hp in sorted(set(paths), key=lambda p: (p.path.count("/"), p.path, p.readonly)):
+        covered = any(
+            (hp.path == c.path or hp.path.startswith(c.path.rstrip("/") + "/")) and c.readonly == hp.readonly
+            for c in chosen
+        )
+        if not covered:
+            chosen.append(hp)
+    return chosen
+
+
+def build_plan(
+    *,
+    image: str,
+    network: str,
+    scratch: str,
+    host_paths: Iterable[HostPath],
+    mounts: MountTable,
+    host_resolv_conf: str = "",
+) -> MountPlan:
+    """Build every mount step for one sandbox. ``image`` is "host" or a rootfs directory."""
+    b = _Builder(scratch, mounts)
+    root, init = b.root, f"{scratch}/init"
+    init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, host_resolv_conf).items())
+    head: list[Step] = [
+        MakeRootSlave(),
+        MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-scratch"),
+        MakeTree("write_init_layer", dirs=(f"{scratch}/upper", f"{scratch}/work"), files=init_files),
+    ]
+    if image == "host":
+        head.append(MountFs("mount_root_tmpfs", "tmpfs", root, L.MS_NOSUID | L.MS_NODEV, "mode=0755", ROOT_SOURCE))
+        b.host_tree("/", root, init)
+        visible = [hp for hp in host_paths if hp.path.split("/")[1] in REPLACED_TOP_LEVEL or not hp.readonly]
+    else:
+        b.overlay(root, [init, image], source=ROOT_SOURCE)
+        visible = list(host_paths)
+    fresh: list[Step] = [
+        MountFs("mount_tmp", "tmpfs", f"{root}/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-tmp"),
+        MountFs("mount_run", "tmpfs", f"{root}/run", L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-run"),
+        MountFs("mount_minimal_dev", "tmpfs", f"{root}/dev", L.MS_NOSUID, "mode=0755", "nsbox-dev"),
+        BindDevNodes(f"{root}/dev"),
+        MountFs("mount_devpts", "devpts", f"{root}/dev/pts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
+        MountFs("mount_dev_shm", "tmpfs", f"{root}/dev/shm", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-shm"),
+        MakeTree(
+            "link_dev",
+            symlinks=(
+                (f"{root}/dev/ptmx", "pts/ptmx"),
+                (f"{root}/dev/fd", "/proc/self/fd"),
+                (f"{root}/dev/stdin", "/proc/self/fd/0"),
+                (f"{root}/dev/stdout", "/proc/self/fd/1"),
+                (f"{root}/dev/stderr", "/proc/self/fd/2"),
+            ),
+        ),
+    ]
+    for hp in _minimal_paths(visible):
+        b.bind(hp.path, hp.path, hp.readonly)
+    proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
+    tail: list[Step] = [
+        # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
+        MountFs("mount_proc", "proc", f"{root}/proc", proc_flags),
+        RemountReadonly(f"{root}/proc/sys", proc_flags),
+    ]
+    if network == "none":
+        tail.append(MountFs("mount_sysfs", "sysfs", f"{root}/sys", proc_flags | L.MS_RDONLY))
+    else:
+        binder = _Builder(scratch, mounts)
+        binder.bind("/sys", "/sys", readonly=True)
+        tail.extend(binder.steps)
+    tail += [PivotRoot(root), SetHostname()]
+    if network == "none":
+        tail.append(BringUpLoopback())
+    binds = [s for s in b.steps if isinstance(s, BindMount)]
+    rest = [s for s in b.steps if not isinstance(s, BindMount)]
+    return MountPlan(scratch, root, (*head, *rest, *fresh, *binds, *tail))

@@ -1,0 +1,146 @@
+"""What this host supports (user namespaces, overlayfs in one), each with the reason and the fix.
+
+Probes are real attempts in a forked child, cached per process. ``hint_for`` diagnoses a
+failed sandbox step by reading the relevant sysctls before blaming them.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from . import _linux as L
+
+SYSCTLS: Final = {
+    "user.max_user_namespaces": "/proc/sys/user/max_user_namespaces",
+    "kernel.unprivileged_userns_clone": "/proc/sys/kernel/unprivileged_userns_clone",
+    "kernel.apparmor_restrict_unprivileged_userns": "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    ok: bool
+    what: str
+    reason: str = ""
+    fix: str = ""
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"{self.what}: ok"
+        text = f"{self.what}: unavailable ({self.reason})"
+        return f"{text}. Hint: {self.fix}" if self.fix else text
+
+
+def read_sysctl(name: str) -> str | None:
+    try:
+        return Path(SYSCTLS[name]).read_text().strip()
+    except OSError:
+        return None
+
+
+def userns_hint() -> str:
+    """Why user namespaces may be refused here, from the sysctls actually set."""
+    if read_sysctl("user.max_user_namespaces") == "0":
+        return "user namespaces are disabled: run 'sysctl -w user.max_user_namespaces=15000'"
+    if os.getuid() != 0 and read_sysctl("kernel.unprivileged_userns_clone") == "0":
+        return "unprivileged user namespaces are disabled: run 'sysctl -w kernel.unprivileged_userns_clone=1'"
+    if os.getuid() != 0 and read_sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces: run "
+            "'sysctl -w kernel.apparmor_restrict_unprivileged_userns=0' or give the interpreter an AppArmor profile"
+        )
+    if os.path.exists("/.dockerenv") or os.environ.get("container"):
+        return "this looks like a container whose seccomp profile forbids unshare(2): run it with user namespaces allowed"
+    return "check that the kernel is built with CONFIG_USER_NS and that no seccomp or LSM policy blocks unshare(2)"
+
+
+def hint_for(step: str, err: int | None) -> str:
+    """A fix for a failed sandbox step, diagnosed from its errno and the host's settings."""
+    if step in ("unshare_namespaces", "write_id_maps") and err in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS):
+        return userns_hint()
+    if step == "mount_overlay" and err in (errno.EINVAL, errno.EPERM):
+        release = platform.release()
+        return (
+            f"overlayfs in a user namespace needs Linux >= 5.11 (this is {release}); a lower directory with "
+            "mounts below it, or on a filesystem overlayfs cannot use (overlay, fuse), is also refused"
+        )
+    if step == "mount_sysfs" and err == errno.EPERM:
+        return "sysfs can only be mounted in a network namespace the sandbox owns; use network='none'"
+    if err == errno.ENOSPC and step.startswith("mount"):
+        return "mount limit reached: check /proc/sys/fs/mount-max"
+    return ""
+
+
+def _attempt(body: object) -> tuple[bool, str]:
+    """Run *body* in a forked child; (True, "") if it returned, else (False, its error)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            body()  # type: ignore[operator]
+            os._exit(0)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, str(exc).encode()[:4000])
+            os._exit(1)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as handle:
+        message = handle.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0, message
+
+
+def _enter_userns() -> None:
+    uid, gid = os.getuid(), os.getgid()
+    L.unshare(L.CLONE_NEWUSER | L.CLONE_NEWNS)
+    from .sandbox import write_id_maps
+
+    write_id_maps(uid, gid)
+
+
+@functools.cache
+def linux() -> Probe:
+    if sys.platform != "linux":
+        return Probe(False, "Linux", f"sandboxing needs Linux namespaces; this is {sys.platform}")
+    return Probe(True, "Linux")
+
+
+@functools.cache
+def userns() -> Probe:
+    if not linux().ok:
+        return linux()
+    ok, message = _attempt(_enter_userns)
+    return Probe(ok, "user namespaces", message, "" if ok else userns_hint())
+
+
+@functools.cache
+def overlay_userns() -> Probe:
+    if not userns().ok:
+        return Probe(False, "overlayfs in a user namespace", "user namespaces are unavailable", userns().fix)
+    with tempfile.TemporaryDirectory(prefix="pytest-nsbox-probe-") as tmp:
+        for name in ("lower", "mnt"):
+            os.mkdir(f"{tmp}/{name}")
+
+        def body() -> None:
+            _enter_userns()
+            L.mount(None, b"/", None, L.MS_REC | L.MS_SLAVE)
+            L.mount(b"tmpfs", f"{tmp}/mnt".encode(), b"tmpfs", 0, None)
+            for name in ("upper", "work", "merged"):
+                os.mkdir(f"{tmp}/mnt/{name}")
+            data = f"lowerdir={tmp}/lower,upperdir={tmp}/mnt/upper,workdir={tmp}/mnt/work,userxattr"
+            L.mount(b"overlay", f"{tmp}/mnt/merged".encode(), b"overlay", 0, data.encode())
+
+        ok, message = _attempt(body)
+    return Probe(ok, "overlayfs in a user namespace", message, "" if ok else hint_for("mount_overlay", errno.EINVAL))
+
+
+def all_probes() -> list[Probe]:
+    return [linux(), userns(), overlay_userns()]

@@ -1,0 +1,383 @@
+"""Run one pytest item in a sandbox: the fixture split, the protocol in C, the replay in P.
+
+Wider-scoped fixtures (class, module, package, session) run in P before the fork, so C inherits
+them and P tears them down at the usual time; function-scoped fixtures, the test and its
+teardown run in C. Reports cross the pipe via pytest_report_to_serializable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import images, mounts, probe, reports, sandbox
+from .spec import Defaults, SandboxSpec, SpecError, spec_from_marker
+
+log = logging.getLogger(__name__)
+
+SCRATCH_PREFIX = "pytest-nsbox-"
+MARKER = "nsbox"
+
+
+class ChildState:
+    """Set in C only: where the report hook sends reports."""
+
+    channel: sandbox.Channel | None = None
+
+
+CHILD = ChildState()
+
+
+def interpreter_paths() -> list[str]:
+    """Directories the interpreter may import from after pivot_root."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    return sorted(os.path.abspath(p) for p in paths)
+
+
+def sweep_stale_scratch_dirs(tmpdir: str) -> None:
+    """Remove empty scratch mount points left by pytest processes that were killed."""
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(tmpdir))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(SCRATCH_PREFIX):
+            continue
+        pid_text = entry.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                os.rmdir(entry.path)  # rmdir only: it is empty unless it is not ours
+        except OSError:
+            pass
+
+
+class SandboxRunner:
+    """Per-session state: ini defaults, the scratch mount point, mount plans per image."""
+
+    def __init__(self, config: pytest.Config, defaults: Defaults, *, sandbox_all: bool, require: bool) -> None:
+        self.config = config
+        self.defaults = defaults
+        self.sandbox_all = sandbox_all
+        self.require = require
+        self._scratch: str | None = None
+        self._plans: dict[tuple[str, str], mounts.MountPlan] = {}
+        self._host_namespaces: dict[str, int] | None = None
+        self._cap_last_cap = sandbox.read_cap_last_cap()
+
+    # --- session -------------------------------------------------------------------------
+
+    def wants(self, item: pytest.Item) -> bool:
+        return self.sandbox_all or item.get_closest_marker(MARKER) is not None
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            try:
+                os.rmdir(self._scratch)
+            except OSError:
+                pass
+            self._scratch = None
+
+    def scratch(self) -> str:
+        if self._scratch is None:
+            tmpdir = tempfile.gettempdir()
+            sweep_stale_scratch_dirs(tmpdir)
+            self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=tmpdir)
+        return self._scratch
+
+    def spec_for(self, item: pytest.Item) -> SandboxSpec:
+        marker = item.get_closest_marker(MARKER)
+        args: tuple[object, ...] = marker.args if marker else ()
+        kwargs: dict[str, object] = dict(marker.kwargs) if marker else {}
+        spec = spec_from_marker(args, kwargs, item.nodeid, self.defaults)
+        changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+        return changed if changed is not None else spec
+
+    def resolve_image(self, name: str) -> str:
+        hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)
+        if hooked is not None:
+            return str(hooked)
+        return images.resolve(name, self.config.rootpath)
+
+    def plan(self, image: str, network: str) -> mounts.MountPlan:
+        key = (image, network)
+        if key not in self._plans:
+            host_paths = [mounts.HostPath(p, readonly=True) for p in interpreter_paths()]
+            host_paths.append(mounts.HostPath(str(self.config.rootpath), readonly=True))
+            basetemp = self._basetemp()
+            if basetemp:
+                host_paths.append(mounts.HostPath(basetemp, readonly=False))
+            try:
+                resolv = Path("/etc/resolv.conf").read_text()
+            except OSError:
+                resolv = ""
+            self._plans[key] = mounts.build_plan(
+                image=image,
+                network=network,
+                scratch=self.scratch(),
+                host_paths=host_paths,
+                mounts=mounts.MountTable.read(),
+                host_resolv_conf=resolv,
+            )
+        return self._plans[key]
+
+    def _basetemp(self) -> str | None:
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        if factory is None:
+            return None
+        return str(factory.getbasetemp())
+
+    def sandbox_config(self, plan: mounts.MountPlan, network: str) -> sandbox.SandboxConfig:
+        if self._host_namespaces is None:
+            self._host_namespaces = sandbox.namespace_ids()
+        return sandbox.SandboxConfig(
+            plan=plan,
+            network=network,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            host_namespaces=self._host_namespaces,
+            cwd=os.getcwd(),
+            cap_last_cap=self._cap_last_cap,
+        )
+
+    # --- one item ------------------------------------------------------------------------
+
+    def run_item(self, item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[pytest.TestReport]:
+        """Yield the item's reports in order; raise pytest.exit/KeyboardInterrupt as the test did."""
+        sandbox_reports: list[pytest.TestReport] = []
+        pending_raise: BaseException | None = None
+        prepared = self._prepare(item)
+        if isinstance(prepared, pytest.TestReport):
+            yield prepared
+        else:
+            spec, plan = prepared
+            setup = pytest.CallInfo.from_call(lambda: setup_wider_fixtures(item), when="setup")
+            if setup.excinfo is not None:
+                yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
+            else:
+                result = sandbox.run(self.sandbox_config(plan, spec.network), lambda ch: run_protocol_in_child(item, ch))
+                item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=spec, result=result)
+                sandbox_reports, pending_raise = self._reports_from(item, result)
+                yield from (r for r in sandbox_reports if r.when != "teardown")
+        if pending_raise is not None:
+            raise pending_raise  # as in pytest: the session's teardown_exact(None) tears down the rest
+        c_teardown = next((r for r in sandbox_reports if r.when == "teardown"), None)
+        yield self._teardown_in_parent(item, nextitem, c_teardown)
+
+    def _prepare(self, item: pytest.Item) -> tuple[SandboxSpec, mounts.MountPlan] | pytest.TestReport:
+        """The spec and mount plan, or the setup report that says why there is no sandbox."""
+        try:
+            spec = self.spec_for(item)
+        except SpecError as exc:
+            error = str(exc)
+        else:
+            error = None
+        if error is not None:
+            return reports.failure_report(item, "setup", error)
+        limits = spec.requested_limits()
+        if limits:
+            names = ", ".join(f"{name}={value!r}" for name, value in limits.items())
+            return reports.failure_report(item, "setup", reports.LIMIT_NOT_SUPPORTED.format(names=names))
+        if not probe.linux().ok:
+            return self._unavailable(item, probe.linux().describe())
+        try:
+            return spec, self.plan(self.resolve_image(spec.image), spec.network)
+        except images.ImageError as exc:
+            error = f"nsbox: {exc} (test {item.nodeid})"
+        except OSError as exc:
+            return self._unavailable(item, f"nsbox: could not plan the sandbox's mounts: {exc}")
+        return reports.failure_report(item, "setup", error)
+
+    def _unavailable(self, item: pytest.Item, message: str) -> pytest.TestReport:
+        if self.require:
+            return reports.failure_report(item, "setup", message + reports.REQUIRE_NOTE)
+        return reports.skip_report(item, message)
+
+    def _reports_from(
+        self, item: pytest.Item, result: sandbox.SandboxResult
+    ) -> tuple[list[pytest.TestReport], BaseException | None]:
+        out: list[pytest.TestReport] = []
+        pending: BaseException | None = None
+        for record in result.records:
+            kind = record["kind"]
+            if kind == "report":
+                try:
+                    out.append(self.config.hook.pytest_report_from_serializable(config=self.config, data=record["data"]))
+                except Exception as exc:  # noqa: BLE001 - the stream comes from untrusted code
+                    out.append(reports.failure_report(item, "call", reports.UNUSABLE_REPORT.format(detail=exc)))
+            elif kind == "warning":
+                replay_warning(record)
+            elif kind == "exit":
+                pending = pytest.exit.Exception(str(record.get("msg", "")), returncode=record.get("returncode"))
+            elif kind == "interrupt":
+                pending = KeyboardInterrupt()
+            elif kind == "setup_error":
+                return [self._setup_error_report(item, record)], None
+            elif kind == "internal_error":
+                text = reports.INTERNAL_ERROR.format(process=record.get("process"), traceback=record.get("traceback"))
+                out.append(reports.failure_report(item, "call", text))
+        if result.wire_error:
+            out.append(reports.failure_report(item, "call", reports.CORRUPT_STREAM.format(detail=result.wire_error)))
+        if pending is None:
+            out.extend(self._missing_phases(item, out, result.test_status))
+        return out, pending
+
+    def _setup_error_report(self, item: pytest.Item, record: dict[str, Any]) -> pytest.TestReport:
+        step = str(record.get("step"))
+        message = reports.SETUP_FAILED.format(step=step, message=record.get("message"))
+        if step == "verify_sandbox":
+            return reports.failure_report(item, "setup", reports.NOT_INSIDE.format(message=record.get("message")))
+        hint = probe.hint_for(step, record.get("errno"))
+        if hint:
+            message += reports.SKIP_HINT.format(hint=hint)
+        if record.get("traceback"):
+            message += "\n" + str(record["traceback"])
+        return self._unavailable(item, message)
+
+    def _missing_phases(
+        self, item: pytest.Item, got: list[pytest.TestReport], status: int | None
+    ) -> list[pytest.TestReport]:
+        """Reports for phases the test never reported: it crashed or exited before."""
+        phases = {r.when: r for r in got}
+        if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and "teardown" in phases:
+            return []
+        out: list[pytest.TestReport] = []
+        setup = phases.get("setup")
+        if setup is None:
+            missing = "setup"
+        elif setup.passed and "call" not in phases and not self.config.getoption("setuponly", False):
+            missing = "call"
+        elif "teardown" not in phases:
+            missing = "teardown"
+        else:
+            return []
+        out.append(reports.failure_report(item, missing, reports.early_end_message(status, missing), self._captured()))
+        if missing != "teardown":
+            out.append(reports.passed_report(item, "teardown"))
+        return out
+
+    def _captured(self) -> list[tuple[str, str]]:
+        """What the test wrote to the (shared) capture files before it died."""
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        if capman is None or not capman.is_globally_capturing():
+            return []
+        try:
+            out, err = capman.read_global_capture()
+        except Exception:  # noqa: BLE001
+            return []
+        return [(f"Captured {name} before the crash", text) for name, text in (("stdout", out), ("stderr", err)) if text]
+
+    def _teardown_in_parent(
+        self, item: pytest.Item, nextitem: pytest.Item | None, c_report: pytest.TestReport | None = None
+    ) -> pytest.TestReport:
+        """Tear down the wider-scoped fixtures P holds; merge with C's teardown report."""
+        session = item.session
+        if session.shouldfail or session.shouldstop:
+            nextitem = None
+        call = pytest.CallInfo.from_call(lambda: session._setupstate.teardown_exact(nextitem), when="teardown")
+        if hasattr(item, "_request"):
+            item._request = False  # type: ignore[attr-defined]
+            item.funcargs = None  # type: ignore[attr-defined]
+        if call.excinfo is None:
+            return c_report if c_report is not None else reports.passed_report(item, "teardown")
+        p_report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
+        if c_report is None or c_report.passed:
+            if c_report is not None:
+                p_report.sections[:0] = c_report.sections
+            return p_report
+        c_report.sections.append(("nsbox: teardown outside the sandbox", str(p_report.longrepr)))
+        return c_report
+
+
+def setup_wider_fixtures(item: pytest.Item) -> None:
+    """In P: set up the item's collectors and every fixture wider than function scope."""
+    state = item.session._setupstate
+    if item.parent is not None:
+        state.setup(item.parent)  # type: ignore[arg-type]
+    request = getattr(item, "_request", None)
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    if request is None or fixtureinfo is None:
+        return  # not a Function item: nothing but collectors to prepare
+    if not request:
+        item._initrequest()  # type: ignore[attr-defined]
+        request = item._request  # type: ignore[attr-defined]
+    callspec = getattr(item, "callspec", None)
+    # The item is on the stack while its wider fixtures are requested (pytest checks it is
+    # active), but it is not set up here: C does that.
+    state.stack[item] = ([], None)
+    try:
+        for name in item.fixturenames:  # type: ignore[attr-defined]
+            defs = fixtureinfo.name2fixturedefs.get(name)
+            if not defs:
+                continue
+            scope = defs[-1]._scope
+            if callspec is not None and name in callspec.params:
+                scope = callspec._arg2scope[name]
+            if scope.name == "Function":
+                continue
+            if scope.name == "Class" and item.getparent(pytest.Class) is None:
+                continue  # pytest falls back to the item itself: function scope in effect
+            request.getfixturevalue(name)
+    finally:
+        state.stack.pop(item, None)
+
+
+def run_protocol_in_child(item: pytest.Item, channel: sandbox.Channel) -> None:
+    """In C: pytest's runtest protocol for the item; reports go out through the makereport hook."""
+    from _pytest.runner import runtestprotocol
+
+    CHILD.channel = channel
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            # nextitem=item.parent: tear down the item only; P owns the wider fixtures.
+            runtestprotocol(item, log=False, nextitem=item.parent)  # type: ignore[arg-type]
+        except pytest.exit.Exception as exc:
+            channel.send("exit", msg=exc.msg, returncode=exc.returncode)
+        except KeyboardInterrupt:
+            channel.send("interrupt")
+    for w in caught:
+        channel.send(
+            "warning",
+            message=str(w.message),
+            category=f"{w.category.__module__}:{w.category.__qualname__}",
+            filename=w.filename,
+            lineno=w.lineno,
+        )
+    channel.send("done")
+
+
+def send_report(config: pytest.Config, report: pytest.TestReport) -> None:
+    """In C: send one report (called from the makereport wrapper)."""
+    if CHILD.channel is not None:
+        data = config.hook.pytest_report_to_serializable(config=config, report=report)
+        CHILD.channel.send("report", data=data)
+
+
+def replay_warning(record: dict[str, Any]) -> None:
+    """In P: re-issue a warning the test raised, so pytest's warnings summary lists it."""
+    module_name, _, qualname = str(record.get("category", "")).partition(":")
+    category: Any = UserWarning
+    module = sys.modules.get(module_name)  # never import what the test named
+    if module is not None:
+        candidate: Any = module
+        for part in qualname.split("."):
+            candidate = getattr(candidate, part, None)
+        if isinstance(candidate, type) and issubclass(candidate, Warning):
+            category = candidate
+    warnings.warn_explicit(
+        str(record.get("message", "")), category, str(record.get("filename", "?")), int(record.get("lineno") or 0)
+    )
+
+

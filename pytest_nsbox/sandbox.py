@@ -1,0 +1,342 @@
+"""The process model: P forks A (unsharer), A forks B (PID 1, builds the root), B forks C (the test).
+
+    P  pytest            forks A, reads the result pipe to EOF, waits for A; kills A on interrupt
+    A  unsharer          closes inherited descriptors, unshare(USER|NS|PID|NET|UTS|IPC|CGROUP),
+                         writes its id maps, forks B, exits with B's status
+    B  PID 1             runs the mount plan, pivot_root, hostname, loopback; forks C; reaps every
+                         orphan until C exits; sends C's wait status
+    C  the test          drops capabilities, verifies it is inside, runs the target
+
+A child never raises across the fork: a failure is a ``setup_error`` record plus ``os._exit``.
+When C ends, B exits and the PID namespace takes every leftover process with it; the mount
+namespace takes the scratch tmpfs (the writable layer) with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import _linux as L
+from . import wire
+from .mounts import ROOT_SOURCE, MountPlan
+
+EXIT_SETUP_FAILED: Final = 125
+EXIT_INTERNAL_ERROR: Final = 126
+NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
+
+# Docker's default capability set. CAP_SYS_ADMIN is not in it: without it the test cannot
+# re-mount the read-only binds (rootdir, interpreter) read-write or undo any other mount.
+KEPT_CAPABILITIES: Final = frozenset(
+    {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+)  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
+
+
+def namespace_ids() -> dict[str, int]:
+    """Inode numbers of the caller's namespaces (equal inode = same namespace)."""
+    return {ns: os.stat(f"/proc/self/ns/{ns}").st_ino for ns in NAMESPACES}
+
+
+def read_cap_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return L.CAP_LAST_CAP
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """Everything A, B and C need, computed in P before the fork."""
+
+    plan: MountPlan
+    network: str
+    uid: int
+    gid: int
+    host_namespaces: dict[str, int]
+    cwd: str
+    cap_last_cap: int
+    keep_fds: frozenset[int] = frozenset()
+
+    @property
+    def clone_flags(self) -> int:
+        flags = L.CLONE_NEWUSER | L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWCGROUP
+        if self.network == "none":
+            flags |= L.CLONE_NEWNET
+        return flags
+
+
+@dataclass
+class SandboxResult:
+    """What P learned: the records in order, C's wait status (from B), A's wait status."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    test_status: int | None = None
+    sandbox_status: int = 0
+    wire_error: str | None = None
+
+    @property
+    def setup_error(self) -> dict[str, Any] | None:
+        return next((r for r in self.records if r["kind"] == "setup_error"), None)
+
+
+class Channel:
+    """The write end of the result pipe, usable only by the process that owns it (C).
+
+    A process the test forks inherits the object; its records are dropped so a forked child
+    that returns into pytest's code cannot report twice.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.owner = os.getpid()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        if os.getpid() == self.owner:
+            wire.send(self.fd, {"kind": kind, **fields})
+
+
+class SetupError(Exception):
+    """A step of building the sandbox failed."""
+
+    def __init__(self, step: str, exc: BaseException) -> None:
+        self.step = step
+        self.errno = getattr(exc, "errno", None)
+        super().__init__(f"{step}: {exc}")
+
+
+def _fail(channel: Channel, process: str, step: str, exc: BaseException, code: int = EXIT_SETUP_FAILED) -> None:
+    try:
+        channel.send(
+            "setup_error",
+            process=process,
+            step=step,
+            errno=getattr(exc, "errno", None),
+            message=str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}",
+            traceback="" if isinstance(exc, OSError) else traceback.format_exc(),
+        )
+    finally:
+        os._exit(code)
+
+
+def close_inherited_fds(keep: Iterable[int]) -> None:
+    """Close descriptors that could reach outside: directories, sockets, pipes, anon inodes.
+
+    Kept: *keep*, regular files and character devices (pytest's capture files, /dev/null, a
+    tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). xdist's channel
+    is a pair of pipes that are none of these.
+    """
+    keep_set = set(keep)
+    std_files = set()
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        std_files.add((st.st_dev, st.st_ino))
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep_set:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or (st.st_dev, st.st_ino) in std_files:
+            continue
+        os.close(fd)
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """Map root inside to the invoking uid/gid (the only mapping an unprivileged process may write)."""
+    try:
+        with open("/proc/self/setgroups", "w") as handle:
+            handle.write("deny")
+    except FileNotFoundError:
+        pass
+    with open("/proc/self/uid_map", "w") as handle:
+        handle.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as handle:
+        handle.write(f"0 {gid} 1")
+
+
+def drop_capabilities(cap_last_cap: int) -> None:
+    """Docker's default set only, no ambient capabilities, and no_new_privs (bubblewrap)."""
+    for cap in range(cap_last_cap + 1):
+        if cap not in KEPT_CAPABILITIES:
+            L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
+    kept = sum(1 << cap for cap in KEPT_CAPABILITIES if cap <= cap_last_cap)
+    L.capset(kept, kept, 0)
+    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def root_mount_source(mountinfo: str) -> str | None:
+    """The source of the mount at "/" (the last one stacked there)."""
+    source = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/" and " - " in line:
+            source = line.split(" - ", 1)[1].split()[1]
+    return source
+
+
+def sandbox_problems(host: dict[str, int], inside: dict[str, int], network: str, root_source: str | None) -> list[str]:
+    """Why the current process is NOT a sandbox built by us (empty list: it is)."""
+    required = ["mnt", "pid", "user", "uts", "ipc"] + (["net"] if network == "none" else [])
+    problems = [f"{ns} namespace is the host's" for ns in required if inside.get(ns) == host.get(ns)]
+    if root_source != ROOT_SOURCE:
+        problems.append(f"root filesystem is {root_source!r}, not the sandbox's overlay ({ROOT_SOURCE!r})")
+    return problems
+
+
+def verify_inside(config: SandboxConfig) -> None:
+    """Fail closed: refuse to run the test unless this process is really inside the sandbox."""
+    with open("/proc/self/mountinfo") as handle:
+        source = root_mount_source(handle.read())
+    problems = sandbox_problems(config.host_namespaces, namespace_ids(), config.network, source)
+    if problems:
+        raise RuntimeError("not inside a sandbox: " + "; ".join(problems))
+
+
+def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channel], None]) -> None:
+    channel = Channel(channel.fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for step, action in (
+        ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
+        ("verify_sandbox", lambda: verify_inside(config)),
+    ):
+        try:
+            action()
+        except BaseException as exc:
+            _fail(channel, "C", step, exc)
+    try:
+        os.chdir(config.cwd)
+    except OSError:
+        os.chdir("/")
+    code = 0
+    try:
+        target(channel)
+    except BaseException:
+        channel.send("internal_error", process="C", traceback=traceback.format_exc())
+        code = EXIT_INTERNAL_ERROR
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def _parent_is(pid: int) -> bool:
+    # getppid() is 0 in a new PID namespace; the host's /proc is still mounted at this point.
+    with open("/proc/self/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1]) == pid
+
+
+def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Callable[[Channel], None]) -> None:
+    channel = Channel(channel.fd)
+    try:
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if not _parent_is(a_pid):
+            os._exit(EXIT_SETUP_FAILED)
+    except BaseException as exc:
+        _fail(channel, "B", "set_parent_death_signal", exc)
+    for step in config.plan.steps:
+        try:
+            step.run()
+        except BaseException as exc:
+            _fail(channel, "B", step.name, exc)
+    c_pid = os.fork()
+    if c_pid == 0:
+        _process_c(config, channel, target)
+    # PID 1: reap every orphan; when C is gone, report its status and let the namespace die.
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(EXIT_INTERNAL_ERROR)
+        if pid == c_pid:
+            channel.send("test_status", status=status)
+            os._exit(0)
+
+
+def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None]) -> None:
+    try:
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != p_pid:
+            os._exit(EXIT_SETUP_FAILED)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
+    except BaseException as exc:
+        _fail(channel, "A", "set_parent_death_signal", exc)
+    for step, action in (
+        ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, channel.fd, *config.keep_fds})),
+        ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
+        ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
+    ):
+        try:
+            action()
+        except BaseException as exc:
+            _fail(channel, "A", step, exc)
+    a_pid = os.getpid()
+    b_pid = os.fork()
+    if b_pid == 0:
+        _process_b(config, channel, a_pid, target)
+    os.close(channel.fd)
+    _, status = os.waitpid(b_pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _run_child(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None]) -> None:
+    """Body of A; never returns into the caller's (pytest's) code."""
+    try:
+        _process_a(config, Channel(write_fd), p_pid, target)
+    finally:
+        os._exit(EXIT_INTERNAL_ERROR)
+
+
+def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResult:
+    """Run *target* as C inside a fresh sandbox; return what came back over the result pipe."""
+    read_fd, write_fd = os.pipe()
+    p_pid = os.getpid()
+    try:
+        a_pid = os.fork()
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if a_pid == 0:
+        os.close(read_fd)
+        _run_child(config, write_fd, p_pid, target)
+    os.close(write_fd)
+    result = SandboxResult()
+    reader = wire.Reader()
+    try:
+        while chunk := os.read(read_fd, 1 << 16):
+            if result.wire_error is not None:
+                continue  # drain, so no writer blocks
+            try:
+                for record in reader.feed(chunk):
+                    if record["kind"] == "test_status":
+                        result.test_status = int(record.get("status", 0))
+                    else:
+                        result.records.append(record)
+            except wire.WireError as exc:
+                result.wire_error = str(exc)
+        if reader.pending and result.wire_error is None:
+            result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
+        _, result.sandbox_status = os.waitpid(a_pid, 0)
+    except BaseException:
+        os.kill(a_pid, signal.SIGKILL)  # B dies with A (PDEATHSIG), the namespace with B
+        os.waitpid(a_pid, 0)
+        raise
+    finally:
+        os.close(read_fd)
+    return result
