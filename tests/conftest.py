@@ -1,0 +1,55 @@
+"""Shared test setup: capability markers computed by the same probes the plugin uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_nsbox import probe
+
+pytest_plugins = ["pytester"]
+
+TINY_IMAGE = Path(__file__).parent / "images" / "tiny"
+
+CAPABILITIES = {
+    "needs_userns": lambda: probe.userns(),
+    "needs_overlay_userns": lambda: probe.overlay_userns(),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    required = {c.strip() for c in os.environ.get("PYTEST_NSBOX_REQUIRE", "").split(",") if c.strip()}
+    for item in items:
+        for name, check in CAPABILITIES.items():
+            if item.get_closest_marker(name):
+                result = check()
+                if not result.ok:
+                    if "userns" in required:  # CI: a missing capability fails the run (bwrap's BWRAP_MUST_WORK)
+                        raise pytest.UsageError(f"{item.nodeid}: {result.describe()} (PYTEST_NSBOX_REQUIRE is set)")
+                    item.add_marker(pytest.mark.skip(reason=result.describe()))
+        if item.get_closest_marker("needs_root") and os.getuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root"))
+        if item.get_closest_marker("needs_nonroot") and os.getuid() == 0:
+            item.add_marker(pytest.mark.skip(reason="needs an unprivileged user"))
+
+
+@pytest.fixture
+def tiny_image() -> Path:
+    return TINY_IMAGE
+
+
+@pytest.fixture
+def run_inner(pytester: pytest.Pytester):
+    """Run pytest in a subprocess (it forks and unshares) on the given test source."""
+
+    def run(source: str, *args: str, conftest: str | None = None, timeout: float = 300) -> pytest.RunResult:
+        pytester.makepyfile(test_inner=source)
+        if conftest is not None:
+            pytester.makeconftest(conftest)
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=timeout)
+
+    return run
+
+

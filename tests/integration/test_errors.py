@@ -1,0 +1,100 @@
+"""Bad input and unavailable sandboxes: clear errors naming the test and the value; bodies never run."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_nsbox import reports
+
+BODY_RAN = "BODY-RAN-OUTSIDE"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ('memory="lots"', "invalid memory 'lots' from nsbox marker on test_inner.py::test_bad"),
+        ("memory=0", "invalid memory 0 from nsbox marker on test_inner.py::test_bad"),
+        ("pids=-1", "invalid pids -1 from nsbox marker on test_inner.py::test_bad"),
+        ('timeout="soon"', "invalid timeout 'soon' from nsbox marker on test_inner.py::test_bad"),
+        ('network="bridge"', "invalid network 'bridge' from nsbox marker on test_inner.py::test_bad"),
+        ("memroy=1", "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy'"),
+        ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
+        ('image="no-such-image"', "unknown image 'no-such-image'"),
+        ('image="oci:whatever"', "not supported yet"),
+    ],
+)
+def test_bad_marker_arguments_are_errors(run_inner, arguments: str, expected: str) -> None:
+    result = run_inner(
+        f"""
+        import pytest
+
+        @pytest.mark.nsbox({arguments})
+        def test_bad():
+            print({BODY_RAN!r})
+        """
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{expected}*"])
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
+
+
+@pytest.mark.parametrize("arguments", ['memory="256M"', "pids=64", "cpus=0.5", "timeout=10"])
+def test_requested_limits_are_never_dropped(run_inner, arguments: str) -> None:
+    result = run_inner(
+        f"""
+        import pytest
+
+        @pytest.mark.nsbox({arguments})
+        def test_limited():
+            print({BODY_RAN!r})
+        """
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*not supported yet; the test was not run*"])
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
+
+
+def test_bad_ini_value_is_a_usage_error(run_inner, pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nnsbox_memory = plenty\n")
+    result = run_inner("def test_x(): pass")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*invalid memory 'plenty' from ini nsbox_memory*"])
+
+
+@pytest.mark.needs_userns
+def test_sandbox_that_cannot_be_built_is_skipped_with_step_and_hint(run_inner, pytester: pytest.Pytester) -> None:
+    source = f"""
+        import pytest
+
+        @pytest.mark.nsbox(image="/proc/sys")      # procfs cannot be an overlay lower layer
+        def test_unbuildable():
+            print({BODY_RAN!r})
+        """
+    result = run_inner(source)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*could not build the sandbox: step mount_overlay failed*(EINVAL)*Hint:*"])
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
+
+    required = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--nsbox-require")
+    required.assert_outcomes(errors=1)
+    required.stdout.fnmatch_lines([f"*{reports.REQUIRE_NOTE.strip()}*"])
+
+
+def test_marker_is_registered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.nsbox(image='host', *, memory=None, *network='none'*"])
+
+
+def test_plugin_can_be_disabled(run_inner) -> None:
+    result = run_inner(
+        """
+        import socket, pytest
+
+        @pytest.mark.nsbox
+        def test_unsandboxed():
+            assert socket.gethostname() != "nsbox"
+        """,
+        "-p",
+        "no:nsbox",
+    )
+    result.assert_outcomes(passed=1)

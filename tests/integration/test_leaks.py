@@ -1,0 +1,108 @@
+"""Nothing leaks: mounts, processes, descriptors, scratch directories; a test cannot reach outside."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
+
+FD_PROBE_CONFTEST = """
+import os
+import re
+
+def _count():
+    return len(os.listdir("/proc/self/fd"))
+
+def pytest_sessionstart(session):
+    session.config._fds = None
+
+def pytest_runtest_logfinish(nodeid, location):
+    import pytest
+    # first sandboxed test done: baseline after lazy, per-session setup
+    if nodeid.endswith("test_many[1]"):
+        open("fds.before", "w").write(str(_count()))
+
+def pytest_sessionfinish(session):
+    open("fds.after", "w").write(str(_count()))
+"""
+
+
+def _orphaned_scratch_dirs() -> list[str]:
+    """Scratch mount points (pytest-nsbox-<pid>-*) whose pytest process is gone."""
+    found = []
+    for name in os.listdir(tempfile.gettempdir()):
+        match = re.match(r"pytest-nsbox-(\d+)-", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            found.append(name)
+    return found
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if token.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_500_sandboxed_tests_leave_nothing_behind(run_inner, pytester: pytest.Pytester) -> None:
+    token = f"nsbox-leak-{uuid.uuid4().hex}"
+    mounts_before = Path("/proc/self/mountinfo").read_text()
+    result = run_inner(
+        f"""
+        import subprocess, sys, time, pytest
+
+        @pytest.mark.nsbox
+        @pytest.mark.parametrize("n", range(500))
+        def test_many(n):
+            if n % 100 == 0:     # a daemon left running in its own session
+                daemon = subprocess.Popen(
+                    [sys.executable, "-c", "import time; time.sleep(300)", {token!r}], start_new_session=True
+                )
+                time.sleep(0.2)
+                assert daemon.poll() is None
+        """,
+        conftest=FD_PROBE_CONFTEST,
+        timeout=600,
+    )
+    result.assert_outcomes(passed=500)
+    assert Path("/proc/self/mountinfo").read_text() == mounts_before
+    assert _orphaned_scratch_dirs() == []
+    assert _processes_with(token) == []
+    assert int((pytester.path / "fds.after").read_text()) == int((pytester.path / "fds.before").read_text())
+
+
+def test_kill_all_inside_harms_only_the_sandbox(run_inner) -> None:
+    survivor = subprocess.Popen(["sleep", "120"])
+    try:
+        result = run_inner(
+            """
+            import os, signal, subprocess, pytest
+
+            @pytest.mark.nsbox
+            def test_kill_everything():
+                child = subprocess.Popen(["sleep", "60"])
+                os.kill(-1, signal.SIGKILL)           # every process this test may signal
+                assert child.wait() == -signal.SIGKILL
+
+            def test_pytest_survived():
+                pass
+            """
+        )
+        result.assert_outcomes(passed=2)
+        assert survivor.poll() is None
+    finally:
+        survivor.send_signal(signal.SIGKILL)
+        survivor.wait()
