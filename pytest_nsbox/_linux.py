@@ -217,7 +217,9 @@ def set_interface_up(name: str) -> None:
             flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
             fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
         except OSError as exc:
-            raise OSError(exc.errno, f"ioctl(SIOCSIFFLAGS, {name}, IFF_UP): {exc.strerror} ({errno_name(exc.errno or 0)})") from None
+            raise OSError(
+                exc.errno, f"ioctl(SIOCSIFFLAGS, {name}, IFF_UP): {exc.strerror} ({errno_name(exc.errno or 0)})"
+            ) from None
 
 
 def _show(value: bytes | None) -> str:

@@ -23,7 +23,8 @@ MAX_SYMLINK_HOPS: Final = 40
 
 
 class Step(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def run(self) -> None: ...
 
@@ -144,7 +145,9 @@ class MountOverlay:
     @property
     def options(self) -> str:
         lowerdir = ":".join(escape_overlay_path(p) for p in self.lowers)
-        return f"lowerdir={lowerdir},upperdir={escape_overlay_path(self.upper)},workdir={escape_overlay_path(self.work)},userxattr"
+        return (
+            f"lowerdir={lowerdir},upperdir={escape_overlay_path(self.upper)},workdir={escape_overlay_path(self.work)},userxattr"
+        )
 
     def run(self) -> None:
         for path in (self.target, self.upper, self.work):
@@ -351,8 +354,7 @@ def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
     chosen: list[HostPath] = []
     for hp in sorted(set(paths), key=lambda p: (p.path.count("/"), p.path, p.readonly)):
         covered = any(
-            (hp.path == c.path or hp.path.startswith(c.path.rstrip("/") + "/")) and c.readonly == hp.readonly
-            for c in chosen
+            (hp.path == c.path or hp.path.startswith(c.path.rstrip("/") + "/")) and c.readonly == hp.readonly for c in chosen
         )
         if not covered:
             chosen.append(hp)
@@ -367,8 +369,14 @@ def build_plan(
     host_paths: Iterable[HostPath],
     mounts: MountTable,
     host_resolv_conf: str = "",
+    own_trees: Iterable[str] = (),
 ) -> MountPlan:
-    """Build every mount step for one sandbox. ``image`` is "host" or a rootfs directory."""
+    """Build every mount step for one sandbox. ``image`` is "host" or a rootfs directory.
+
+    ``own_trees`` (host image, rootless): directories owned by the caller that get an overlay
+    of their own. Without it, a copy-up inside them would have to copy their root-owned parents,
+    which an unmapped owner makes impossible (EOVERFLOW).
+    """
     b = _Builder(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
     init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, host_resolv_conf).items())
@@ -380,6 +388,10 @@ def build_plan(
     if image == "host":
         head.append(MountFs("mount_root_tmpfs", "tmpfs", root, L.MS_NOSUID | L.MS_NODEV, "mode=0755", ROOT_SOURCE))
         b.host_tree("/", root, init)
+        for tree in sorted(set(own_trees), key=lambda p: p.count("/")):
+            top = tree.split("/")[1] if tree.count("/") >= 1 else ""
+            if tree != "/" and top not in REPLACED_TOP_LEVEL and not mounts.below(tree):
+                b.overlay(f"{root}{tree}", [tree])
         visible = [hp for hp in host_paths if hp.path.split("/")[1] in REPLACED_TOP_LEVEL or not hp.readonly]
     else:
         b.overlay(root, [init, image], source=ROOT_SOURCE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from typing import Final
 
@@ -12,7 +11,6 @@ from . import runtest
 from .spec import SpecError, defaults_from_ini
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
-REQUIRE_ENV: Final = "PYTEST_NSBOX_REQUIRE"
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
@@ -33,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--nsbox-require",
         action="store_true",
         default=False,
-        help=f"a sandbox that cannot be built is an ERROR, not a SKIP (also: env {REQUIRE_ENV}=1).",
+        help="a sandbox that cannot be built is an ERROR, not a SKIP.",
     )
     parser.addini("nsbox_image", "default image of sandboxed tests ('host', or a rootfs directory)", default="")
     parser.addini("nsbox_memory", "default memory limit of sandboxed tests, e.g. 256M", default="")
@@ -47,8 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
         defaults = defaults_from_ini(lambda name: str(config.getini(name)))
     except SpecError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
-    require = bool(config.getoption("nsbox_require")) or os.environ.get(REQUIRE_ENV, "") not in ("", "0")
-    runner = runtest.SandboxRunner(config, defaults, sandbox_all=bool(config.getoption("nsbox_all")), require=require)
+    runner = runtest.SandboxRunner(
+        config, defaults, sandbox_all=bool(config.getoption("nsbox_all")), require=bool(config.getoption("nsbox_require"))
+    )
     config.stash[RUNNER_KEY] = runner
     config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
 
@@ -78,7 +77,9 @@ class _ChildReporter:
         self.config = config
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         runtest.send_report(self.config, report)
         return report

@@ -54,9 +54,7 @@ def early_end_message(status: int | None, phase: str) -> str:
         return SANDBOX_DIED.format(detail="no status received")
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        return CRASHED.format(
-            signame=signal_name(signum), description=signal.strsignal(signum) or "unknown signal", phase=phase
-        )
+        return CRASHED.format(signame=signal_name(signum), description=signal.strsignal(signum) or "unknown signal", phase=phase)
     return EXITED_EARLY.format(code=os.waitstatus_to_exitcode(status), phase=phase)
 
 
@@ -73,9 +71,7 @@ def _evaluate_xfail(item: pytest.Item) -> None:
             pass
 
 
-def failure_report(
-    item: pytest.Item, when: str, message: str, sections: Iterable[tuple[str, str]] = ()
-) -> pytest.TestReport:
+def failure_report(item: pytest.Item, when: str, message: str, sections: Iterable[tuple[str, str]] = ()) -> pytest.TestReport:
     """A failed *when* report (FAILED for call, ERROR for setup/teardown) with *message*."""
     _evaluate_xfail(item)
 

@@ -130,8 +130,16 @@ class SandboxRunner:
                 host_paths=host_paths,
                 mounts=mounts.MountTable.read(),
                 host_resolv_conf=resolv,
+                own_trees=self._own_trees(),
             )
         return self._plans[key]
+
+    def _own_trees(self) -> list[str]:
+        """Rootless: the caller's home, rootdir and cwd get overlays of their own (see build_plan)."""
+        if os.getuid() == 0:
+            return []
+        candidates = [os.path.expanduser("~"), str(self.config.rootpath), os.getcwd()]
+        return [p for p in candidates if os.path.isdir(p) and os.stat(p).st_uid == os.getuid()]
 
     def _basetemp(self) -> str | None:
         factory = getattr(self.config, "_tmp_path_factory", None)
@@ -178,12 +186,11 @@ class SandboxRunner:
 
     def _prepare(self, item: pytest.Item) -> tuple[SandboxSpec, mounts.MountPlan] | pytest.TestReport:
         """The spec and mount plan, or the setup report that says why there is no sandbox."""
+        error: str | None = None
         try:
             spec = self.spec_for(item)
         except SpecError as exc:
             error = str(exc)
-        else:
-            error = None
         if error is not None:
             return reports.failure_report(item, "setup", error)
         limits = spec.requested_limits()
@@ -246,9 +253,7 @@ class SandboxRunner:
             message += "\n" + str(record["traceback"])
         return self._unavailable(item, message)
 
-    def _missing_phases(
-        self, item: pytest.Item, got: list[pytest.TestReport], status: int | None
-    ) -> list[pytest.TestReport]:
+    def _missing_phases(self, item: pytest.Item, got: list[pytest.TestReport], status: int | None) -> list[pytest.TestReport]:
         """Reports for phases the test never reported: it crashed or exited before."""
         phases = {r.when: r for r in got}
         if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and "teardown" in phases:
@@ -379,5 +384,3 @@ def replay_warning(record: dict[str, Any]) -> None:
     warnings.warn_explicit(
         str(record.get("message", "")), category, str(record.get("filename", "?")), int(record.get("lineno") or 0)
     )
-
-

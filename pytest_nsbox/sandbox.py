@@ -125,6 +125,15 @@ def _fail(channel: Channel, process: str, step: str, exc: BaseException, code: i
         os._exit(code)
 
 
+def _run_steps(channel: Channel, process: str, steps: Iterable[tuple[str, Callable[[], None]]]) -> None:
+    """Run named steps in order; the first failure is sent as a setup_error and ends the process."""
+    for name, action in steps:
+        try:
+            action()
+        except BaseException as exc:
+            _fail(channel, process, name, exc)
+
+
 def close_inherited_fds(keep: Iterable[int]) -> None:
     """Close descriptors that could reach outside: directories, sockets, pipes, anon inodes.
 
@@ -208,14 +217,11 @@ def verify_inside(config: SandboxConfig) -> None:
 def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channel], None]) -> None:
     channel = Channel(channel.fd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for step, action in (
+    steps: list[tuple[str, Callable[[], None]]] = [
         ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
         ("verify_sandbox", lambda: verify_inside(config)),
-    ):
-        try:
-            action()
-        except BaseException as exc:
-            _fail(channel, "C", step, exc)
+    ]
+    _run_steps(channel, "C", steps)
     try:
         os.chdir(config.cwd)
     except OSError:
@@ -249,11 +255,7 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
             os._exit(EXIT_SETUP_FAILED)
     except BaseException as exc:
         _fail(channel, "B", "set_parent_death_signal", exc)
-    for step in config.plan.steps:
-        try:
-            step.run()
-        except BaseException as exc:
-            _fail(channel, "B", step.name, exc)
+    _run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
     c_pid = os.fork()
     if c_pid == 0:
         _process_c(config, channel, target)
@@ -276,15 +278,12 @@ def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Call
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
     except BaseException as exc:
         _fail(channel, "A", "set_parent_death_signal", exc)
-    for step, action in (
+    steps: list[tuple[str, Callable[[], None]]] = [
         ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, channel.fd, *config.keep_fds})),
         ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
         ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
-    ):
-        try:
-            action()
-        except BaseException as exc:
-            _fail(channel, "A", step, exc)
+    ]
+    _run_steps(channel, "A", steps)
     a_pid = os.getpid()
     b_pid = os.fork()
     if b_pid == 0:

@@ -51,5 +51,3 @@ def run_inner(pytester: pytest.Pytester):
         return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=timeout)
 
     return run
-
-

@@ -207,7 +207,12 @@ def test_fixture_scopes(run_inner, pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=4)
     lines = log.read_text().splitlines()
-    assert lines == [f"session setup on {__import__('socket').gethostname()}", "module setup", "module teardown", "session teardown"]
+    assert lines == [
+        f"session setup on {__import__('socket').gethostname()}",
+        "module setup",
+        "module teardown",
+        "session teardown",
+    ]
 
 
 def test_wider_fixture_errors_are_setup_errors(run_inner) -> None:
@@ -234,7 +239,9 @@ def test_wider_fixture_errors_are_setup_errors(run_inner) -> None:
         """
     )
     result.assert_outcomes(errors=2, passed=1)
-    result.stdout.fnmatch_lines(["*ERROR at setup of test_a*", "*module fixture broke*", "*ERROR at teardown of test_b*", "*module teardown broke*"])
+    result.stdout.fnmatch_lines(
+        ["*ERROR at setup of test_a*", "*module fixture broke*", "*ERROR at teardown of test_b*", "*module teardown broke*"]
+    )
 
 
 def test_junitxml_and_exitfirst(run_inner, pytester: pytest.Pytester) -> None:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Set up and run pytest-nsbox on a fresh Debian/Ubuntu machine.
+#   tools/dev.sh demo    install, then run the demo suite in examples/
+#   tools/dev.sh test    install, then run lint, type checks and the test suite
+#                        (as root also the rootless sub-suite, as an unprivileged user)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+VENV=${NSBOX_VENV:-$REPO/.venv}
+ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
+
+apt_install() {
+  # Debian packages the project needs: python3-venv (the rootless venv), uidmap is not needed yet.
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then echo "please install: ${missing[*]}" >&2; exit 1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+make_venv() {  # make_venv PYTHON DIR
+  local python=$1 dir=$2
+  [ -x "$dir/bin/python" ] || "$python" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[dev]"
+}
+
+run_rootless() {
+  # The rootless sub-suite: an unprivileged user, a venv from Debian's interpreter (the default
+  # one may live under /root, mode 0700), a copy of the checkout that user can read.
+  id "$ROOTLESS_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ROOTLESS_USER"
+  local work
+  work=$(mktemp -d /tmp/nsbox-rootless-XXXXXX)
+  trap 'rm -rf "$work"' RETURN
+  git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$work")
+  chown -R "$ROOTLESS_USER:" "$work"
+  chmod 755 "$work"
+  runuser -u "$ROOTLESS_USER" -- env -i HOME="/home/$ROOTLESS_USER" PATH=/usr/bin:/bin CI="${CI:-}" \
+    PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" \
+    bash -c "cd '$work' && /usr/bin/python3 -m venv .venv && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' \
+             && .venv/bin/python -m pytest -p no:cacheprovider -n 2 -m 'not needs_root' tests"
+}
+
+case "${1:-}" in
+  demo)
+    apt_install python3-venv
+    make_venv "${PYTHON:-python3}" "$VENV"
+    exec "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
+    ;;
+  test)
+    apt_install python3-venv
+    make_venv "${PYTHON:-python3}" "$VENV"
+    "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
+    "$VENV/bin/mypy" pytest_nsbox
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 tests
+    if [ "$(id -u)" -eq 0 ]; then
+      run_rootless
+    fi
+    ;;
+  *)
+    echo "usage: tools/dev.sh demo|test" >&2
+    exit 2
+    ;;
+esac
