@@ -76,16 +76,12 @@ class BenchConfig:
 
 NSBOX_HOST_ARGS: Final = ("--nsbox-all", "--nsbox-require", "-o", "nsbox_image=host")
 
-# Add configurations here; the first one named "forked" is the reference for the ratio column.
+# Add configurations here (see README.md); REFERENCE names the one the ratio column divides by.
 CONFIGS: Final[tuple[BenchConfig, ...]] = (
     BenchConfig("plain", "main", ("-p", "no:nsbox"), "in-process", "plain pytest, nsbox plugin disabled"),
-    BenchConfig(
-        "plain@8", "pytest8", ("-p", "no:nsbox", "-p", "no:forked"), "in-process", "plain pytest on pytest 8.4.2"
-    ),
+    BenchConfig("plain@8", "pytest8", ("-p", "no:nsbox", "-p", "no:forked"), "in-process", "plain pytest on pytest 8.4.2"),
     BenchConfig("forked", "pytest8", ("--forked", "-p", "no:nsbox"), "forked", "pytest-forked 1.7.5 (--forked)"),
-    BenchConfig(
-        "nsbox-host@8", "pytest8", (*NSBOX_HOST_ARGS, "-p", "no:forked"), "namespaced", "--nsbox-all, host image"
-    ),
+    BenchConfig("nsbox-host@8", "pytest8", (*NSBOX_HOST_ARGS, "-p", "no:forked"), "namespaced", "--nsbox-all, host image"),
     BenchConfig("nsbox-host", "main", NSBOX_HOST_ARGS, "namespaced", "--nsbox-all, host image"),
 )
 REFERENCE: Final = "forked"
@@ -223,8 +219,7 @@ def check_outcome(config: BenchConfig, cmd: Sequence[str], proc: subprocess.Comp
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     summary = lines[-1].strip("= ") if lines else ""
     counts = {
-        kind.rstrip("s") if kind.startswith(("error", "warning")) else kind: int(num)
-        for num, kind in SUMMARY_RE.findall(summary)
+        kind.rstrip("s") if kind.startswith(("error", "warning")) else kind: int(num) for num, kind in SUMMARY_RE.findall(summary)
     }
     counts.pop("warning", None)  # warnings do not change the outcome
     duration = DURATION_RE.search(summary)
@@ -253,18 +248,14 @@ def check_isolation(config: BenchConfig, runner: Runner, directory: Path) -> str
     else:
         seen = "in-process"
     if seen != config.isolation:
-        raise BenchError(
-            f"[{config.name}] the probe test ran {seen} (pid {pid}, {mnt_ns}), expected {config.isolation}"
-        )
+        raise BenchError(f"[{config.name}] the probe test ran {seen} (pid {pid}, {mnt_ns}), expected {config.isolation}")
     return seen
 
 
 # --- measurement -----------------------------------------------------------------------------
 
 
-def measure(
-    configs: Sequence[BenchConfig], runner: Runner, n: int, rounds: int, warmup: int, seed: int
-) -> dict[str, Samples]:
+def measure(configs: Sequence[BenchConfig], runner: Runner, n: int, rounds: int, warmup: int, seed: int) -> dict[str, Samples]:
     rng = random.Random(seed)
     dirs = {c.name: test_dir_for(runner.workdir, c, n) for c in configs}
     jobs = [(c, count) for c in configs for count in (n, 1)]
@@ -288,9 +279,7 @@ def marginal_ms(big: Sequence[float], one: Sequence[float], n: int) -> list[floa
     return [(b - s) / (n - 1) * 1000 for b, s in zip(big, one, strict=True)]
 
 
-def render_table(
-    configs: Sequence[BenchConfig], samples: Mapping[str, Samples], n: int, versions: Mapping[Venv, str]
-) -> str:
+def render_table(configs: Sequence[BenchConfig], samples: Mapping[str, Samples], n: int, versions: Mapping[Venv, str]) -> str:
     per_test = {c.name: marginal_ms(samples[c.name].wall_n, samples[c.name].wall_1, n) for c in configs}
     reference = statistics.median(per_test[REFERENCE]) if REFERENCE in per_test else None
     rows = [
@@ -340,9 +329,7 @@ def log(message: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = ", ".join(c.name for c in CONFIGS)
-    parser = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="tests in the large file (default 200)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")

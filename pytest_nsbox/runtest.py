@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import sys
+import sysconfig
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -37,11 +39,22 @@ CHILD = ChildState()
 
 
 def interpreter_paths() -> list[str]:
-    """Directories the interpreter may import from after pivot_root."""
-    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
-    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
-    return sorted(os.path.abspath(p) for p in paths)
+    """Directories the interpreter may import from after pivot_root.
+
+    The library directories, not the prefixes: a system interpreter's prefix is /usr, and binding
+    the host's /usr would hide the image's.
+    """
+    paths: set[str] = set()
+    for scheme_vars in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        library_paths = sysconfig.get_paths(vars=scheme_vars)
+        paths.update(library_paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    paths.update(p for p in sys.path if p)
+    if sys.prefix != sys.base_prefix:
+        paths.add(sys.prefix)  # a venv: its bin/ and pyvenv.cfg, so subprocesses find site-packages
+    found = {os.path.abspath(p) for p in paths if os.path.isdir(p)}
+    # the interpreter binary itself (a file bind), so the test can start subprocesses with it
+    found.update(p for p in (os.path.abspath(sys.executable), os.path.realpath(sys.executable)) if os.path.isfile(p))
+    return sorted(found)
 
 
 def sweep_stale_scratch_dirs(tmpdir: str) -> None:
@@ -138,7 +151,7 @@ class SandboxRunner:
         """Rootless: the caller's home, rootdir and cwd get overlays of their own (see build_plan)."""
         if os.getuid() == 0:
             return []
-        candidates = [os.path.expanduser("~"), str(self.config.rootpath), os.getcwd()]
+        candidates = [pwd.getpwuid(os.getuid()).pw_dir, str(self.config.rootpath), os.getcwd()]
         return [p for p in candidates if os.path.isdir(p) and os.stat(p).st_uid == os.getuid()]
 
     def _basetemp(self) -> str | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,8 +16,8 @@ pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
 @pytest.fixture
 def canary() -> object:
-    """A directory of files on the host, in an overlaid location (/var/tmp), removed afterwards."""
-    path = Path("/var/tmp") / f"nsbox-canary-{uuid.uuid4().hex}"
+    """A directory of files on the host, in the caller's home (overlaid also when rootless), removed afterwards."""
+    path = Path(pwd.getpwuid(os.getuid()).pw_dir) / f".nsbox-canary-{uuid.uuid4().hex}"  # not $HOME: pytester moves it
     path.mkdir()
     for index in range(3):
         (path / f"file{index}").write_text(f"canary {index}\n")
@@ -33,12 +35,12 @@ def test_destructive_test_is_contained(run_inner, canary: Path) -> None:
             pytest_nsbox.require_sandbox()          # fail closed before deleting anything
             shutil.rmtree({str(canary)!r})
             assert not os.path.exists({str(canary)!r})
-            os.mkdir("/var/tmp/nsbox-created-{canary.name}")
+            os.mkdir({str(canary)!r} + "-created")
         """
     )
     result.assert_outcomes(passed=1)
     assert sorted(p.name for p in canary.iterdir()) == ["file0", "file1", "file2"]
-    assert not Path(f"/var/tmp/nsbox-created-{canary.name}").exists()
+    assert not Path(f"{canary}-created").exists()
 
 
 @pytest.mark.needs_root
@@ -88,7 +90,16 @@ def test_sees_fresh_namespaces_and_init_layer(run_inner) -> None:
     result.assert_outcomes(passed=1)
 
 
-def test_filesystem_layout(run_inner) -> None:
+def test_filesystem_layout(run_inner, tmp_path_factory: pytest.TempPathFactory) -> None:
+    hidden = Path(tempfile.gettempdir()) / f"nsbox-hidden-{uuid.uuid4().hex}"
+    hidden.write_text("host /tmp content")
+    try:
+        _check_layout(run_inner, hidden)
+    finally:
+        hidden.unlink()
+
+
+def _check_layout(run_inner, hidden: Path) -> None:
     result = run_inner(
         """
         import errno, os, pytest
@@ -101,8 +112,8 @@ def test_filesystem_layout(run_inner) -> None:
             with open("/dev/null", "w") as f:
                 f.write("x")
             assert len(open("/dev/urandom", "rb").read(16)) == 16
-            # a fresh /tmp: only the path down to pytest's basetemp is bound in
-            assert all(name.startswith("pytest-of-") for name in os.listdir("/tmp")), os.listdir("/tmp")
+            # a fresh /tmp: host files are not there (only paths bound in, like basetemp)
+            assert "HIDDEN" not in os.listdir("/tmp")
             for path in ("/proc/sys/kernel/hostname", "/sys/kernel/mm"):
                 with pytest.raises(OSError) as exc:
                     open(path if path.startswith("/proc") else path + "/nsbox-x", "w").write("x")
@@ -110,7 +121,7 @@ def test_filesystem_layout(run_inner) -> None:
             (tmp_path / "out.txt").write_text("tmp_path works")
             open("/dev/shm/x", "w").write("shm works")
             open("/tmp/x", "w").write("tmp works")
-        """
+        """.replace("HIDDEN", hidden.name)
     )
     result.assert_outcomes(passed=1)
 
