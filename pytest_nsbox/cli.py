@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__, images, mounts, probe, sandbox
 
@@ -22,7 +23,7 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Run a command (default: $SHELL) in a sandbox of IMAGE; changes are thrown away."""
-    image = images.resolve(args.image, __import__("pathlib").Path.cwd())
+    image = images.resolve(args.image, Path.cwd())
     command = args.command or [os.environ.get("SHELL", "/bin/sh")]
     scratch = tempfile.mkdtemp(prefix=f"pytest-nsbox-{os.getpid()}-")
     try:
