@@ -62,7 +62,6 @@ class SandboxConfig:
     host_namespaces: dict[str, int]
     cwd: str
     cap_last_cap: int
-    keep_fds: frozenset[int] = frozenset()
 
     @property
     def clone_flags(self) -> int:
@@ -279,7 +278,7 @@ def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Call
     except BaseException as exc:
         _fail(channel, "A", "set_parent_death_signal", exc)
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, channel.fd, *config.keep_fds})),
+        ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, channel.fd})),
         ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
         ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
     ]
