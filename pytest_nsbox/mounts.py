@@ -119,10 +119,14 @@ class MakeTree:
     dirs: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
     symlinks: tuple[tuple[str, str], ...] = ()  # (link path, link target)
+    modes: tuple[tuple[str, int], ...] = ()  # directories created with an exact mode
 
     def run(self) -> None:
         for path in self.dirs:
             os.makedirs(path, exist_ok=True)
+        for path, mode in self.modes:
+            os.mkdir(path)
+            os.chmod(path, mode)
         for path, content in self.files:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as handle:
@@ -322,7 +326,9 @@ class _Builder:
 
     def host_tree(self, host_dir: str, target: str, init_dir: str | None) -> None:
         """Overlay each entry of *host_dir*; directories holding submounts are rebuilt one level down."""
-        dirs, symlinks = [], []
+        dirs: list[str] = []
+        symlinks: list[tuple[str, str]] = []
+        empty: list[tuple[str, int]] = []  # an empty directory needs no overlay: a directory on the root tmpfs
         for entry in sorted(os.scandir(host_dir), key=lambda e: e.name):
             host_path = entry.path if host_dir != "/" else f"/{entry.name}"
             dest = f"{target}/{entry.name}"
@@ -334,12 +340,22 @@ class _Builder:
                 if self.mounts.below(host_path):
                     dirs.append(dest)
                     self.host_tree(host_path, dest, None)
+                elif _is_empty_dir(host_path) and host_path not in self.mounts.mount_points:
+                    empty.append((dest, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)))
                 else:
                     init = f"{init_dir}/{entry.name}" if init_dir and entry.name == "etc" else None
                     self.overlay(dest, [init, host_path] if init else [host_path])
             elif entry.is_file(follow_symlinks=False):
                 self.bind(host_path, dest[len(self.root) :], readonly=True)
-        self.steps.insert(0, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks)))
+        self.steps.insert(0, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks), modes=tuple(empty)))
+
+
+def _is_empty_dir(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False  # unreadable: let the overlay show what the caller may see
 
 
 def init_layer_files(network: str, host_resolv_conf: str) -> dict[str, str]:

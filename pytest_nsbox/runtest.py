@@ -96,6 +96,7 @@ class SandboxRunner:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
 
     def close(self) -> None:
+        sandbox.reap_finished(block=True)
         if self._scratch is not None:
             try:
                 os.rmdir(self._scratch)

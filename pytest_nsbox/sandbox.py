@@ -14,6 +14,7 @@ namespace takes the scratch tmpfs (the writable layer) with it.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import stat
@@ -215,6 +216,7 @@ def verify_inside(config: SandboxConfig) -> None:
 
 def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channel], None]) -> None:
     channel = Channel(channel.fd)
+    gc.enable()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     steps: list[tuple[str, Callable[[], None]]] = [
         ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
@@ -258,15 +260,28 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
     c_pid = os.fork()
     if c_pid == 0:
         _process_c(config, channel, target)
-    # PID 1: reap every orphan; when C is gone, report its status and let the namespace die.
+    # PID 1: reap every orphan until C is gone; then kill and reap what C left running, so that
+    # nothing of the test runs any more when P reads EOF. B's exit then tears the namespaces
+    # down while P already goes on (P reaps A later).
     while True:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             os._exit(EXIT_INTERNAL_ERROR)
         if pid == c_pid:
-            channel.send("test_status", status=status)
-            os._exit(0)
+            break
+    try:
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of this PID namespace
+    except ProcessLookupError:
+        pass  # nothing left
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    channel.send("test_status", status=status)
+    os.close(channel.fd)  # EOF for P now, not after this process's memory is torn down
+    os._exit(0)
 
 
 def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None]) -> None:
@@ -294,22 +309,48 @@ def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Call
 
 def _run_child(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None]) -> None:
     """Body of A; never returns into the caller's (pytest's) code."""
+    gc.disable()  # A and B allocate little; C turns it back on for the test
     try:
         _process_a(config, Channel(write_fd), p_pid, target)
     finally:
         os._exit(EXIT_INTERNAL_ERROR)
 
 
+_unreaped: list[int] = []
+
+
+def reap_finished(*, block: bool = False) -> None:
+    """Reap A processes of earlier sandboxes (they exit while their namespaces are torn down)."""
+    for pid in list(_unreaped):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _unreaped.remove(pid)
+
+
 def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResult:
-    """Run *target* as C inside a fresh sandbox; return what came back over the result pipe."""
+    """Run *target* as C inside a fresh sandbox; return what came back over the result pipe.
+
+    The pipe reaches EOF when B has exited (after killing everything the test left); A, which
+    waits for the namespaces' teardown, is reaped later unless its status is needed now.
+    """
+    reap_finished()
     read_fd, write_fd = os.pipe()
     p_pid = os.getpid()
+    # Frozen, the inherited heap is never traversed by the children's garbage collector: a
+    # collection in A, B or C would otherwise touch (and copy) every page of pytest's heap.
+    gc.freeze()
     try:
         a_pid = os.fork()
     except BaseException:
         os.close(read_fd)
         os.close(write_fd)
         raise
+    finally:
+        if os.getpid() == p_pid:
+            gc.unfreeze()
     if a_pid == 0:
         os.close(read_fd)
         _run_child(config, write_fd, p_pid, target)
@@ -330,7 +371,10 @@ def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResu
                 result.wire_error = str(exc)
         if reader.pending and result.wire_error is None:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
-        _, result.sandbox_status = os.waitpid(a_pid, 0)
+        if result.test_status is None or result.setup_error is not None:
+            _, result.sandbox_status = os.waitpid(a_pid, 0)
+        else:
+            _unreaped.append(a_pid)
     except BaseException:
         os.kill(a_pid, signal.SIGKILL)  # B dies with A (PDEATHSIG), the namespace with B
         os.waitpid(a_pid, 0)
