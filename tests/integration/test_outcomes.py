@@ -269,3 +269,27 @@ def test_junitxml_and_exitfirst(run_inner, pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     xml = (pytester.path / "report.xml").read_text()
     assert 'tests="2"' in xml and "junit sees this" in xml and "second fails" in xml
+
+
+def test_sandbox_finished_hook_sees_the_test_status(run_inner, pytester: pytest.Pytester) -> None:
+    """B reports C's wait status; a plugin sees it (exit 0 for a passing test, the signal for a crash)."""
+    result = run_inner(
+        """
+        import os, signal, pytest
+
+        @pytest.mark.nsbox
+        def test_ok():
+            pass
+
+        @pytest.mark.nsbox
+        def test_killed():
+            os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        conftest="""
+        def pytest_nsbox_sandbox_finished(item, spec, result):
+            with open("statuses.txt", "a") as f:
+                f.write(f"{item.name} {result.test_status}\\n")
+        """,
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    assert (pytester.path / "statuses.txt").read_text().splitlines() == ["test_ok 0", "test_killed 9"]
