@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from typing import Final
 
@@ -11,6 +12,9 @@ from . import runtest
 from .spec import SpecError, defaults_from_ini
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
+CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
+MEMORY_SUMMARY_TITLE: Final = "nsbox: peak memory of sandboxed tests"
+_peaks: list[tuple[str, int, int | None]] = []  # (nodeid, peak, limit) of this session
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
@@ -37,6 +41,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("nsbox_memory", "default memory limit of sandboxed tests, e.g. 256M", default="")
     parser.addini("nsbox_pids", "default process limit of sandboxed tests", default="")
     parser.addini("nsbox_timeout", "default wall-clock timeout (seconds) of sandboxed tests", default="")
+    parser.addini(
+        "nsbox_cgroup_root",
+        "where sandbox cgroups go: v1, a directory name in each controller's hierarchy (default pytest-nsbox); "
+        "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
+        default="",
+    )
+    group.addoption(
+        "--nsbox-memory-report",
+        type=int,
+        default=10,
+        metavar="N",
+        help="list the N sandboxed tests with the highest peak memory at the end (0: none; default 10).",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,9 +63,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except SpecError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
-        config, defaults, sandbox_all=bool(config.getoption("nsbox_all")), require=bool(config.getoption("nsbox_require"))
+        config,
+        defaults,
+        sandbox_all=bool(config.getoption("nsbox_all")),
+        require=bool(config.getoption("nsbox_require")),
+        cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
     )
     config.stash[RUNNER_KEY] = runner
+    _peaks.clear()
     config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
 
 
@@ -68,6 +90,31 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect peaks (also from xdist workers: they travel in user_properties)."""
+    if report.when != "teardown":
+        return
+    properties = dict(report.user_properties)
+    peak = properties.get("nsbox_memory_peak")
+    if isinstance(peak, int):
+        limit = properties.get("nsbox_memory_limit")
+        _peaks.append((report.nodeid, peak, limit if isinstance(limit, int) else None))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    count = int(config.getoption("nsbox_memory_report") or 0)
+    if count <= 0 or not _peaks:
+        return
+    from .spec import format_size
+
+    terminalreporter.write_sep("=", MEMORY_SUMMARY_TITLE)
+    terminalreporter.write_line(f"{'peak':>10}  {'limit':>10}  {'margin':>10}  test")
+    for nodeid, peak, limit in sorted(_peaks, key=lambda entry: -entry[1])[:count]:
+        limit_text = format_size(limit) if limit else "-"
+        margin = f"{(limit - peak) * 100 / limit:.0f}%" if limit else "-"
+        terminalreporter.write_line(f"{format_size(peak):>10}  {limit_text:>10}  {margin:>10}  {nodeid}")
 
 
 class _ChildReporter:

@@ -142,5 +142,17 @@ def overlay_userns() -> Probe:
     return Probe(ok, "overlayfs in a user namespace", message, "" if ok else hint_for("mount_overlay", errno.EINVAL))
 
 
+@functools.cache
+def cgroup_limits(root_setting: str = "") -> Probe:
+    """Can this process create sandbox cgroups with memory, pids and cpu limits?"""
+    from . import cgroups
+
+    manager = cgroups.detect(root_setting or os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", ""))
+    if manager is None:
+        return Probe(False, "cgroup limits", "no cgroup hierarchy found")
+    result = manager.check(["memory", "pids", "cpu"])
+    return Probe(result.ok, f"cgroup v{manager.version} limits", result.reason, result.fix)
+
+
 def all_probes() -> list[Probe]:
-    return [linux(), userns(), overlay_userns()]
+    return [linux(), userns(), overlay_userns(), cgroup_limits()]

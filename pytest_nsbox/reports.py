@@ -19,9 +19,9 @@ EXITED_EARLY: Final = "nsbox: the test process exited with status {code} during 
 SANDBOX_DIED: Final = "nsbox: the sandbox's init process ended without reporting the test's status ({detail})"
 SETUP_FAILED: Final = "nsbox: could not build the sandbox: step {step} failed: {message}"
 NOT_INSIDE: Final = "nsbox: refusing to run the test: {message}"
-LIMIT_NOT_SUPPORTED: Final = (
-    "nsbox: {names} not supported yet; the test was not run (a requested limit is never silently dropped)"
-)
+MEMORY_EXCEEDED: Final = "nsbox: test exceeded its memory limit of {limit} (peak {peak}, {count} process{plural} OOM-killed)"
+PIDS_EXCEEDED: Final = "nsbox: pids limit {limit} reached ({count} fork(s) refused)"
+TIMED_OUT: Final = "nsbox: test timed out after {seconds:.1f}s; every process of the sandbox was killed"
 INTERNAL_ERROR: Final = "nsbox: internal error in the sandbox ({process}):\n{traceback}"
 CORRUPT_STREAM: Final = "nsbox: the result stream from the sandbox was corrupt ({detail})"
 UNUSABLE_REPORT: Final = "nsbox: a report from the sandbox could not be read ({detail})"

@@ -15,13 +15,14 @@ import sysconfig
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import images, mounts, probe, reports, sandbox
-from .spec import Defaults, SandboxSpec, SpecError, spec_from_marker
+from . import cgroups, images, mounts, probe, reports, sandbox
+from .spec import Defaults, SandboxSpec, SpecError, format_size, spec_from_marker
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,12 @@ def sweep_stale_scratch_dirs(tmpdir: str) -> None:
 class SandboxRunner:
     """Per-session state: ini defaults, the scratch mount point, mount plans per image."""
 
-    def __init__(self, config: pytest.Config, defaults: Defaults, *, sandbox_all: bool, require: bool) -> None:
+    def __init__(
+        self, config: pytest.Config, defaults: Defaults, *, sandbox_all: bool, require: bool, cgroup_root: str = ""
+    ) -> None:
         self.config = config
+        self.cgroup_root = cgroup_root
+        self._cgroup_manager: cgroups.CgroupManager | None = _UNSET
         self.defaults = defaults
         self.sandbox_all = sandbox_all
         self.require = require
@@ -184,21 +189,36 @@ class SandboxRunner:
         if isinstance(prepared, pytest.TestReport):
             yield prepared
         else:
-            spec, plan = prepared
+            spec, plan, cgroup = prepared
             setup = pytest.CallInfo.from_call(lambda: setup_wider_fixtures(item), when="setup")
             if setup.excinfo is not None:
+                if cgroup is not None:
+                    self._remove_cgroup(cgroup)
                 yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
             else:
-                result = sandbox.run(self.sandbox_config(plan, spec.network), lambda ch: run_protocol_in_child(item, ch))
+                config = self.sandbox_config(plan, spec.network)
+                if cgroup is not None:
+                    config = replace(config, cgroup_files=tuple(cgroup.join_files), oom_first=spec.memory is not None)
+                result = sandbox.run(
+                    config,
+                    lambda ch: run_protocol_in_child(item, ch),
+                    timeout=spec.timeout,
+                    cgroup=cgroup,
+                    after_reap=(lambda: self._remove_cgroup(cgroup)) if cgroup is not None else None,
+                )
+                usage = cgroup.usage() if cgroup is not None else cgroups.Usage()
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=spec, result=result)
-                sandbox_reports, pending_raise = self._reports_from(item, result)
+                sandbox_reports, pending_raise = self._reports_from(item, result, spec, usage)
+                properties = limit_properties(spec, usage)
+                for report in sandbox_reports:
+                    report.user_properties.extend(properties)
                 yield from (r for r in sandbox_reports if r.when != "teardown")
         if pending_raise is not None:
             raise pending_raise  # as in pytest: the session's teardown_exact(None) tears down the rest
         c_teardown = next((r for r in sandbox_reports if r.when == "teardown"), None)
         yield self._teardown_in_parent(item, nextitem, c_teardown)
 
-    def _prepare(self, item: pytest.Item) -> tuple[SandboxSpec, mounts.MountPlan] | pytest.TestReport:
+    def _prepare(self, item: pytest.Item) -> tuple[SandboxSpec, mounts.MountPlan, cgroups.Cgroup | None] | pytest.TestReport:
         """The spec and mount plan, or the setup report that says why there is no sandbox."""
         error: str | None = None
         try:
@@ -207,19 +227,71 @@ class SandboxRunner:
             error = str(exc)
         if error is not None:
             return reports.failure_report(item, "setup", error)
-        limits = spec.requested_limits()
-        if limits:
-            names = ", ".join(f"{name}={value!r}" for name, value in limits.items())
-            return reports.failure_report(item, "setup", reports.LIMIT_NOT_SUPPORTED.format(names=names))
         if not probe.linux().ok:
             return self._unavailable(item, probe.linux().describe())
         try:
-            return spec, self.plan(self.resolve_image(spec.image), spec.network)
+            plan = self.plan(self.resolve_image(spec.image), spec.network)
         except images.ImageError as exc:
             error = f"nsbox: {exc} (test {item.nodeid})"
         except OSError as exc:
             return self._unavailable(item, f"nsbox: could not plan the sandbox's mounts: {exc}")
-        return reports.failure_report(item, "setup", error)
+        if error is not None:
+            return reports.failure_report(item, "setup", error)
+        cgroup = self._make_cgroup(spec)
+        if isinstance(cgroup, str):
+            return self._unavailable(item, cgroup)
+        return spec, plan, cgroup
+
+    # --- cgroups -------------------------------------------------------------------------
+
+    def cgroup_manager(self) -> cgroups.CgroupManager | None:
+        if self._cgroup_manager is _UNSET:
+            manager = cgroups.detect(self.cgroup_root)
+            if manager is not None:
+                manager.sweep()
+            self._cgroup_manager = manager
+        return self._cgroup_manager  # type: ignore[return-value]
+
+    def _make_cgroup(self, spec: SandboxSpec) -> cgroups.Cgroup | str | None:
+        """The sandbox's cgroup; None if none is needed or only defaults could not be had; a
+        message (why the requested limits cannot be enforced) otherwise."""
+        requested = cgroups.Limits(memory=spec.memory, pids=spec.pids, cpus=spec.cpus).controllers()
+        manager = self.cgroup_manager()
+        if manager is None:
+            if not requested:
+                return None
+            return LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason="no cgroup hierarchy found", fix="")
+        wanted = cgroups.Limits(
+            memory=spec.memory, pids=spec.pids or DEFAULT_PIDS, cpus=spec.cpus, account_memory=True
+        ).controllers()
+        availability = manager.check(wanted)
+        if not availability.ok:
+            if any(not manager.check([c]).ok for c in requested):
+                problem = manager.check(requested)
+                return LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=problem.reason, fix=_hint(problem.fix))
+            wanted = [c for c in wanted if manager.check([c]).ok]
+        limits = cgroups.Limits(
+            memory=spec.memory,
+            pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
+            cpus=spec.cpus,
+            account_memory="memory" in wanted,
+        )
+        if not limits.controllers():
+            return None
+        try:
+            return manager.create(limits)
+        except cgroups.CgroupError as exc:
+            if requested:
+                return LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=str(exc), fix="")
+            log.debug("nsbox: default limits not applied: %s", exc)
+            return None
+
+    @staticmethod
+    def _remove_cgroup(cgroup: cgroups.Cgroup) -> None:
+        try:
+            cgroup.remove()
+        except cgroups.CgroupError as exc:
+            log.warning("%s", exc)
 
     def _unavailable(self, item: pytest.Item, message: str) -> pytest.TestReport:
         if self.require:
@@ -227,7 +299,7 @@ class SandboxRunner:
         return reports.skip_report(item, message)
 
     def _reports_from(
-        self, item: pytest.Item, result: sandbox.SandboxResult
+        self, item: pytest.Item, result: sandbox.SandboxResult, spec: SandboxSpec, usage: cgroups.Usage
     ) -> tuple[list[pytest.TestReport], BaseException | None]:
         out: list[pytest.TestReport] = []
         pending: BaseException | None = None
@@ -251,8 +323,11 @@ class SandboxRunner:
                 out.append(reports.failure_report(item, "call", text))
         if result.wire_error:
             out.append(reports.failure_report(item, "call", reports.CORRUPT_STREAM.format(detail=result.wire_error)))
+        cause = limit_violation(spec, result, usage)
         if pending is None:
-            out.extend(self._missing_phases(item, out, result.test_status))
+            out.extend(self._missing_phases(item, out, result.test_status, cause))
+        if cause is not None:
+            out = [_with_cause(item, r, cause) for r in out]
         return out, pending
 
     def _setup_error_report(self, item: pytest.Item, record: dict[str, Any]) -> pytest.TestReport:
@@ -267,10 +342,13 @@ class SandboxRunner:
             message += "\n" + str(record["traceback"])
         return self._unavailable(item, message)
 
-    def _missing_phases(self, item: pytest.Item, got: list[pytest.TestReport], status: int | None) -> list[pytest.TestReport]:
-        """Reports for phases the test never reported: it crashed or exited before."""
+    def _missing_phases(
+        self, item: pytest.Item, got: list[pytest.TestReport], status: int | None, cause: Cause | None
+    ) -> list[pytest.TestReport]:
+        """Reports for phases the test never reported: it crashed, exited or was killed before."""
         phases = {r.when: r for r in got}
-        if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and "teardown" in phases:
+        complete = status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if complete and "teardown" in phases and cause is None:
             return []
         out: list[pytest.TestReport] = []
         setup = phases.get("setup")
@@ -282,7 +360,12 @@ class SandboxRunner:
             missing = "teardown"
         else:
             return []
-        out.append(reports.failure_report(item, missing, reports.early_end_message(status, missing), self._captured()))
+        if cause is not None:
+            message, sections = cause.message, [*self._captured(), *cause.sections]
+            cause.reported = True
+        else:
+            message, sections = reports.early_end_message(status, missing), self._captured()
+        out.append(reports.failure_report(item, missing, message, sections))
         if missing != "teardown":
             out.append(reports.passed_report(item, "teardown"))
         return out
@@ -318,6 +401,75 @@ class SandboxRunner:
             return p_report
         c_report.sections.append(("nsbox: teardown outside the sandbox", str(p_report.longrepr)))
         return c_report
+
+
+DEFAULT_PIDS = 1024
+LIMITS_UNAVAILABLE = "nsbox: cannot enforce the requested limits ({names}): {reason}{fix}"
+_UNSET: Any = object()
+
+
+def _hint(fix: str) -> str:
+    return f". Hint: {fix}" if fix else ""
+
+
+@dataclass
+class Cause:
+    """A limit the sandbox hit: the failure message and extra report sections."""
+
+    message: str
+    sections: list[tuple[str, str]]
+    reported: bool = False
+
+
+def limit_violation(spec: SandboxSpec, result: sandbox.SandboxResult, usage: cgroups.Usage) -> Cause | None:
+    """Why the test must fail because of its limits, from the kernel's own counters."""
+    if result.timed_out:
+        stack = trim_stack(result.stack)
+        sections = [("nsbox: stack at timeout", stack)] if stack else []
+        return Cause(reports.TIMED_OUT.format(seconds=spec.timeout or 0.0), sections)
+    if usage.oom_kills and spec.memory is not None:
+        peak = format_size(usage.memory_peak) if usage.memory_peak is not None else "unknown"
+        plural = "es" if usage.oom_kills != 1 else ""
+        text = reports.MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural)
+        return Cause(text, [])
+    if usage.pids_limit_hits:
+        limit = spec.pids or DEFAULT_PIDS
+        return Cause(reports.PIDS_EXCEEDED.format(limit=limit, count=usage.pids_limit_hits), [])
+    return None
+
+
+def trim_stack(dump: str) -> str:
+    """faulthandler's dump without the frames of pytest-nsbox and pytest's main loop below the test."""
+    kept, skipping = [], False
+    for line in dump.splitlines():
+        if line.startswith(("Thread ", "Current thread ")):
+            skipping = False  # a new thread's stack
+        elif "/pytest_nsbox/runtest.py" in line:
+            skipping = True  # every frame below is the sandbox's own machinery
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def _with_cause(item: pytest.Item, report: pytest.TestReport, cause: Cause) -> pytest.TestReport:
+    """Make the call report fail with *cause* (once); other reports pass through."""
+    if cause.reported or report.when != "call":
+        return report
+    cause.reported = True
+    if report.failed:
+        report.sections.append(("nsbox: limit", cause.message))
+        return report
+    return reports.failure_report(item, "call", cause.message, [*report.sections, *cause.sections])
+
+
+def limit_properties(spec: SandboxSpec, usage: cgroups.Usage) -> list[tuple[str, object]]:
+    """user_properties for junit-xml and the memory summary."""
+    properties: list[tuple[str, object]] = []
+    if usage.memory_peak is not None:
+        properties.append(("nsbox_memory_peak", usage.memory_peak))
+    if spec.memory is not None:
+        properties.append(("nsbox_memory_limit", spec.memory))
+    return properties
 
 
 def setup_wider_fixtures(item: pytest.Item) -> None:

@@ -14,18 +14,21 @@ namespace takes the scratch tmpfs (the writable layer) with it.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
+import select
 import signal
 import stat
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from . import _linux as L
-from . import wire
+from . import cgroups, wire
 from .mounts import ROOT_SOURCE, MountPlan
 
 EXIT_SETUP_FAILED: Final = 125
@@ -63,6 +66,9 @@ class SandboxConfig:
     host_namespaces: dict[str, int]
     cwd: str
     cap_last_cap: int
+    cgroup_files: tuple[bytes, ...] = ()  # A writes "0" to each: joins the sandbox's cgroup
+    stack_fd: int | None = None  # C's faulthandler dumps its stack here on SIGUSR1 (timeouts)
+    oom_first: bool = False  # C and its children are the OOM killer's first choice, not B
 
     @property
     def clone_flags(self) -> int:
@@ -80,6 +86,8 @@ class SandboxResult:
     test_status: int | None = None
     sandbox_status: int = 0
     wire_error: str | None = None
+    timed_out: bool = False
+    stack: str = ""  # the test's Python stack at the timeout, if it could be dumped
 
     @property
     def setup_error(self) -> dict[str, Any] | None:
@@ -222,6 +230,11 @@ def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channe
         ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
         ("verify_sandbox", lambda: verify_inside(config)),
     ]
+    if config.oom_first:
+        steps.append(("prefer_test_for_oom", _prefer_for_oom))
+    if config.stack_fd is not None:
+        stack_fd = config.stack_fd
+        steps.append(("register_stack_dump", lambda: faulthandler.register(signal.SIGUSR1, stack_fd, all_threads=True)))
     _run_steps(channel, "C", steps)
     try:
         os.chdir(config.cwd)
@@ -240,6 +253,11 @@ def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channe
             except Exception:
                 pass
         os._exit(code)
+
+
+def _prefer_for_oom() -> None:
+    with open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("1000")
 
 
 def _parent_is(pid: int) -> bool:
@@ -290,10 +308,13 @@ def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Call
         if os.getppid() != p_pid:
             os._exit(EXIT_SETUP_FAILED)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only C dumps its stack on a timeout
     except BaseException as exc:
         _fail(channel, "A", "set_parent_death_signal", exc)
+    keep = {0, 1, 2, channel.fd} | ({config.stack_fd} if config.stack_fd is not None else set())
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, channel.fd})),
+        ("close_inherited_fds", lambda: close_inherited_fds(keep)),
+        ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
         ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
         ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
     ]
@@ -316,28 +337,42 @@ def _run_child(config: SandboxConfig, write_fd: int, p_pid: int, target: Callabl
         os._exit(EXIT_INTERNAL_ERROR)
 
 
-_unreaped: list[int] = []
+_unreaped: list[tuple[int, Callable[[], None] | None]] = []
 
 
 def reap_finished(*, block: bool = False) -> None:
-    """Reap A processes of earlier sandboxes (they exit while their namespaces are torn down)."""
-    for pid in list(_unreaped):
+    """Reap A processes of earlier sandboxes (they exit while their namespaces are torn down),
+    then run what waited for them (removing the sandbox's cgroup)."""
+    for entry in list(_unreaped):
+        pid, after = entry
         try:
             done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done:
-            _unreaped.remove(pid)
+            _unreaped.remove(entry)
+            if after is not None:
+                after()
 
 
-def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResult:
+def run(
+    config: SandboxConfig,
+    target: Callable[[Channel], None],
+    *,
+    timeout: float | None = None,
+    cgroup: cgroups.Cgroup | None = None,
+    after_reap: Callable[[], None] | None = None,
+) -> SandboxResult:
     """Run *target* as C inside a fresh sandbox; return what came back over the result pipe.
 
     The pipe reaches EOF when B has exited (after killing everything the test left); A, which
-    waits for the namespaces' teardown, is reaped later unless its status is needed now.
+    waits for the namespaces' teardown, is reaped later unless its status is needed now, and
+    *after_reap* runs then. After *timeout* seconds C's stack is dumped and the sandbox killed.
     """
     reap_finished()
     read_fd, write_fd = os.pipe()
+    stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
+    config = replace(config, stack_fd=stack_write)
     p_pid = os.getpid()
     # Frozen, the inherited heap is never traversed by the children's garbage collector: a
     # collection in A, B or C would otherwise touch (and copy) every page of pytest's heap.
@@ -345,20 +380,38 @@ def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResu
     try:
         a_pid = os.fork()
     except BaseException:
-        os.close(read_fd)
-        os.close(write_fd)
+        for fd in (read_fd, write_fd, stack_read, stack_write):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
         if os.getpid() == p_pid:
             gc.unfreeze()
     if a_pid == 0:
         os.close(read_fd)
+        if stack_read is not None:
+            os.close(stack_read)
         _run_child(config, write_fd, p_pid, target)
     os.close(write_fd)
+    if stack_write is not None:
+        os.close(stack_write)
     result = SandboxResult()
     reader = wire.Reader()
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while chunk := os.read(read_fd, 1 << 16):
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and (remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]):
+                result.timed_out = True
+                result.stack = _dump_stack(a_pid, stack_read)
+                if cgroup is not None:
+                    cgroup.kill()
+                os.kill(a_pid, signal.SIGKILL)  # B dies with A (PDEATHSIG), the namespaces with B
+                deadline = None
+                continue  # read what is left until EOF
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                break
             if result.wire_error is not None:
                 continue  # drain, so no writer blocks
             try:
@@ -369,16 +422,58 @@ def run(config: SandboxConfig, target: Callable[[Channel], None]) -> SandboxResu
                         result.records.append(record)
             except wire.WireError as exc:
                 result.wire_error = str(exc)
-        if reader.pending and result.wire_error is None:
+        if reader.pending and result.wire_error is None and not result.timed_out:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
-        if result.test_status is None or result.setup_error is not None:
+        if result.test_status is None or result.setup_error is not None or result.timed_out:
             _, result.sandbox_status = os.waitpid(a_pid, 0)
+            if after_reap is not None:
+                after_reap()
         else:
-            _unreaped.append(a_pid)
+            _unreaped.append((a_pid, after_reap))
     except BaseException:
-        os.kill(a_pid, signal.SIGKILL)  # B dies with A (PDEATHSIG), the namespace with B
+        os.kill(a_pid, signal.SIGKILL)
         os.waitpid(a_pid, 0)
+        if after_reap is not None:
+            after_reap()
         raise
     finally:
         os.close(read_fd)
+        if stack_read is not None:
+            os.close(stack_read)
     return result
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def _dump_stack(a_pid: int, stack_fd: int | None, wait: float = 2.0) -> str:
+    """Ask C (A's grandchild: A -> B -> C) for its Python stack; what faulthandler wrote."""
+    if stack_fd is None:
+        return ""
+    b_pids = _children(a_pid)
+    c_pids = _children(b_pids[0]) if b_pids else []
+    if not c_pids:
+        return ""
+    try:
+        os.kill(c_pids[0], signal.SIGUSR1)
+    except ProcessLookupError:
+        return ""
+    data = b""
+    deadline = time.monotonic() + wait
+    quiet = 0.2
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready = select.select([stack_fd], [], [], min(remaining, quiet if data else remaining))[0]
+        if not ready:
+            if data:
+                break  # the dump is complete when the writer goes quiet
+            continue
+        chunk = os.read(stack_fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")

@@ -13,9 +13,11 @@ pytest_plugins = ["pytester"]
 
 TINY_IMAGE = Path(__file__).parent / "images" / "tiny"
 
+REQUIRE_KEY = {"needs_userns": "userns", "needs_overlay_userns": "userns", "needs_cgroup_limits": "cgroup"}
 CAPABILITIES = {
     "needs_userns": lambda: probe.userns(),
     "needs_overlay_userns": lambda: probe.overlay_userns(),
+    "needs_cgroup_limits": lambda: probe.cgroup_limits(),
 }
 
 
@@ -26,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker(name):
                 result = check()
                 if not result.ok:
-                    if "userns" in required:  # CI: a missing capability fails the run (bwrap's BWRAP_MUST_WORK)
+                    if REQUIRE_KEY[name] in required:  # CI: a missing capability fails the run (bwrap)
                         raise pytest.UsageError(f"{item.nodeid}: {result.describe()} (PYTEST_NSBOX_REQUIRE is set)")
                     item.add_marker(pytest.mark.skip(reason=result.describe()))
         if item.get_closest_marker("needs_root") and os.getuid() != 0:

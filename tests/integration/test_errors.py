@@ -16,6 +16,7 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
         ("memory=0", "invalid memory 0 from nsbox marker on test_inner.py::test_bad"),
         ("pids=-1", "invalid pids -1 from nsbox marker on test_inner.py::test_bad"),
         ('timeout="soon"', "invalid timeout 'soon' from nsbox marker on test_inner.py::test_bad"),
+        ("cpus=0", "invalid cpus 0 from nsbox marker on test_inner.py::test_bad"),
         ('network="bridge"', "invalid network 'bridge' from nsbox marker on test_inner.py::test_bad"),
         ("memroy=1", "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy'"),
         ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
@@ -38,19 +39,23 @@ def test_bad_marker_arguments_are_errors(run_inner, arguments: str, expected: st
     result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
 
 
-@pytest.mark.parametrize("arguments", ['memory="256M"', "pids=64", "cpus=0.5", "timeout=10"])
-def test_requested_limits_are_never_dropped(run_inner, arguments: str) -> None:
-    result = run_inner(
-        f"""
+@pytest.mark.parametrize("arguments", ['memory="256M"', "pids=64", "cpus=0.5"])
+def test_unenforceable_limits_are_never_dropped(run_inner, arguments: str) -> None:
+    """A cgroup root that cannot be created: SKIPPED with the reason, ERROR under --nsbox-require."""
+    source = f"""
         import pytest
 
         @pytest.mark.nsbox({arguments})
         def test_limited():
             print({BODY_RAN!r})
         """
-    )
+    args = ("-o", "nsbox_cgroup_root=no-such-parent/pytest-nsbox")
+    result = run_inner(source, *args)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*cannot enforce the requested limits*"])
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
+    result = run_inner(source, *args, "--nsbox-require")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*not supported yet; the test was not run*"])
     result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
 
 

@@ -1,0 +1,375 @@
+"""One interface to a sandbox's cgroup; backends for cgroup v1 and v2 differ in file names only.
+
+P creates the cgroup and writes the limits before the fork; A moves itself in (writing "0"
+to ``tasks``/``cgroup.procs`` moves the writer) before it unshares the cgroup namespace, so P
+stays outside. After the test P reads the counters; the directory is removed once A is reaped.
+Every cgroup is named ``nsbox-<pid>-<seq>`` under a root we own; cgroups of dead pytest
+processes are swept at start, and nothing else is ever written to.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+CGROUP_MOUNT: Final = Path("/sys/fs/cgroup")
+V1_CONTROLLERS: Final = ("memory", "pids", "cpu")
+DEFAULT_ROOT_NAME: Final = "pytest-nsbox"
+NAME_RE: Final = re.compile(r"^nsbox-(\d+)-\d+$")
+CPU_PERIOD_US: Final = 100_000
+
+
+class CgroupError(Exception):
+    """A cgroup could not be created, limited or read; the message says what was attempted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory: int | None = None  # bytes
+    pids: int | None = None
+    cpus: float | None = None
+    account_memory: bool = False  # a memory cgroup without a limit, for the peak
+
+    def controllers(self) -> list[str]:
+        wanted = [("memory", self.memory is not None or self.account_memory), ("pids", self.pids is not None)]
+        wanted.append(("cpu", self.cpus is not None))
+        return [name for name, on in wanted if on]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What the kernel counted for one sandbox."""
+
+    memory_peak: int | None = None
+    oom_kills: int = 0
+    pids_limit_hits: int = 0
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except FileNotFoundError:
+        raise CgroupError(f"cannot write {value!r} to {path}: no such file (controller not enabled there?)") from None
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror} ({name})") from None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class Cgroup(abc.ABC):
+    """One sandbox's cgroup: one directory (v2) or one per controller (v1)."""
+
+    def __init__(self, name: str, dirs: dict[str, Path]) -> None:
+        self.name = name
+        self.dirs = dirs  # controller (or "" for v2) -> directory
+
+    @property
+    def join_files(self) -> list[bytes]:
+        """Files A writes "0" to, to move itself in (precomputed: A only writes)."""
+        return [os.fsencode(d / self._procs_file) for d in self.dirs.values()]
+
+    _procs_file = "cgroup.procs"
+
+    @abc.abstractmethod
+    def apply(self, limits: Limits) -> None: ...
+
+    @abc.abstractmethod
+    def usage(self) -> Usage: ...
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for d in self.dirs.values():
+            try:
+                found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+            except OSError:
+                pass
+        return sorted(found)
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup (until none is left)."""
+        for _ in range(100):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def remove(self) -> None:
+        for d in self.dirs.values():
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise CgroupError(f"cannot remove {d}: {exc.strerror}") from None
+
+
+def join(files: Iterable[bytes]) -> None:
+    """In A: move the calling process into the cgroup (one write per hierarchy)."""
+    for path in files:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+class CgroupV1(Cgroup):
+    _procs_file = "tasks"  # writing "0" here moves the writer; A is single-threaded
+
+    def apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            memory = self.dirs["memory"]
+            _write(memory / "memory.limit_in_bytes", str(limits.memory))
+            if (memory / "memory.memsw.limit_in_bytes").exists():  # swap is no way around the limit
+                _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory))
+            else:
+                _write(memory / "memory.swappiness", "0")
+        if limits.pids is not None:
+            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+        if limits.cpus is not None:
+            cpu = self.dirs["cpu"]
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
+
+    def usage(self) -> Usage:
+        memory = self.dirs.get("memory")
+        pids = self.dirs.get("pids")
+        return Usage(
+            memory_peak=_read_int(memory / "memory.max_usage_in_bytes") if memory else None,
+            oom_kills=_read_keyed(memory / "memory.oom_control").get("oom_kill", 0) if memory else 0,
+            pids_limit_hits=_read_keyed(pids / "pids.events").get("max", 0) if pids else 0,
+        )
+
+
+class CgroupV2(Cgroup):
+    def apply(self, limits: Limits) -> None:
+        path = self.dirs[""]
+        if limits.memory is not None:
+            _write(path / "memory.max", str(limits.memory))
+            if (path / "memory.swap.max").exists():  # no swap accounting: nothing to cap
+                _write(path / "memory.swap.max", "0")
+            _write(path / "memory.oom.group", "1")  # an OOM ends the whole sandbox
+        if limits.pids is not None:
+            _write(path / "pids.max", str(limits.pids))
+        if limits.cpus is not None:
+            _write(path / "cpu.max", f"{max(1000, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+
+    def usage(self) -> Usage:
+        path = self.dirs[""]
+        return Usage(
+            memory_peak=_read_int(path / "memory.peak"),
+            oom_kills=_read_keyed(path / "memory.events").get("oom_kill", 0),
+            pids_limit_hits=_read_keyed(path / "pids.events").get("max", 0),
+        )
+
+    def kill(self) -> None:
+        kill_file = self.dirs[""] / "cgroup.kill"
+        if kill_file.exists():
+            _write(kill_file, "1")
+        super().kill()
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+
+
+class CgroupManager(abc.ABC):
+    """Creates sandbox cgroups under a root this process may write to."""
+
+    version: int
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def _next_name(self) -> str:
+        self._seq += 1
+        return f"nsbox-{os.getpid()}-{self._seq}"
+
+    @abc.abstractmethod
+    def check(self, controllers: list[str]) -> Availability: ...
+
+    @abc.abstractmethod
+    def create(self, limits: Limits) -> Cgroup: ...
+
+    @abc.abstractmethod
+    def roots(self) -> list[Path]: ...
+
+    def sweep(self) -> list[str]:
+        """Remove our cgroups left by pytest processes that no longer exist; return their names."""
+        removed = []
+        for root in self.roots():
+            try:
+                entries = list(os.scandir(root))
+            except OSError:
+                continue
+            for entry in entries:
+                match = NAME_RE.match(entry.name)
+                if not match or not entry.is_dir(follow_symlinks=False) or os.path.exists(f"/proc/{match.group(1)}"):
+                    continue
+                try:
+                    os.rmdir(entry.path)
+                    removed.append(entry.path)
+                except OSError:
+                    pass  # still has processes (or not ours to remove): leave it
+        return removed
+
+
+class ManagerV1(CgroupManager):
+    version = 1
+
+    def __init__(self, root_name: str) -> None:
+        super().__init__()
+        self.root_name = root_name
+
+    def roots(self) -> list[Path]:
+        return [CGROUP_MOUNT / ctrl / self.root_name for ctrl in V1_CONTROLLERS]
+
+    def check(self, controllers: list[str]) -> Availability:
+        for ctrl in controllers:
+            hierarchy = CGROUP_MOUNT / ctrl
+            if not (hierarchy / "cgroup.procs").exists():
+                return Availability(False, f"the cgroup v1 {ctrl} controller is not mounted at {hierarchy}")
+            root = hierarchy / self.root_name
+            if root.is_dir():
+                if not os.access(root, os.W_OK) or not os.access(root / "tasks", os.W_OK):
+                    return Availability(False, f"{root} is not writable by uid {os.getuid()}", _v1_fix(self.root_name))
+            elif not os.access(hierarchy, os.W_OK):
+                return Availability(False, f"cannot create {root} (uid {os.getuid()})", _v1_fix(self.root_name))
+        return Availability(True)
+
+    def create(self, limits: Limits) -> Cgroup:
+        name = self._next_name()
+        dirs: dict[str, Path] = {}
+        try:
+            for ctrl in limits.controllers():
+                root = CGROUP_MOUNT / ctrl / self.root_name
+                root.mkdir(exist_ok=True)
+                (root / name).mkdir()
+                dirs[ctrl] = root / name
+            cgroup = CgroupV1(name, dirs)
+            cgroup.apply(limits)
+        except OSError as exc:
+            CgroupV1(name, dirs).remove()
+            raise CgroupError(f"cannot create cgroup {name}: {exc}") from None
+        except CgroupError:
+            CgroupV1(name, dirs).remove()
+            raise
+        return cgroup
+
+
+def _v1_fix(root_name: str) -> str:
+    dirs = " ".join(f"/sys/fs/cgroup/{c}/{root_name}" for c in V1_CONTROLLERS)
+    return f"as root: mkdir -p {dirs} && chown -R $USER {dirs}; then set ini nsbox_cgroup_root = {root_name}"
+
+
+class ManagerV2(CgroupManager):
+    version = 2
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def roots(self) -> list[Path]:
+        return [self.root]
+
+    def check(self, controllers: list[str]) -> Availability:
+        try:
+            enabled = (self.root / "cgroup.subtree_control").read_text().split()
+        except OSError as exc:
+            return Availability(False, f"cannot read {self.root}/cgroup.subtree_control: {exc.strerror}", _V2_FIX)
+        missing = [c for c in controllers if c not in enabled]
+        if missing:
+            available = (self.root / "cgroup.controllers").read_text().split()
+            if any(c not in available for c in missing):
+                return Availability(
+                    False, f"controllers {', '.join(missing)} are not available in {self.root} (delegated: {available})", _V2_FIX
+                )
+            try:
+                _write(self.root / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+            except CgroupError as exc:
+                return Availability(False, str(exc), _V2_FIX)
+        if not os.access(self.root, os.W_OK):
+            return Availability(False, f"{self.root} is not writable by uid {os.getuid()}", _V2_FIX)
+        return Availability(True)
+
+    def create(self, limits: Limits) -> Cgroup:
+        name = self._next_name()
+        path = self.root / name
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}") from None
+        cgroup = CgroupV2(name, {"": path})
+        try:
+            cgroup.apply(limits)
+        except CgroupError:
+            cgroup.remove()
+            raise
+        return cgroup
+
+
+_V2_FIX = (
+    "run pytest in a delegated cgroup v2 subtree, e.g. 'systemd-run --user --scope -p Delegate=yes pytest ...', "
+    "or set ini nsbox_cgroup_root to a directory below /sys/fs/cgroup that you own, with the controllers enabled"
+)
+
+
+def own_cgroup_v2() -> str:
+    """This process's cgroup v2 path (relative to the cgroup2 mount), from /proc/self/cgroup."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return "/"
+
+
+def detect(root_setting: str = "") -> CgroupManager | None:
+    """The manager for this host: v2 when /sys/fs/cgroup is a cgroup2 mount, v1 when the
+    v1 controllers are mounted, else None. *root_setting* (ini nsbox_cgroup_root) overrides
+    where sandbox cgroups go."""
+    if not CGROUP_MOUNT.is_dir():
+        return None
+    if (CGROUP_MOUNT / "cgroup.controllers").exists():
+        if root_setting:
+            return ManagerV2(CGROUP_MOUNT / root_setting.strip("/"))
+        own = own_cgroup_v2()
+        here = CGROUP_MOUNT / own.strip("/")
+        # In the root cgroup, processes and child cgroups may coexist; elsewhere the
+        # no-internal-processes rule puts sandboxes beside P, under its (delegated) parent.
+        return ManagerV2(here if own == "/" else here.parent)
+    if (CGROUP_MOUNT / "memory" / "cgroup.procs").exists() or (CGROUP_MOUNT / "pids" / "cgroup.procs").exists():
+        return ManagerV1(root_setting.strip("/") or DEFAULT_ROOT_NAME)
+    return None

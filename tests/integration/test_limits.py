@@ -1,0 +1,229 @@
+"""Resource limits on a real kernel: memory (OOM), pids (fork bomb), cpus, timeout, peak report.
+
+Wide margins (STYLE): 64M limit, 16M vs 1G allocations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.needs_cgroup_limits]
+
+MEMORY_LINE = "*nsbox: test exceeded its memory limit of 64 MiB (peak *, * OOM-killed)*"
+
+
+def test_memory_limit_oom_is_a_clear_failure_and_the_run_goes_on(run_inner, pytester: pytest.Pytester) -> None:
+    result = run_inner(
+        """
+        import subprocess, sys, pytest
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_fits():
+            data = bytearray(16 * 2**20)
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_allocates_1g():
+            data = bytearray(2**30)
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_grandchild_allocates_1g():
+            code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'bytearray(2**30)'])"
+            subprocess.run([sys.executable, "-c", code])
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_fills_dev_shm():
+            with open("/dev/shm/fill", "wb") as f:
+                for _ in range(512):
+                    f.write(b"x" * 2**20)
+
+        def test_next_one_runs():
+            pass
+        """,
+        "--junitxml=junit.xml",
+    )
+    result.assert_outcomes(passed=2, failed=3)
+    for name in ("test_allocates_1g", "test_grandchild_allocates_1g", "test_fills_dev_shm"):
+        result.stdout.fnmatch_lines([f"*_ {name} _*", MEMORY_LINE])
+    xml = (pytester.path / "junit.xml").read_text()
+    assert 'name="nsbox_memory_peak"' in xml and f'name="nsbox_memory_limit" value="{64 * 2**20}"' in xml
+
+
+def test_peak_memory_summary(run_inner) -> None:
+    result = run_inner(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="256M")
+        def test_big():
+            data = bytearray(100 * 2**20)
+            for i in range(0, len(data), 4096):
+                data[i] = 1
+
+        @pytest.mark.nsbox
+        def test_small():
+            pass
+        """,
+        "--nsbox-memory-report=5",
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["*nsbox: peak memory of sandboxed tests*", "*peak*limit*margin*test", "*MiB*256 MiB*test_inner.py::test_big"]
+    )
+
+
+def test_fork_bomb_hits_the_pids_limit(run_inner) -> None:
+    result = run_inner(
+        """
+        import os, subprocess, pytest
+
+        @pytest.mark.nsbox(pids=32)
+        def test_fork_bomb():
+            children = []
+            try:
+                while True:
+                    children.append(subprocess.Popen(["sleep", "60"]))
+            except OSError:
+                pass
+
+        def test_host_still_fine():
+            pass
+        """
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*pids limit 32 reached*"])
+
+
+def test_cpu_bandwidth(run_inner) -> None:
+    result = run_inner(
+        """
+        import time, pytest
+
+        @pytest.mark.nsbox(cpus=0.25)
+        def test_spin():
+            wall, cpu = time.monotonic(), time.process_time()
+            while time.monotonic() - wall < 2:
+                pass
+            share = (time.process_time() - cpu) / (time.monotonic() - wall)
+            print(f"share {share:.2f}")
+            assert 0.1 < share < 0.4
+        """
+    )
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "frame"),
+    [
+        ("time.sleep(600)", "time.sleep(600)"),
+        ("while True: pass", "while True"),
+        ("signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)", "time.sleep(600)"),
+        ("subprocess.run(['sleep', '600'], start_new_session=True)", "subprocess"),
+        ("os.read(os.pipe()[0], 1)", "os.read"),
+    ],
+)
+def test_timeout_ends_the_test_on_time_with_its_stack(run_inner, body: str, frame: str) -> None:
+    start = time.monotonic()
+    result = run_inner(
+        f"""
+        import os, signal, subprocess, time, pytest
+
+        @pytest.mark.nsbox(timeout=2)
+        def test_hangs():
+            {body}
+
+        def test_next():
+            pass
+        """
+    )
+    assert time.monotonic() - start < 30
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*nsbox: test timed out after 2.0s*", "*nsbox: stack at timeout*", "*test_inner.py*in test_hangs"]
+    )
+
+
+def test_timeout_covers_setup_and_teardown(run_inner) -> None:
+    result = run_inner(
+        """
+        import time, pytest
+
+        @pytest.fixture
+        def slow_teardown():
+            yield
+            time.sleep(600)
+
+        @pytest.mark.nsbox(timeout=2)
+        def test_teardown_hangs(slow_teardown):
+            pass
+        """
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_teardown_hangs*", "*timed out after 2.0s*"])
+
+
+def test_ini_defaults_and_marker_override(run_inner, pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nnsbox_memory = 64M\nnsbox_timeout = 30\n")
+    result = run_inner(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_default_limit():
+            data = bytearray(2**30)
+
+        @pytest.mark.nsbox(memory="2G")
+        def test_override():
+            data = bytearray(256 * 2**20)
+        """
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([MEMORY_LINE])
+
+
+def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_hang="""
+        import time, pytest
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_hang():
+            time.sleep(600)
+        """
+    )
+    before = _our_cgroups()
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hang.py"], cwd=pytester.path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_our_cgroups() - before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftover = _our_cgroups() - before
+        assert leftover, "the sandbox's cgroup never appeared"
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)  # the sandbox dies with pytest (PDEATHSIG); its empty cgroup stays
+    assert _our_cgroups() - before == leftover
+    pytester.makepyfile(test_ok="import pytest\n\n@pytest.mark.nsbox(memory='64M')\ndef test_ok(): pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ok.py")
+    result.assert_outcomes(passed=1)
+    assert not (_our_cgroups() & leftover)
+
+
+def _our_cgroups() -> set[Path]:
+    from pytest_nsbox import cgroups
+
+    manager = cgroups.detect(os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", ""))
+    assert manager is not None
+    found = set()
+    for root in manager.roots():
+        if root.is_dir():
+            found.update(p for p in root.iterdir() if cgroups.NAME_RE.match(p.name))
+    return found
