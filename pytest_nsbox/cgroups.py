@@ -228,6 +228,9 @@ class CgroupManager(abc.ABC):
     @abc.abstractmethod
     def roots(self) -> list[Path]: ...
 
+    def close(self) -> None:
+        """End of session: remove what only this manager created (nothing by default)."""
+
     def sweep(self) -> list[str]:
         """Remove our cgroups left by pytest processes that no longer exist; return their names."""
         removed = []
@@ -254,6 +257,16 @@ class ManagerV1(CgroupManager):
     def __init__(self, root_name: str) -> None:
         super().__init__()
         self.root_name = root_name
+        self.owns_root = root_name == DEFAULT_ROOT_NAME  # a configured root is the admin's
+
+    def close(self) -> None:
+        """Remove our default roots if no run uses them any more (rmdir fails otherwise)."""
+        if self.owns_root:
+            for root in self.roots():
+                try:
+                    root.rmdir()
+                except OSError:
+                    pass
 
     def roots(self) -> list[Path]:
         return [CGROUP_MOUNT / ctrl / self.root_name for ctrl in V1_CONTROLLERS]
@@ -277,8 +290,14 @@ class ManagerV1(CgroupManager):
         try:
             for ctrl in limits.controllers():
                 root = CGROUP_MOUNT / ctrl / self.root_name
-                root.mkdir(exist_ok=True)
-                (root / name).mkdir()
+                for attempt in range(3):  # another run may remove an empty root between the two mkdirs
+                    root.mkdir(exist_ok=True)
+                    try:
+                        (root / name).mkdir()
+                        break
+                    except FileNotFoundError:
+                        if attempt == 2:
+                            raise
                 dirs[ctrl] = root / name
             cgroup = CgroupV1(name, dirs)
             cgroup.apply(limits)

@@ -102,6 +102,8 @@ class SandboxRunner:
 
     def close(self) -> None:
         sandbox.reap_finished(block=True)
+        if isinstance(self._cgroup_manager, cgroups.CgroupManager):
+            self._cgroup_manager.close()
         if self._scratch is not None:
             try:
                 os.rmdir(self._scratch)

@@ -30,14 +30,21 @@ run_rootless() {
   # The rootless sub-suite: an unprivileged user, a venv from Debian's interpreter (the default
   # one may live under /root, mode 0700), a copy of the checkout that user can read.
   id "$ROOTLESS_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ROOTLESS_USER"
-  local work
+  local work cgroup_root="pytest-nsbox-$ROOTLESS_USER"
   work=$(mktemp -d /tmp/nsbox-rootless-XXXXXX)
-  trap 'rm -rf "$work"' RETURN
+  # cgroup v1: a directory per controller that root hands to the user (what an admin does once)
+  for ctrl in memory pids cpu; do
+    if [ -d "/sys/fs/cgroup/$ctrl" ] && [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
+      mkdir -p "/sys/fs/cgroup/$ctrl/$cgroup_root"
+      chown -R "$ROOTLESS_USER:" "/sys/fs/cgroup/$ctrl/$cgroup_root"
+    fi
+  done
+  trap 'rm -rf "$work"; for c in memory pids cpu; do rmdir /sys/fs/cgroup/$c/'"$cgroup_root"'/nsbox-* /sys/fs/cgroup/$c/'"$cgroup_root"' 2>/dev/null || true; done' RETURN
   git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$work")
   chown -R "$ROOTLESS_USER:" "$work"
   chmod 755 "$work"
   runuser -u "$ROOTLESS_USER" -- env -i HOME="/home/$ROOTLESS_USER" PATH=/usr/bin:/bin CI="${CI:-}" \
-    PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" \
+    PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" PYTEST_NSBOX_CGROUP_ROOT="$cgroup_root" \
     bash -c "cd '$work' && /usr/bin/python3 -m venv .venv && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' \
              && .venv/bin/python -m pytest -p no:cacheprovider -n 2 -m 'not needs_root' tests"
 }
