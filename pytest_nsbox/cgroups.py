@@ -228,7 +228,7 @@ class CgroupManager(abc.ABC):
     @abc.abstractmethod
     def roots(self) -> list[Path]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless the manager owns its root
         """End of session: remove what only this manager created (nothing by default)."""
 
     def sweep(self) -> list[str]:
