@@ -83,6 +83,13 @@ CONFIGS: Final[tuple[BenchConfig, ...]] = (
     BenchConfig("forked", "pytest8", ("--forked", "-p", "no:nsbox"), "forked", "pytest-forked 1.7.5 (--forked)"),
     BenchConfig("nsbox-host@8", "pytest8", (*NSBOX_HOST_ARGS, "-p", "no:forked"), "namespaced", "--nsbox-all, host image"),
     BenchConfig("nsbox-host", "main", NSBOX_HOST_ARGS, "namespaced", "--nsbox-all, host image"),
+    BenchConfig(
+        "nsbox-mem256",
+        "main",
+        (*NSBOX_HOST_ARGS, "-o", "nsbox_memory=256M"),
+        "namespaced",
+        "--nsbox-all, host image, memory limit 256M (a cgroup per test)",
+    ),
 )
 REFERENCE: Final = "forked"
 

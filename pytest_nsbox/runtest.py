@@ -208,7 +208,7 @@ class SandboxRunner:
                     cgroup=cgroup,
                     after_reap=(lambda: self._remove_cgroup(cgroup)) if cgroup is not None else None,
                 )
-                usage = cgroup.usage() if cgroup is not None else cgroups.Usage()
+                usage = result.usage
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=spec, result=result)
                 sandbox_reports, pending_raise = self._reports_from(item, result, spec, usage)
                 properties = limit_properties(spec, usage)

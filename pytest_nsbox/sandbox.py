@@ -88,6 +88,7 @@ class SandboxResult:
     wire_error: str | None = None
     timed_out: bool = False
     stack: str = ""  # the test's Python stack at the timeout, if it could be dumped
+    usage: cgroups.Usage = field(default_factory=cgroups.Usage)  # read before the cgroup is removed
 
     @property
     def setup_error(self) -> dict[str, Any] | None:
@@ -424,6 +425,8 @@ def run(
                 result.wire_error = str(exc)
         if reader.pending and result.wire_error is None and not result.timed_out:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
+        if cgroup is not None:
+            result.usage = cgroup.usage()  # final: every process of the test is gone
         if result.test_status is None or result.setup_error is not None or result.timed_out:
             _, result.sandbox_status = os.waitpid(a_pid, 0)
             if after_reap is not None:

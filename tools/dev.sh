@@ -43,10 +43,28 @@ run_rootless() {
   git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$work")
   chown -R "$ROOTLESS_USER:" "$work"
   chmod 755 "$work"
-  runuser -u "$ROOTLESS_USER" -- env -i HOME="/home/$ROOTLESS_USER" PATH=/usr/bin:/bin CI="${CI:-}" \
-    PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" PYTEST_NSBOX_CGROUP_ROOT="$cgroup_root" \
+  local user_env=(env -i HOME="/home/$ROOTLESS_USER" PATH=/usr/bin:/bin CI="${CI:-}"
+                  PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" PYTEST_NSBOX_CGROUP_ROOT="$cgroup_root")
+  runuser -u "$ROOTLESS_USER" -- "${user_env[@]}" \
     bash -c "cd '$work' && /usr/bin/python3 -m venv .venv && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' \
              && .venv/bin/python -m pytest -p no:cacheprovider -n 2 -m 'not needs_root' tests"
+  if [ "${NSBOX_SKIP_UML:-}" != 1 ]; then
+    # cgroup v2, rootless: root delegates a subtree (chown), the user's pytest runs beside it.
+    echo "== limits tests on cgroup v2 (User-Mode Linux), as $ROOTLESS_USER"
+    local d="/sys/fs/cgroup/$ROOTLESS_USER"
+    tools/uml-run.sh "set -e; mkdir -p $d/runner; echo \$\$ > $d/runner/cgroup.procs
+      echo '+memory +pids +cpu' > $d/cgroup.subtree_control
+      chown $ROOTLESS_USER: $d $d/cgroup.procs $d/cgroup.subtree_control $d/cgroup.threads
+      cd '$work' && runuser -u $ROOTLESS_USER -- env -i HOME=/home/$ROOTLESS_USER PATH=/usr/bin:/bin \
+        PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' PYTEST_NSBOX_CGROUP_ROOT=$ROOTLESS_USER \
+        .venv/bin/python -m pytest -p no:cacheprovider tests/integration/test_limits.py"
+  fi
+}
+
+run_uml_limits() {
+  # cgroup v2 as root: the guest's pytest lives in the root cgroup, sandboxes are its children.
+  echo "== limits tests on cgroup v2 (User-Mode Linux), as root"
+  tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider tests/integration/test_limits.py"
 }
 
 case "${1:-}" in
@@ -56,12 +74,13 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
     ;;
   test)
-    apt_install python3-venv
+    apt_install python3-venv user-mode-linux kmod
     make_venv "${PYTHON:-python3}" "$VENV"
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
     "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 tests
     if [ "$(id -u)" -eq 0 ]; then
+      [ "${NSBOX_SKIP_UML:-}" = 1 ] || run_uml_limits
       run_rootless
     fi
     ;;
