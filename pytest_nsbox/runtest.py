@@ -87,6 +87,7 @@ class SandboxRunner:
         self.config = config
         self.cgroup_root = cgroup_root
         self._cgroup_manager: cgroups.CgroupManager | None = _UNSET
+        self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
         self.defaults = defaults
         self.sandbox_all = sandbox_all
         self.require = require
@@ -266,12 +267,11 @@ class SandboxRunner:
         wanted = cgroups.Limits(
             memory=spec.memory, pids=spec.pids or DEFAULT_PIDS, cpus=spec.cpus, account_memory=True
         ).controllers()
-        availability = manager.check(wanted)
-        if not availability.ok:
-            if any(not manager.check([c]).ok for c in requested):
-                problem = manager.check(requested)
+        if not self._check(manager, wanted).ok:
+            if any(not self._check(manager, [c]).ok for c in requested):
+                problem = self._check(manager, requested)
                 return LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=problem.reason, fix=_hint(problem.fix))
-            wanted = [c for c in wanted if manager.check([c]).ok]
+            wanted = [c for c in wanted if self._check(manager, [c]).ok]
         limits = cgroups.Limits(
             memory=spec.memory,
             pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
@@ -287,6 +287,13 @@ class SandboxRunner:
                 return LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=str(exc), fix="")
             log.debug("nsbox: default limits not applied: %s", exc)
             return None
+
+    def _check(self, manager: cgroups.CgroupManager, controllers: list[str]) -> cgroups.Availability:
+        """Whether *controllers* can be had, probed once per session."""
+        key = tuple(controllers)
+        if key not in self._availability:
+            self._availability[key] = manager.check(controllers)
+        return self._availability[key]
 
     @staticmethod
     def _remove_cgroup(cgroup: cgroups.Cgroup) -> None:
