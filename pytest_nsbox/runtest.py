@@ -535,7 +535,6 @@ def run_protocol_in_child(item: pytest.Item, channel: sandbox.Channel) -> None:
             filename=w.filename,
             lineno=w.lineno,
         )
-    channel.send("done")
 
 
 def send_report(config: pytest.Config, report: pytest.TestReport) -> None:

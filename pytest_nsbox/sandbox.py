@@ -89,6 +89,7 @@ class SandboxResult:
     timed_out: bool = False
     stack: str = ""  # the test's Python stack at the timeout, if it could be dumped
     usage: cgroups.Usage = field(default_factory=cgroups.Usage)  # read before the cgroup is removed
+    done: bool = False  # C sent its last record: the test ran to its end
 
     @property
     def setup_error(self) -> dict[str, Any] | None:
@@ -253,7 +254,18 @@ def _process_c(config: SandboxConfig, channel: Channel, target: Callable[[Channe
                 stream.flush()
             except Exception:
                 pass
+        if code == 0 and os.getpid() == channel.owner:
+            _kill_leftovers()  # everything the test started, before P hears that it is done
+            channel.send("done")
         os._exit(code)
+
+
+def _kill_leftovers() -> None:
+    """SIGKILL every process of the PID namespace but the caller and PID 1 (kill(2) with -1)."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing left
 
 
 def _prefer_for_oom() -> None:
@@ -289,17 +301,17 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
             os._exit(EXIT_INTERNAL_ERROR)
         if pid == c_pid:
             break
-    try:
-        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of this PID namespace
-    except ProcessLookupError:
-        pass  # nothing left
+    _kill_leftovers()  # from PID 1: every other process of this PID namespace
     while True:
         try:
             os.wait()
         except ChildProcessError:
             break
-    channel.send("test_status", status=status)
-    os.close(channel.fd)  # EOF for P now, not after this process's memory is torn down
+    try:
+        channel.send("test_status", status=status)
+        os.close(channel.fd)  # EOF for P now, not after this process's memory is torn down
+    except OSError:
+        pass  # P stopped reading at C's "done"
     os._exit(0)
 
 
@@ -341,19 +353,32 @@ def _run_child(config: SandboxConfig, write_fd: int, p_pid: int, target: Callabl
 _unreaped: list[tuple[int, Callable[[], None] | None]] = []
 
 
-def reap_finished(*, block: bool = False) -> None:
+def reap_finished(*, block: bool = False, grace: float = 5.0) -> None:
     """Reap A processes of earlier sandboxes (they exit while their namespaces are torn down),
-    then run what waited for them (removing the sandbox's cgroup)."""
-    for entry in list(_unreaped):
-        pid, after = entry
-        try:
-            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _unreaped.remove(entry)
-            if after is not None:
-                after()
+    then run what waited for them (removing the sandbox's cgroup). With *block*, wait up to
+    *grace* seconds, then kill what is left (a test that faked its end)."""
+    deadline = time.monotonic() + grace
+    while _unreaped:
+        for entry in list(_unreaped):
+            pid, after = entry
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                _unreaped.remove(entry)
+                if after is not None:
+                    after()
+        if not block or not _unreaped:
+            return
+        if time.monotonic() > deadline:
+            for pid, _ in _unreaped:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # B dies with A, the namespaces with B
+                except ProcessLookupError:
+                    pass
+            deadline = float("inf")
+        time.sleep(0.005)
 
 
 def run(
@@ -419,11 +444,18 @@ def run(
                 for record in reader.feed(chunk):
                     if record["kind"] == "test_status":
                         result.test_status = int(record.get("status", 0))
+                    elif record["kind"] == "done":
+                        result.done = True
                     else:
                         result.records.append(record)
             except wire.WireError as exc:
                 result.wire_error = str(exc)
-        if reader.pending and result.wire_error is None and not result.timed_out:
+            if result.done:
+                # C ran to its end and killed what it left; it exits with 0 right after. The
+                # namespaces' teardown (C, B, A exiting) need not delay the next test.
+                result.test_status = 0
+                break
+        if reader.pending and result.wire_error is None and not result.timed_out and not result.done:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
         if cgroup is not None:
             result.usage = cgroup.usage()  # final: every process of the test is gone

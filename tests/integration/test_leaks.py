@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -106,3 +107,33 @@ def test_kill_all_inside_harms_only_the_sandbox(run_inner) -> None:
     finally:
         survivor.send_signal(signal.SIGKILL)
         survivor.wait()
+
+
+def test_a_forged_end_record_cannot_keep_the_sandbox_alive(run_inner) -> None:
+    """A hostile test writes C's "done" record itself and hangs: FAILED, killed by the session's end."""
+    token = f"nsbox-forger-{uuid.uuid4().hex}"
+    start = time.monotonic()
+    result = run_inner(
+        f"""
+        import os, stat, subprocess, sys, time, pytest
+        from pytest_nsbox import wire
+
+        @pytest.mark.nsbox
+        def test_forge():
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", {token!r}])
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                try:
+                    if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        os.write(fd, wire.encode({{"kind": "done"}}))
+                except OSError:
+                    pass
+            time.sleep(300)
+
+        def test_after():
+            pass
+        """
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    assert time.monotonic() - start < 60
+    assert _processes_with(token) == []
