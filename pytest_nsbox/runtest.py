@@ -330,9 +330,9 @@ class SandboxRunner:
             elif kind == "internal_error":
                 text = reports.INTERNAL_ERROR.format(process=record.get("process"), traceback=record.get("traceback"))
                 out.append(reports.failure_report(item, "call", text))
-        if result.wire_error:
-            out.append(reports.failure_report(item, "call", reports.CORRUPT_STREAM.format(detail=result.wire_error)))
         cause = limit_violation(spec, result, usage)
+        if cause is None and result.wire_error:
+            cause = Cause(reports.CORRUPT_STREAM.format(detail=result.wire_error), [])
         if pending is None:
             out.extend(self._missing_phases(item, out, result.test_status, cause))
         if cause is not None:

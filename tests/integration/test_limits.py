@@ -227,3 +227,25 @@ def _our_cgroups() -> set[Path]:
         if root.is_dir():
             found.update(p for p in root.iterdir() if cgroups.NAME_RE.match(p.name))
     return found
+
+
+def test_limits_under_xdist_use_one_cgroup_per_sandbox(run_inner) -> None:
+    result = run_inner(
+        """
+        import pytest
+
+        @pytest.mark.nsbox(memory="64M", pids=64)
+        @pytest.mark.parametrize("n", range(8))
+        def test_small(n):
+            data = bytearray(8 * 2**20)
+
+        @pytest.mark.nsbox(memory="64M")
+        @pytest.mark.parametrize("n", range(2))
+        def test_oom(n):
+            data = bytearray(2**30)
+        """,
+        "-n",
+        "2",
+    )
+    result.assert_outcomes(passed=8, failed=2)
+    result.stdout.fnmatch_lines([MEMORY_LINE])

@@ -293,3 +293,37 @@ def test_sandbox_finished_hook_sees_the_test_status(run_inner, pytester: pytest.
     )
     result.assert_outcomes(passed=1, failed=1)
     assert (pytester.path / "statuses.txt").read_text().splitlines() == ["test_ok 0", "test_killed 9"]
+
+
+def test_garbage_on_the_result_pipe_is_a_failure_not_a_crash_of_pytest(run_inner) -> None:
+    """The test holds the pipe's write end; whatever it writes there, P stays safe and says so."""
+    result = run_inner(
+        """
+        import os, stat, pytest
+
+        def pipes():
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                try:
+                    if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        yield fd
+                except OSError:
+                    pass
+
+        @pytest.mark.nsbox
+        def test_garbage():
+            for fd in pipes():
+                os.write(fd, b"\\x00\\x00\\x00\\x05not{json")
+
+        @pytest.mark.nsbox
+        def test_huge_frame():
+            for fd in pipes():
+                os.write(fd, (2**31).to_bytes(4, "big"))
+
+        def test_after():
+            pass
+        """
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*result stream from the sandbox was corrupt (undecodable record*"])
+    result.stdout.fnmatch_lines(["*result stream from the sandbox was corrupt (record of 2147483648 bytes exceeds*"])
