@@ -6,20 +6,27 @@ import os
 from pathlib import Path
 from typing import Final
 
+from . import oci
+
 HOST: Final = "host"
-NOT_YET_SUPPORTED_PREFIXES: Final = ("oci:", "oci-archive:", "docker-archive:")
 
 
 class ImageError(Exception):
     """An image cannot be resolved; the message names the image and what was checked."""
 
 
-def resolve(name: str, rootdir: Path) -> str:
-    """Return "host" or the absolute real path of a rootfs directory for *name*."""
+Resolved = str | tuple[str, ...]  # "host", a rootfs directory, or layer directories (top first)
+
+
+def resolve(name: str, rootdir: Path, cache: Path | None = None) -> Resolved:
+    """Return "host", the real path of a rootfs directory, or the imported layers of *name*."""
     if name == HOST:
         return HOST
-    if name.startswith(NOT_YET_SUPPORTED_PREFIXES):
-        raise ImageError(f"image {name!r}: OCI and docker-archive images are not supported yet")
+    if oci.is_reference(name):
+        try:
+            return tuple(oci.import_image(name, rootdir, cache or oci.default_cache_dir()))
+        except oci.ImageImportError as exc:
+            raise ImageError(str(exc)) from None
     candidate = Path(name) if os.path.isabs(name) else rootdir / name
     if candidate.is_dir():
         real = os.path.realpath(candidate)

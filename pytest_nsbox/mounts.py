@@ -7,7 +7,9 @@ before pivot_root. Each step has a verb_object ``name`` that becomes ``SetupErro
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,7 @@ class MountOverlay:
     work: str
     source: str = "nsbox-overlay"
     name: str = "mount_overlay"
+    cwd: str | None = None  # relative lowers are resolved here (mount(2) takes one page of options)
 
     @property
     def options(self) -> str:
@@ -156,6 +159,8 @@ class MountOverlay:
     def run(self) -> None:
         for path in (self.target, self.upper, self.work):
             os.makedirs(path, exist_ok=True)
+        if self.cwd is not None:
+            os.chdir(self.cwd)
         L.mount(_b(self.source), _b(self.target), b"overlay", 0, self.options.encode())
 
 
@@ -312,10 +317,10 @@ class _Builder:
     def root(self) -> str:
         return f"{self.scratch}/root"
 
-    def overlay(self, target: str, lowers: Sequence[str], source: str = "nsbox-overlay") -> None:
+    def overlay(self, target: str, lowers: Sequence[str], source: str = "nsbox-overlay", cwd: str | None = None) -> None:
         self.layers += 1
         upper, work = f"{self.scratch}/upper/{self.layers}", f"{self.scratch}/work/{self.layers}"
-        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source))
+        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd))
 
     def bind(self, source: str, path: str, readonly: bool) -> None:
         remounts: tuple[tuple[str, int], ...] = ()
@@ -377,15 +382,39 @@ def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
     return chosen
 
 
+MAX_OPTIONS: Final = 4000  # mount(2) silently truncates its data at one page
+
+
+def short_lowers(lowers: Sequence[str], links_root: str) -> tuple[str | None, tuple[str, ...]]:
+    """(cwd, lowers) whose option string fits one page: a directory of numbered symlinks when needed."""
+    if sum(len(escape_overlay_path(p)) + 1 for p in lowers) < MAX_OPTIONS - 512:
+        return None, tuple(lowers)
+    import hashlib
+
+    key = hashlib.sha256("\0".join(lowers).encode()).hexdigest()[:32]
+    farm = os.path.join(links_root, key)
+    if not os.path.isdir(farm):
+        os.makedirs(links_root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=links_root)
+        for index, path in enumerate(lowers):
+            os.symlink(path, os.path.join(tmp, str(index)))
+        try:
+            os.rename(tmp, farm)
+        except OSError:
+            shutil.rmtree(tmp)  # another process published the same farm first
+    return farm, tuple(str(i) for i in range(len(lowers)))
+
+
 def build_plan(
     *,
-    image: str,
+    image: str | tuple[str, ...],
     network: str,
     scratch: str,
     host_paths: Iterable[HostPath],
     mounts: MountTable,
     host_resolv_conf: str = "",
     own_trees: Iterable[str] = (),
+    stacks_dir: str | None = None,
 ) -> MountPlan:
     """Build every mount step for one sandbox. ``image`` is "host" or a rootfs directory.
 
@@ -409,6 +438,10 @@ def build_plan(
             if tree != "/" and top not in REPLACED_TOP_LEVEL and not mounts.below(tree):
                 b.overlay(f"{root}{tree}", [tree])
         visible = [hp for hp in host_paths if hp.path.split("/")[1] in REPLACED_TOP_LEVEL or not hp.readonly]
+    elif isinstance(image, tuple):
+        cwd, lowers = short_lowers(image, stacks_dir or os.path.join(scratch, "stacks"))
+        b.overlay(root, [init, *lowers], source=ROOT_SOURCE, cwd=cwd)
+        visible = list(host_paths)
     else:
         b.overlay(root, [init, image], source=ROOT_SOURCE)
         visible = list(host_paths)

@@ -47,6 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
         default="",
     )
+    parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
         "--nsbox-memory-report",
         type=int,
@@ -68,6 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
         sandbox_all=bool(config.getoption("nsbox_all")),
         require=bool(config.getoption("nsbox_require")),
         cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
+        cache_dir=str(config.getini("nsbox_cache_dir")),
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()

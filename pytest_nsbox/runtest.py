@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from . import cgroups, images, mounts, probe, reports, sandbox
+from . import cgroups, images, mounts, oci, probe, reports, sandbox
 from .spec import Defaults, SandboxSpec, SpecError, format_size, spec_from_marker
 
 log = logging.getLogger(__name__)
@@ -82,17 +82,26 @@ class SandboxRunner:
     """Per-session state: ini defaults, the scratch mount point, mount plans per image."""
 
     def __init__(
-        self, config: pytest.Config, defaults: Defaults, *, sandbox_all: bool, require: bool, cgroup_root: str = ""
+        self,
+        config: pytest.Config,
+        defaults: Defaults,
+        *,
+        sandbox_all: bool,
+        require: bool,
+        cgroup_root: str = "",
+        cache_dir: str = "",
     ) -> None:
         self.config = config
         self.cgroup_root = cgroup_root
         self._cgroup_manager: cgroups.CgroupManager | None = _UNSET
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
+        self._images: dict[str, images.Resolved] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir else oci.default_cache_dir()
         self.defaults = defaults
         self.sandbox_all = sandbox_all
         self.require = require
         self._scratch: str | None = None
-        self._plans: dict[tuple[str, str], mounts.MountPlan] = {}
+        self._plans: dict[tuple[images.Resolved, str], mounts.MountPlan] = {}
         self._host_namespaces: dict[str, int] | None = None
         self._cap_last_cap = sandbox.read_cap_last_cap()
 
@@ -127,13 +136,15 @@ class SandboxRunner:
         changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
         return changed if changed is not None else spec
 
-    def resolve_image(self, name: str) -> str:
+    def resolve_image(self, name: str) -> images.Resolved:
         hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)
         if hooked is not None:
             return str(hooked)
-        return images.resolve(name, self.config.rootpath)
+        if name not in self._images:
+            self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir)
+        return self._images[name]
 
-    def plan(self, image: str, network: str) -> mounts.MountPlan:
+    def plan(self, image: images.Resolved, network: str) -> mounts.MountPlan:
         key = (image, network)
         if key not in self._plans:
             host_paths = [mounts.HostPath(p, readonly=True) for p in interpreter_paths()]
@@ -153,6 +164,7 @@ class SandboxRunner:
                 mounts=mounts.MountTable.read(),
                 host_resolv_conf=resolv,
                 own_trees=self._own_trees(),
+                stacks_dir=str(self.cache_dir / "stacks"),
             )
         return self._plans[key]
 

@@ -21,7 +21,7 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
         ("memroy=1", "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy'"),
         ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
         ('image="no-such-image"', "unknown image 'no-such-image'"),
-        ('image="oci:whatever"', "not supported yet"),
+        ('image="oci:whatever"', "whatever does not exist"),
     ],
 )
 def test_bad_marker_arguments_are_errors(run_inner, arguments: str, expected: str) -> None:
