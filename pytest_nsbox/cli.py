@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, images, mounts, probe, sandbox
+from . import __version__, images, mounts, oci, probe, sandbox
+from .spec import format_size
 
 
 def cmd_doctor(_args: argparse.Namespace) -> int:
@@ -34,6 +36,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
             host_paths=[],
             mounts=mounts.MountTable.read(),
             host_resolv_conf=open("/etc/resolv.conf").read() if os.path.exists("/etc/resolv.conf") else "",
+            stacks_dir=str(oci.default_cache_dir() / "stacks"),
         )
         config = sandbox.SandboxConfig(
             plan, args.network, os.getuid(), os.getgid(), sandbox.namespace_ids(), "/", sandbox.read_cap_last_cap()
@@ -57,6 +60,55 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return os.waitstatus_to_exitcode(result.test_status) & 0xFF
 
 
+def _cache(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else oci.default_cache_dir()
+
+
+def cmd_images_list(args: argparse.Namespace) -> int:
+    """List imported images: reference, layers, size, last use."""
+    cache = _cache(args)
+    records = oci.list_images(cache)
+    if not records:
+        print(f"no images in {cache}")
+        return 0
+    print(f"{'image':50}  {'layers':>6}  {'size':>10}  last used")
+    for record in records:
+        digests = record.get("layers") or []
+        size = sum(oci.tree_size(oci.layer_dir(cache, d)) for d in digests)
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(record.get("last_used", 0))))
+        print(f"{record['name']:50}  {len(digests):>6}  {format_size(size):>10}  {used}")
+    return 0
+
+
+def cmd_images_import(args: argparse.Namespace) -> int:
+    """Import an oci:, oci-archive: or docker-archive: image into the cache now."""
+    cache = _cache(args)
+    dirs = oci.import_image(args.ref, Path.cwd(), cache)
+    print(f"{args.ref}: {len(dirs)} layers in {cache}")
+    return 0
+
+
+def cmd_images_inspect(args: argparse.Namespace) -> int:
+    """Show an imported image's layers, bottom first."""
+    cache = _cache(args)
+    for record in oci.list_images(cache):
+        if record["name"] == args.ref:
+            print(f"image  {record['name']}\nsource {record['source']}")
+            for digest in record.get("layers") or []:
+                print(f"layer  {digest}  {format_size(oci.tree_size(oci.layer_dir(cache, digest)))}")
+            return 0
+    print(f"nsbox: no imported image {args.ref!r} in {cache} (see 'nsbox images list')", file=sys.stderr)
+    return 1
+
+
+def cmd_images_prune(args: argparse.Namespace) -> int:
+    """Remove layers no remembered image uses (and forget images unused for --older-than days)."""
+    older = args.older_than * 86400 if args.older_than is not None else None
+    removed = oci.prune(_cache(args), older_than=older)
+    print(f"removed {len(removed)} layer(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsbox", description="pytest-nsbox: sandboxed tests")
     parser.add_argument("--version", action="version", version=f"pytest-nsbox {__version__}")
@@ -68,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("--network", choices=("none", "host"), default="none")
     shell.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: $SHELL)")
     shell.set_defaults(func=cmd_shell)
+    images = sub.add_parser("images", help="imported images and their layer cache")
+    images.add_argument("--cache-dir", default="", help="the layer cache (default $XDG_CACHE_HOME/pytest-nsbox)")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    images_sub.add_parser("list", help=cmd_images_list.__doc__).set_defaults(func=cmd_images_list)
+    for name, func in (("import", cmd_images_import), ("inspect", cmd_images_inspect)):
+        command = images_sub.add_parser(name, help=func.__doc__)
+        command.add_argument("ref", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+        command.set_defaults(func=func)
+    prune = images_sub.add_parser("prune", help=cmd_images_prune.__doc__)
+    prune.add_argument("--older-than", type=float, metavar="DAYS", help="also forget images unused for DAYS days")
+    prune.set_defaults(func=cmd_images_prune)
     return parser
 
 
@@ -75,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (images.ImageError, OSError) as exc:
+    except (images.ImageError, oci.ImageImportError, OSError) as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
         return 2
     return code

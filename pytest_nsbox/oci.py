@@ -18,12 +18,14 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ from typing import IO, Any, Final
 from filelock import FileLock
 
 from . import _linux as L
+
+log = logging.getLogger(__name__)
 
 PREFIXES: Final = ("oci:", "oci-archive:", "docker-archive:")
 MAX_MEMBERS: Final = 1_000_000
@@ -372,7 +376,11 @@ def ensure_layer(cache: Path, layer: Layer, name: str) -> Path:
     with FileLock(str(final) + ".lock"):
         if final.is_dir():
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=final.parent))
+        prefix = f".tmp-{final.name[:12]}-"
+        for stale in final.parent.glob(prefix + "*"):  # we hold the lock: its builder was killed
+            log.warning("nsbox: layer %s of image %r: a previous import was interrupted; importing it again", layer.digest, name)
+            _remove_tree(stale)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         try:
             _extract_in_child(layer, tmp, name)
             os.rename(tmp, final)
@@ -445,4 +453,65 @@ def import_image(name: str, base: Path, cache: Path) -> list[str]:
     if len(layers) > MAX_LAYERS:
         raise ImageImportError(f"image {name!r}: {len(layers)} layers; overlayfs takes at most {MAX_LAYERS} plus the init layer")
     dirs = [str(ensure_layer(cache, layer, name)) for layer in layers]
+    record_image(cache, name, path, [layer.digest for layer in layers])
     return dirs[::-1]
+
+
+# --- image records: what `nsbox images` lists and what `prune` keeps ---------------------------
+
+
+def _record_path(cache: Path, name: str, path: Path) -> Path:
+    key = hashlib.sha256(f"{name}\0{path.resolve()}".encode()).hexdigest()[:32]
+    return cache / "images" / f"{key}.json"
+
+
+def record_image(cache: Path, name: str, path: Path, digests: list[str]) -> None:
+    """Remember an imported image (reference, source, layers, last use); written atomically."""
+    record = _record_path(cache, name, path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    data = {"name": name, "source": str(path.resolve()), "layers": digests, "last_used": time.time()}
+    fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, record)
+
+
+def list_images(cache: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted((cache / "images").glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()) | {"record": str(path)})
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for file in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, file)).st_size
+    return total
+
+
+def prune(cache: Path, *, older_than: float | None = None) -> list[str]:
+    """Forget images not used for *older_than* seconds (if given), then remove every layer no
+    remaining image uses; return the removed layer digests."""
+    now = time.time()
+    keep: set[str] = set()
+    for record in list_images(cache):
+        if older_than is not None and now - float(record.get("last_used", 0)) > older_than:
+            Path(record["record"]).unlink(missing_ok=True)
+            continue
+        keep.update(record.get("layers") or [])
+    removed = []
+    layers_root = cache / "layers" / "sha256"
+    for entry in sorted(layers_root.glob("*")) if layers_root.is_dir() else []:
+        if entry.is_dir() and not entry.name.startswith(".") and f"sha256:{entry.name}" not in keep:
+            with FileLock(str(entry) + ".lock"):
+                _remove_tree(entry)
+            Path(str(entry) + ".lock").unlink(missing_ok=True)
+            removed.append(f"sha256:{entry.name}")
+    shutil.rmtree(cache / "stacks", ignore_errors=True)  # numbered-symlink farms: rebuilt on demand
+    return removed

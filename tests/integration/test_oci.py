@@ -193,3 +193,18 @@ def test_many_layers_fit_the_mount_option_limit(run_inner, tmp_path: Path, cache
     )
     result.assert_outcomes(passed=1)
     assert (cache / "stacks").is_dir()
+
+
+def test_an_interrupted_import_is_redone_with_a_notice(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pytest_nsbox import oci
+
+    digests = write_layout(tmp_path / "layout", [layer_tar(BASE)])
+    hexdigest = digests["0"].split(":")[1]
+    stale = cache / "layers" / "sha256" / f".tmp-{hexdigest[:12]}-killed"
+    (stale / "etc").mkdir(parents=True)
+    (stale / "etc" / "half-written").write_text("x")
+    with caplog.at_level("WARNING"):
+        dirs = oci.import_image(f"oci:{tmp_path / 'layout'}", tmp_path, cache)
+    assert "a previous import was interrupted" in caplog.text
+    assert not stale.exists()
+    assert (Path(dirs[0]) / "etc" / "os-release").read_text() == "ID=ocitest\n"
