@@ -47,6 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
         default="",
     )
+    parser.addini("nsbox_image_dirs", "more folders of image recipes (<name>/image.toml)", type="linelist", default=[])
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
         "--nsbox-memory-report",

@@ -141,7 +141,8 @@ class SandboxRunner:
         if hooked is not None:
             return str(hooked)
         if name not in self._images:
-            self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir)
+            image_dirs = [str(d) for d in self.config.getini("nsbox_image_dirs")]
+            self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]
 
     def plan(self, image: images.Resolved, network: str) -> mounts.MountPlan:

@@ -74,7 +74,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
     ;;
   test)
-    apt_install python3-venv user-mode-linux kmod
+    apt_install python3-venv user-mode-linux kmod mmdebstrap busybox-static zstd
     make_venv "${PYTHON:-python3}" "$VENV"
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
