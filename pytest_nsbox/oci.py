@@ -391,14 +391,20 @@ def ensure_layer(cache: Path, layer: Layer, name: str) -> Path:
 
 
 def _remove_tree(path: Path) -> None:
+    """Remove a tree we built, also its directories without permissions (overlay's work/work is 0)."""
     if not path.exists():
         return
-
-    def make_writable(function: Any, failed: str, _exc: Any) -> None:
-        os.chmod(os.path.dirname(failed), 0o700)
-        function(failed)
-
-    shutil.rmtree(path, onerror=make_writable)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for root, dirs, _files in os.walk(path):
+        for name in dirs:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        log.warning("nsbox: could not remove %s completely", path)
 
 
 def _extract_in_child(layer: Layer, dest: Path, name: str) -> None:
