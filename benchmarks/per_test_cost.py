@@ -84,6 +84,13 @@ CONFIGS: Final[tuple[BenchConfig, ...]] = (
     BenchConfig("nsbox-host@8", "pytest8", (*NSBOX_HOST_ARGS, "-p", "no:forked"), "namespaced", "--nsbox-all, host image"),
     BenchConfig("nsbox-host", "main", NSBOX_HOST_ARGS, "namespaced", "--nsbox-all, host image"),
     BenchConfig(
+        "nsbox-busybox",
+        "main",
+        ("--nsbox-all", "--nsbox-require", "-o", "nsbox_image=busybox", "-o", f"nsbox_image_dirs={REPO / 'rootfs_images'}"),
+        "namespaced",
+        "--nsbox-all, busybox recipe image (cached layers)",
+    ),
+    BenchConfig(
         "nsbox-mem256",
         "main",
         (*NSBOX_HOST_ARGS, "-o", "nsbox_memory=256M"),

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, images, mounts, oci, probe, sandbox
+from . import __version__, images, mounts, oci, probe, recipes, sandbox
 from .spec import format_size
 
 
@@ -80,6 +80,20 @@ def cmd_images_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images_build(args: argparse.Namespace) -> int:
+    """Build a recipe (rootfs_images/NAME/image.toml, or in --image-dir) into the cache now."""
+    cache = _cache(args)
+    dirs = recipes.search_dirs(Path.cwd(), args.image_dir or [])
+    recipe = recipes.find(args.name, dirs)
+    if recipe is None:
+        known = ", ".join(recipes.known_images(dirs)) or "none"
+        print(f"nsbox: no recipe {args.name!r} in {', '.join(map(str, dirs))} (known: {known})", file=sys.stderr)
+        return 2
+    layers = recipes.Builder(cache, dirs).build(recipe)
+    print(f"{args.name}: {len(layers)} layers in {cache}")
+    return 0
+
+
 def cmd_images_import(args: argparse.Namespace) -> int:
     """Import an oci:, oci-archive: or docker-archive: image into the cache now."""
     cache = _cache(args)
@@ -128,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = images_sub.add_parser(name, help=func.__doc__)
         command.add_argument("ref", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
         command.set_defaults(func=func)
+    build = images_sub.add_parser("build", help=cmd_images_build.__doc__)
+    build.add_argument("name", help="a recipe name")
+    build.add_argument("--image-dir", action="append", help="another folder of recipes (repeatable)")
+    build.set_defaults(func=cmd_images_build)
     prune = images_sub.add_parser("prune", help=cmd_images_prune.__doc__)
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="also forget images unused for DAYS days")
     prune.set_defaults(func=cmd_images_prune)
@@ -138,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (images.ImageError, oci.ImageImportError, OSError) as exc:
+    except (images.ImageError, oci.ImageImportError, recipes.RecipeError, OSError) as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
         return 2
     return code

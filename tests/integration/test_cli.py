@@ -43,3 +43,14 @@ def test_images_import_list_inspect_prune(tmp_path: Path) -> None:
     assert not [p for p in (cache / "layers" / "sha256").iterdir() if p.is_dir()]
     missing = nsbox("images", "--cache-dir", str(cache), "import", f"oci:{tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_images_build_a_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "rootfs_images" / "tiny"
+    recipe.mkdir(parents=True)
+    (recipe / "image.toml").write_text("[base]\nscratch = true\n")
+    result = nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "tiny", cwd=tmp_path)
+    assert result.returncode == 0 and "tiny: 1 layers" in result.stdout, result.stderr
+    assert "building image tiny: step 1/1" in result.stderr
+    missing = nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "nope", cwd=tmp_path)
+    assert missing.returncode == 2 and "known: tiny" in missing.stderr

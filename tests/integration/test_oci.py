@@ -208,3 +208,22 @@ def test_an_interrupted_import_is_redone_with_a_notice(tmp_path: Path, cache: Pa
     assert "a previous import was interrupted" in caplog.text
     assert not stale.exists()
     assert (Path(dirs[0]) / "etc" / "os-release").read_text() == "ID=ocitest\n"
+
+
+def test_umoci_style_whiteouts_one_per_child(run_inner, tmp_path: Path, cache: Path) -> None:
+    """umoci marks a replaced directory with one .wh. per removed child and no opaque marker."""
+    lower = layer_tar([Entry("d", "dir", mode=0o755), Entry("d/a", content=b"a"), Entry("d/b", content=b"b")])
+    upper = layer_tar([Entry("d/a", "whiteout"), Entry("d/b", "whiteout"), Entry("d/c", content=b"c")])
+    write_layout(tmp_path / "layout", [lower, upper])
+    result = run_inner(
+        f"""
+        import os, pytest
+
+        @pytest.mark.nsbox(image={f"oci:{tmp_path / 'layout'}"!r})
+        def test_only_c():
+            assert os.listdir("/d") == ["c"]
+        """,
+        "-o",
+        f"nsbox_cache_dir={cache}",
+    )
+    result.assert_outcomes(passed=1)
