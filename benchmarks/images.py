@@ -44,16 +44,7 @@ def cold_build(work: Path) -> float:
 
 def plain_mmdebstrap(work: Path) -> float:
     target = work / "rootfs"
-    command = [
-        "mmdebstrap",
-        "--quiet",
-        "--mode=root",
-        "--variant=minbase",
-        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-        *[f"--dpkgopt={option}" for option in recipes.DEBIAN_EXCLUDES],
-        "bookworm",
-        str(target),
-    ]
+    command = recipes.debian_command("bookworm", target)
     seconds = timed(lambda: subprocess.run(command, check=True, capture_output=True))
     oci._remove_tree(target)
     return seconds

@@ -267,6 +267,20 @@ def _build_busybox(layer: Path) -> None:
     os.chmod(layer / "tmp", 0o1777)
 
 
+def debian_command(suite: str, target: Path) -> list[str]:
+    """The mmdebstrap call of a debian base: minbase, merged-usr, no docs, man pages or locales."""
+    return [
+        "mmdebstrap",
+        "--quiet",
+        "--mode=root",
+        "--variant=minbase",
+        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
+        *[f"--dpkgopt={option}" for option in DEBIAN_EXCLUDES],
+        suite,
+        str(target),
+    ]
+
+
 def _build_debian(suite: str, layer: Path) -> None:
     if shutil.which("mmdebstrap") is None:
         raise RecipeError("base debian needs mmdebstrap (apt install mmdebstrap)")
@@ -275,17 +289,7 @@ def _build_debian(suite: str, layer: Path) -> None:
             "base debian needs root here: mmdebstrap --mode=unshare makes a tree owned by subordinate uids, "
             "which a sandbox that maps only your uid cannot write"
         )
-    command = [
-        "mmdebstrap",
-        "--quiet",
-        "--mode=root",
-        "--variant=minbase",
-        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-        *[f"--dpkgopt={option}" for option in DEBIAN_EXCLUDES],
-        suite,
-        str(layer),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    proc = subprocess.run(debian_command(suite, layer), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
