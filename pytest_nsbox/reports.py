@@ -7,6 +7,7 @@ The user-visible strings are constants; tests import them.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable
 from typing import Final
@@ -36,20 +37,8 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def describe_status(status: int) -> tuple[str, bool]:
-    """(text, crashed) for a wait status from os.wait()."""
-    import os
-
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        return signal_name(signum) + f" ({signal.strsignal(signum) or 'unknown signal'})", True
-    return f"exit status {os.waitstatus_to_exitcode(status)}", False
-
-
 def early_end_message(status: int | None, phase: str) -> str:
     """Why the test ended without reporting *phase*."""
-    import os
-
     if status is None:
         return SANDBOX_DIED.format(detail="no status received")
     if os.WIFSIGNALED(status):
