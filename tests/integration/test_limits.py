@@ -197,24 +197,27 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(pytester
             time.sleep(600)
         """
     )
-    before = _our_cgroups()
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hang.py"], cwd=pytester.path)
+
+    def leftover() -> set[Path]:  # only this pytest's cgroups: other xdist workers create theirs meanwhile
+        return {p for p in _our_cgroups() if p.name.startswith(f"nsbox-{proc.pid}-")}
+
     try:
         deadline = time.monotonic() + 30
-        while not (_our_cgroups() - before) and time.monotonic() < deadline:
+        while not leftover() and time.monotonic() < deadline:
             time.sleep(0.1)
-        leftover = _our_cgroups() - before
-        assert leftover, "the sandbox's cgroup never appeared"
+        assert leftover(), "the sandbox's cgroup never appeared"
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     time.sleep(0.5)  # the sandbox dies with pytest (PDEATHSIG); its empty cgroup stays
-    assert _our_cgroups() - before == leftover
+    left = leftover()
+    assert left
     pytester.makepyfile(test_ok="import pytest\n\n@pytest.mark.nsbox(memory='64M')\ndef test_ok(): pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ok.py")
     result.assert_outcomes(passed=1)
-    assert not (_our_cgroups() & leftover)
+    assert not (_our_cgroups() & left)
 
 
 def _our_cgroups() -> set[Path]:
