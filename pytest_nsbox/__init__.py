@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from .spec import SandboxSpec, nsbox
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import SandboxSpec, nsbox
 
 __version__ = "0.1.0"
 __all__ = ["SandboxSpec", "__version__", "nsbox", "require_sandbox"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the sandbox builder imports this package's mechanism modules without pytest.
+    if name in ("SandboxSpec", "nsbox"):
+        from . import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def require_sandbox() -> None:

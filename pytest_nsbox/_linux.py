@@ -156,6 +156,11 @@ def unshare(flags: int) -> None:
     _check(_libc().unshare(flags), lambda: f"unshare({clone_flag_names(flags)})")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """Join the namespaces *nstype* of the process a pidfd refers to (or the one namespace of an nsfs fd)."""
+    _check(_libc().setns(fd, nstype), lambda: f"setns({fd}, {clone_flag_names(nstype)})")
+
+
 def mount(
     source: bytes | None,
     target: bytes,

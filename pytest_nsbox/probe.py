@@ -142,6 +142,24 @@ def overlay_userns() -> Probe:
     return Probe(ok, "overlayfs in a user namespace", message, "" if ok else hint_for("mount_overlay", errno.EINVAL))
 
 
+PIDFD_SETNS_KERNEL: Final = (5, 8)
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release string such as '6.1.0-13-amd64'; (0, 0) if unreadable."""
+    parts = release.split(".", 2)
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1].split("-")[0] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+@functools.cache
+def prebuild_supported() -> bool:
+    """Can a process join a prebuilt sandbox with setns(pidfd) (Linux 5.8)?"""
+    return linux().ok and kernel_version(os.uname().release) >= PIDFD_SETNS_KERNEL
+
+
 @functools.cache
 def cgroup_limits(root_setting: str = "") -> Probe:
     """Can this process create sandbox cgroups with memory, pids and cpu limits?"""
