@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,17 +113,18 @@ class Cgroup(abc.ABC):
                 pass
         return sorted(found)
 
-    def kill(self) -> None:
-        """SIGKILL every process in the cgroup (until none is left)."""
-        for _ in range(100):
-            pids = self.pids()
-            if not pids:
-                return
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the cgroup; return once none is left (or after *timeout* s)."""
+        deadline = time.monotonic() + timeout
+        while pids := self.pids():
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)  # a killed process stays listed until its exit is complete
 
     def remove(self) -> None:
         for d in self.dirs.values():
@@ -193,11 +195,11 @@ class CgroupV2(Cgroup):
             pids_limit_hits=_read_keyed(path / "pids.events").get("max", 0),
         )
 
-    def kill(self) -> None:
+    def kill(self, timeout: float = 5.0) -> None:
         kill_file = self.dirs[""] / "cgroup.kill"
         if kill_file.exists():
             _write(kill_file, "1")
-        super().kill()
+        super().kill(timeout)
 
 
 @dataclass(frozen=True, slots=True)
