@@ -48,6 +48,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
     )
     parser.addini("nsbox_image_dirs", "more folders of image recipes (<name>/image.toml)", type="linelist", default=[])
+    parser.addini(
+        "nsbox_prebuild",
+        "build the next test's sandbox in a helper process while the current test runs (default true; "
+        "false: each sandbox is built by a fork of pytest when its test starts)",
+        type="bool",
+        default=True,
+    )
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
         "--nsbox-memory-report",
@@ -71,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         require=bool(config.getoption("nsbox_require")),
         cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
         cache_dir=str(config.getini("nsbox_cache_dir")),
+        prebuild_ahead=bool(config.getini("nsbox_prebuild")),
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()

@@ -18,6 +18,7 @@ import pytest
 CRASHED: Final = "nsbox: the test process crashed with signal {signame} ({description}) during {phase}"
 EXITED_EARLY: Final = "nsbox: the test process exited with status {code} during {phase}, before reporting its result"
 SANDBOX_DIED: Final = "nsbox: the sandbox's init process ended without reporting the test's status ({detail})"
+BUILDER_LOST: Final = "nsbox: {detail}; sandboxes are built when each test starts from now on (slower)"
 SETUP_FAILED: Final = "nsbox: could not build the sandbox: step {step} failed: {message}"
 NOT_INSIDE: Final = "nsbox: refusing to run the test: {message}"
 MEMORY_EXCEEDED: Final = "nsbox: test exceeded its memory limit of {limit} (peak {peak}, {count} process{plural} OOM-killed)"

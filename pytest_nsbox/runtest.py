@@ -15,19 +15,27 @@ import sysconfig
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import cgroups, images, mounts, oci, probe, reports, sandbox
+from . import cgroups, images, mounts, oci, prebuild, probe, reports, sandbox
 from .spec import Defaults, SandboxSpec, SpecError, format_size, spec_from_marker
 
 log = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = "pytest-nsbox-"
 MARKER = "nsbox"
+
+
+Prepared = tuple[SandboxSpec, mounts.MountPlan, "cgroups.Cgroup | None"] | pytest.TestReport
+"""An item's spec, mount plan and cgroup, or the report that says why it gets no sandbox."""
+
+
+class NsboxWarning(pytest.PytestWarning):
+    """Something pytest-nsbox worked around; the tests still ran sandboxed."""
 
 
 class ChildState:
@@ -90,6 +98,7 @@ class SandboxRunner:
         require: bool,
         cgroup_root: str = "",
         cache_dir: str = "",
+        prebuild_ahead: bool = True,
     ) -> None:
         self.config = config
         self.cgroup_root = cgroup_root
@@ -104,6 +113,8 @@ class SandboxRunner:
         self._plans: dict[tuple[images.Resolved, str], mounts.MountPlan] = {}
         self._host_namespaces: dict[str, int] | None = None
         self._cap_last_cap = sandbox.read_cap_last_cap()
+        self._builder = prebuild.Builder() if prebuild_ahead and probe.prebuild_supported() else None
+        self._next: tuple[pytest.Item, Prepared, int | None] | None = None  # the next item, prepared ahead
 
     # --- session -------------------------------------------------------------------------
 
@@ -111,7 +122,12 @@ class SandboxRunner:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
 
     def close(self) -> None:
+        if self._next is not None:
+            self._discard(*self._next[1:])
+            self._next = None
         sandbox.reap_finished(block=True)
+        if self._builder is not None:
+            self._builder.close()
         if isinstance(self._cgroup_manager, cgroups.CgroupManager):
             self._cgroup_manager.close()
         if self._scratch is not None:
@@ -182,18 +198,88 @@ class SandboxRunner:
             return None
         return str(factory.getbasetemp())
 
-    def sandbox_config(self, plan: mounts.MountPlan, network: str) -> sandbox.SandboxConfig:
+    def sandbox_config(self, spec: SandboxSpec, plan: mounts.MountPlan, cgroup: cgroups.Cgroup | None) -> sandbox.SandboxConfig:
         if self._host_namespaces is None:
             self._host_namespaces = sandbox.namespace_ids()
         return sandbox.SandboxConfig(
             plan=plan,
-            network=network,
+            network=spec.network,
             uid=os.getuid(),
             gid=os.getgid(),
             host_namespaces=self._host_namespaces,
             cwd=os.getcwd(),
             cap_last_cap=self._cap_last_cap,
+            cgroup_files=tuple(cgroup.join_files) if cgroup is not None else (),
+            oom_first=cgroup is not None and spec.memory is not None,
         )
+
+    # --- sandboxes built ahead of time ---------------------------------------------------
+
+    def _submit(self, config: sandbox.SandboxConfig) -> int | None:
+        """Have the builder build a sandbox for *config*; None: build it when the test starts."""
+        if self._builder is None:
+            return None
+        try:
+            return self._builder.submit(config)
+        except prebuild.BuilderError as exc:
+            self._builder_failed(exc)
+            return None
+
+    def _take(self, ticket: int | None) -> sandbox.Prebuilt | prebuild.Failed | None:
+        if ticket is None or self._builder is None:
+            return None
+        try:
+            built = self._builder.take(ticket)
+        except prebuild.BuilderError as exc:
+            self._builder_failed(exc)
+            return None
+        if isinstance(built, sandbox.Prebuilt) and built.exited():
+            built.close()  # killed from outside, or with the builder (PR_SET_PDEATHSIG): build anew
+            if not self._builder.alive():
+                self._builder_failed(prebuild.BuilderError("the sandbox builder died"))
+            return None
+        return built
+
+    def _builder_failed(self, exc: prebuild.BuilderError) -> None:
+        """Go on without the builder: each sandbox is then built by a fork of pytest (slower)."""
+        warnings.warn(NsboxWarning(reports.BUILDER_LOST.format(detail=exc)), stacklevel=1)
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            builder.close()
+
+    def _prepare_next(self, nextitem: pytest.Item | None) -> None:
+        """Prepare the next item now and have its sandbox built while the current test runs."""
+        if self._builder is None or nextitem is None or not self.wants(nextitem):
+            return
+        try:
+            prepared = self._prepare(nextitem)
+        except Exception:  # noqa: BLE001 - it surfaces again when the item runs
+            return
+        ticket = None
+        if not isinstance(prepared, pytest.TestReport):
+            ticket = self._submit(self.sandbox_config(*prepared))
+        self._next = (nextitem, prepared, ticket)
+
+    def _take_prepared(self, item: pytest.Item) -> tuple[Prepared, int | None]:
+        if self._next is not None:
+            next_item, prepared, ticket = self._next
+            self._next = None
+            if next_item is item:
+                return prepared, ticket
+            self._discard(prepared, ticket)
+        return self._prepare(item), None
+
+    def _discard(self, prepared: Prepared, ticket: int | None) -> None:
+        """Kill a sandbox built for an item that did not run next; remove its cgroup."""
+        answer = self._take(ticket)
+        if isinstance(answer, sandbox.Prebuilt):
+            answer.kill()
+            answer.exited(timeout=5.0)
+            answer.close()
+        if not isinstance(prepared, pytest.TestReport) and prepared[2] is not None:
+            cgroup = prepared[2]
+            cgroup.kill()  # A' may still be on its way out
+            self._remove_cgroup(cgroup)
 
     # --- one item ------------------------------------------------------------------------
 
@@ -201,27 +287,35 @@ class SandboxRunner:
         """Yield the item's reports in order; raise pytest.exit/KeyboardInterrupt as the test did."""
         sandbox_reports: list[pytest.TestReport] = []
         pending_raise: BaseException | None = None
-        prepared = self._prepare(item)
+        prepared, ticket = self._take_prepared(item)
         if isinstance(prepared, pytest.TestReport):
+            self._prepare_next(nextitem)
             yield prepared
         else:
             spec, plan, cgroup = prepared
+            if ticket is None:
+                ticket = self._submit(self.sandbox_config(spec, plan, cgroup))
+            self._prepare_next(nextitem)
             setup = pytest.CallInfo.from_call(lambda: setup_wider_fixtures(item), when="setup")
             if setup.excinfo is not None:
-                if cgroup is not None:
-                    self._remove_cgroup(cgroup)
+                self._discard(prepared, ticket)
                 yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
             else:
-                config = self.sandbox_config(plan, spec.network)
-                if cgroup is not None:
-                    config = replace(config, cgroup_files=tuple(cgroup.join_files), oom_first=spec.memory is not None)
-                result = sandbox.run(
-                    config,
-                    lambda ch: run_protocol_in_child(item, ch),
-                    timeout=spec.timeout,
-                    cgroup=cgroup,
-                    after_reap=(lambda: self._remove_cgroup(cgroup)) if cgroup is not None else None,
-                )
+                config = self.sandbox_config(spec, plan, cgroup)  # now: the cwd the wider fixtures left
+                built = self._take(ticket)
+                after_reap = (lambda: self._remove_cgroup(cgroup)) if cgroup is not None else None
+                if isinstance(built, prebuild.Failed):
+                    result = sandbox.SandboxResult(records=[built.record])
+                    self._discard(prepared, None)  # its processes are exiting: empty the cgroup, remove it
+                else:
+                    result = sandbox.run(
+                        config,
+                        lambda ch: run_protocol_in_child(item, ch),
+                        timeout=spec.timeout,
+                        cgroup=cgroup,
+                        after_reap=after_reap,
+                        prebuilt=built,
+                    )
                 usage = result.usage
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=spec, result=result)
                 sandbox_reports, pending_raise = self._reports_from(item, result, spec, usage)
@@ -234,7 +328,7 @@ class SandboxRunner:
         c_teardown = next((r for r in sandbox_reports if r.when == "teardown"), None)
         yield self._teardown_in_parent(item, nextitem, c_teardown)
 
-    def _prepare(self, item: pytest.Item) -> tuple[SandboxSpec, mounts.MountPlan, cgroups.Cgroup | None] | pytest.TestReport:
+    def _prepare(self, item: pytest.Item) -> Prepared:
         """The spec and mount plan, or the setup report that says why there is no sandbox."""
         error: str | None = None
         try:

@@ -14,11 +14,13 @@ namespace takes the scratch tmpfs (the writable layer) with it.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import gc
 import os
 import select
 import signal
+import socket
 import stat
 import sys
 import time
@@ -281,12 +283,7 @@ def _parent_is(pid: int) -> bool:
 
 def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Callable[[Channel], None]) -> None:
     channel = Channel(channel.fd)
-    try:
-        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if not _parent_is(a_pid):
-            os._exit(EXIT_SETUP_FAILED)
-    except BaseException as exc:
-        _fail(channel, "B", "set_parent_death_signal", exc)
+    _guard_parent(channel, "B", a_pid, in_new_pid_namespace=True)
     _run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
     c_pid = os.fork()
     if c_pid == 0:
@@ -315,23 +312,38 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
     os._exit(0)
 
 
-def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None]) -> None:
-    try:
-        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != p_pid:
-            os._exit(EXIT_SETUP_FAILED)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only C dumps its stack on a timeout
-    except BaseException as exc:
-        _fail(channel, "A", "set_parent_death_signal", exc)
-    keep = {0, 1, 2, channel.fd} | ({config.stack_fd} if config.stack_fd is not None else set())
-    steps: list[tuple[str, Callable[[], None]]] = [
+def _unshare_steps(config: SandboxConfig, keep: set[int]) -> list[tuple[str, Callable[[], None]]]:
+    """A's steps: nothing inherited that reaches outside, into the cgroup, new namespaces, id maps."""
+    return [
         ("close_inherited_fds", lambda: close_inherited_fds(keep)),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
         ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
         ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
     ]
-    _run_steps(channel, "A", steps)
+
+
+def _guard_parent(channel: Channel, process: str, parent: int, *, in_new_pid_namespace: bool) -> None:
+    """Die with the parent (PR_SET_PDEATHSIG), and exit if it is already gone."""
+    try:
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+        alive = _parent_is(parent) if in_new_pid_namespace else os.getppid() == parent
+        if not alive:
+            os._exit(EXIT_SETUP_FAILED)
+    except BaseException as exc:
+        _fail(channel, process, "set_parent_death_signal", exc)
+
+
+
+def _ignore_signals_of_p() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the test process dumps its stack on a timeout
+
+
+def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None]) -> None:
+    _guard_parent(channel, "A", p_pid, in_new_pid_namespace=False)
+    _ignore_signals_of_p()
+    keep = {0, 1, 2, channel.fd} | ({config.stack_fd} if config.stack_fd is not None else set())
+    _run_steps(channel, "A", _unshare_steps(config, keep))
     a_pid = os.getpid()
     b_pid = os.fork()
     if b_pid == 0:
@@ -350,7 +362,216 @@ def _run_child(config: SandboxConfig, write_fd: int, p_pid: int, target: Callabl
         os._exit(EXIT_INTERNAL_ERROR)
 
 
-_unreaped: list[tuple[int, Callable[[], None] | None]] = []
+# --- sandboxes built ahead of time (see prebuild.py) ---------------------------------------
+
+
+class Prebuilt:
+    """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
+
+    def __init__(self, pidfd: int) -> None:
+        self.pidfd = pidfd
+
+    def kill(self) -> None:
+        """SIGKILL B': the PID namespace dies with it and takes every process inside along."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
+
+    def exited(self, timeout: float = 0) -> bool:
+        """Whether B' has exited: its PID namespace is empty by then (a pidfd polls readable)."""
+        return bool(select.select([self.pidfd], [], [], timeout)[0])
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
+def build_ahead(config: SandboxConfig, fd: int, builder_pid: int) -> None:
+    """Body of A' (forked by the builder): unshare, fork B', wait for it. Never returns.
+
+    *fd* is a SOCK_SEQPACKET socket to the builder: setup errors go there as records, and B'
+    sends "ready" there with a pidfd of itself once the root is built.
+    """
+    try:
+        channel = Channel(fd)
+        _guard_parent(channel, "A", builder_pid, in_new_pid_namespace=False)
+        _ignore_signals_of_p()
+        _run_steps(channel, "A", _unshare_steps(config, {0, 1, 2, fd}))
+        a_pid = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # B' waits for it with sigwait
+        b_pid = os.fork()
+        if b_pid == 0:
+            _idle_pid1(config, channel, a_pid)
+        os.close(fd)
+        _, status = os.waitpid(b_pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    finally:
+        os._exit(EXIT_INTERNAL_ERROR)
+
+
+def _idle_pid1(config: SandboxConfig, channel: Channel, a_pid: int) -> None:
+    """B': build the root, hand P a pidfd of this process, then reap orphans until killed."""
+    channel = Channel(channel.fd)
+    _guard_parent(channel, "B", a_pid, in_new_pid_namespace=True)
+    _run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        _fail(channel, "B", "open_pidfd", exc)
+    with socket.socket(fileno=channel.fd) as sock:
+        socket.send_fds(sock, [wire.encode({"kind": "ready"})], [pidfd])
+    os.close(pidfd)
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        signal.sigwait({signal.SIGCHLD})  # blocked since A': an orphan's exit is never missed
+
+
+def _process_joiner(
+    config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt
+) -> None:
+    """C of a prebuilt sandbox: enter B's namespaces, fork the test process, send its status."""
+    _guard_parent(channel, "C", p_pid, in_new_pid_namespace=False)
+    _ignore_signals_of_p()
+    keep = {0, 1, 2, channel.fd, prebuilt.pidfd} | ({config.stack_fd} if config.stack_fd is not None else set())
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("close_inherited_fds", lambda: close_inherited_fds(keep)),
+        ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
+        ("join_namespaces", lambda: L.setns(prebuilt.pidfd, config.clone_flags)),
+    ]
+    _run_steps(channel, "C", steps)
+    prebuilt.close()
+    test_pid = os.fork()  # the first process of this test inside B's PID namespace
+    if test_pid == 0:
+        try:
+            L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # P kills C on a timeout or ^C
+        except BaseException as exc:
+            _fail(channel, "C", "set_parent_death_signal", exc)
+        _process_c(config, channel, target)
+    _, status = os.waitpid(test_pid, 0)
+    try:
+        channel.send("test_status", status=status)
+    except OSError:
+        pass  # P stopped reading at the test's "done"
+    os._exit(0)
+
+
+def _run_joiner(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt) -> None:
+    """Body of C for a prebuilt sandbox; never returns into the caller's (pytest's) code."""
+    gc.disable()
+    try:
+        _process_joiner(config, Channel(write_fd), p_pid, target, prebuilt)
+    finally:
+        os._exit(EXIT_INTERNAL_ERROR)
+
+
+def _run_direct(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt) -> None:
+    """Body of the test process forked by P straight into a prebuilt sandbox's PID namespace."""
+    gc.disable()  # C turns it back on for the test
+    try:
+        channel = Channel(write_fd)
+        _guard_parent(channel, "C", p_pid, in_new_pid_namespace=True)
+        _ignore_signals_of_p()
+        keep = {0, 1, 2, channel.fd, prebuilt.pidfd} | ({config.stack_fd} if config.stack_fd is not None else set())
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("close_inherited_fds", lambda: close_inherited_fds(keep)),
+            ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
+            ("join_namespaces", lambda: L.setns(prebuilt.pidfd, config.clone_flags & ~L.CLONE_NEWPID)),
+        ]
+        _run_steps(channel, "C", steps)
+        prebuilt.close()
+        _process_c(config, channel, target)
+    finally:
+        os._exit(EXIT_INTERNAL_ERROR)
+
+
+class _PidNamespaceSwitch:
+    """P forks the test straight into a prebuilt sandbox's PID namespace when it may (as root).
+
+    setns(CLONE_NEWPID) changes only the namespace of the caller's *next children*; P sets it for
+    one fork and restores its own right after. It needs CAP_SYS_ADMIN in P's own user namespace,
+    so without it (rootless) P forks a C that joins the namespaces and forks the test (one more
+    fork of pytest).
+    """
+
+    def __init__(self) -> None:
+        self.usable = os.geteuid() == 0
+        self._own: int | None = None
+
+    def fork_into(self, prebuilt: Prebuilt) -> int | None:
+        """fork() with the child in *prebuilt*'s PID namespace; None if P may not do that."""
+        if not self.usable:
+            return None
+        if self._own is None:
+            self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            L.setns(prebuilt.pidfd, L.CLONE_NEWPID)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self.usable = False
+            return None  # C joins the namespaces and reports what fails there
+        try:
+            pid = os.fork()
+        except BaseException:
+            self._restore()
+            raise
+        if pid:
+            self._restore()
+        return pid
+
+    def _restore(self) -> None:
+        assert self._own is not None
+        try:
+            L.setns(self._own, L.CLONE_NEWPID)
+        except OSError as exc:  # P's later children would land in a dead namespace
+            raise RuntimeError(f"nsbox: cannot restore pytest's own PID namespace: {exc}") from exc
+
+
+_pid_namespace_switch = _PidNamespaceSwitch()
+
+
+@dataclass
+class _Finishing:
+    """A sandbox whose test is over but whose processes may still be exiting."""
+
+    pid: int  # P's child: A, or C of a prebuilt sandbox
+    prebuilt: Prebuilt | None
+    cgroup: cgroups.Cgroup | None
+    after: Callable[[], None] | None
+    reaped: bool = False
+
+    def poll(self) -> bool:
+        """True once every process is gone (then *after* may remove the cgroup)."""
+        if not self.reaped:
+            try:
+                self.reaped = os.waitpid(self.pid, os.WNOHANG)[0] != 0
+            except ChildProcessError:
+                self.reaped = True
+        if not self.reaped or self.prebuilt is None:
+            return self.reaped
+        # B' and A' are the builder's; B's pidfd tells when the namespace is empty, the cgroup
+        # when A' has left too.
+        return self.prebuilt.exited() and (self.cgroup is None or not self.cgroup.pids())
+
+    def finish(self) -> None:
+        if self.prebuilt is not None:
+            self.prebuilt.close()
+        if self.after is not None:
+            self.after()
+
+    def kill(self) -> None:
+        for kill in (lambda: os.kill(self.pid, signal.SIGKILL), self.prebuilt.kill if self.prebuilt else None):
+            if kill is not None:
+                try:
+                    kill()
+                except ProcessLookupError:
+                    pass
+
+
+_unreaped: list[_Finishing] = []
 
 
 def reap_finished(*, block: bool = False, grace: float = 5.0) -> None:
@@ -360,23 +581,14 @@ def reap_finished(*, block: bool = False, grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
     while _unreaped:
         for entry in list(_unreaped):
-            pid, after = entry
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
+            if entry.poll():
                 _unreaped.remove(entry)
-                if after is not None:
-                    after()
+                entry.finish()
         if not block or not _unreaped:
             return
         if time.monotonic() > deadline:
-            for pid, _ in _unreaped:
-                try:
-                    os.kill(pid, signal.SIGKILL)  # B dies with A, the namespaces with B
-                except ProcessLookupError:
-                    pass
+            for entry in _unreaped:
+                entry.kill()  # B dies with A, the namespaces with B
             deadline = float("inf")
         time.sleep(0.005)
 
@@ -388,12 +600,18 @@ def run(
     timeout: float | None = None,
     cgroup: cgroups.Cgroup | None = None,
     after_reap: Callable[[], None] | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> SandboxResult:
-    """Run *target* as C inside a fresh sandbox; return what came back over the result pipe.
+    """Run *target* as the test process inside a sandbox; return what came back over the result pipe.
 
-    The pipe reaches EOF when B has exited (after killing everything the test left); A, which
-    waits for the namespaces' teardown, is reaped later unless its status is needed now, and
-    *after_reap* runs then. After *timeout* seconds C's stack is dumped and the sandbox killed.
+    Without *prebuilt*, P forks A, which builds a fresh sandbox (A -> B -> C). With it, P forks
+    a C that joins the prebuilt sandbox's namespaces and forks the test process there; P owns
+    *prebuilt* from now on and kills it when the test is over.
+
+    The pipe reaches EOF when every process of the test is gone; P goes on when the test sent
+    "done" (it killed what it left). The processes that exit while the namespaces are torn down
+    are reaped later unless their status is needed now, and *after_reap* runs then. After
+    *timeout* seconds the test's stack is dumped and the sandbox killed.
     """
     reap_finished()
     read_fd, write_fd = os.pipe()
@@ -403,38 +621,62 @@ def run(
     # Frozen, the inherited heap is never traversed by the children's garbage collector: a
     # collection in A, B or C would otherwise touch (and copy) every page of pytest's heap.
     gc.freeze()
+    direct = False
     try:
-        a_pid = os.fork()
+        forked = _pid_namespace_switch.fork_into(prebuilt) if prebuilt is not None else None
+        direct = forked is not None
+        child_pid = forked if forked is not None else os.fork()
     except BaseException:
         for fd in (read_fd, write_fd, stack_read, stack_write):
             if fd is not None:
                 os.close(fd)
+        if prebuilt is not None:
+            prebuilt.kill()
+            prebuilt.close()
         raise
     finally:
         if os.getpid() == p_pid:
             gc.unfreeze()
-    if a_pid == 0:
+    if child_pid == 0:
         os.close(read_fd)
         if stack_read is not None:
             os.close(stack_read)
+        if prebuilt is not None:
+            if direct:
+                _run_direct(config, write_fd, p_pid, target, prebuilt)
+            _run_joiner(config, write_fd, p_pid, target, prebuilt)
         _run_child(config, write_fd, p_pid, target)
     os.close(write_fd)
     if stack_write is not None:
         os.close(stack_write)
+    finishing = _Finishing(child_pid, prebuilt, cgroup, after_reap)
     result = SandboxResult()
     reader = wire.Reader()
     deadline = None if timeout is None else time.monotonic() + timeout
+    # Forked straight into the sandbox, the test process is P's child: P sees it exit (and then
+    # kills what it left, which may hold the pipe open) through a pidfd.
+    test_exit = os.pidfd_open(child_pid) if direct else None
+    watched = [read_fd] if test_exit is None else [read_fd, test_exit]
     try:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and (remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]):
+            ready = select.select(watched, [], [], max(remaining, 0) if remaining is not None else None)[0]
+            if not ready:
                 result.timed_out = True
-                result.stack = _dump_stack(a_pid, stack_read)
+                result.stack = _dump_stack(child_pid if direct else _test_pid(child_pid, prebuilt is not None), stack_read)
                 if cgroup is not None:
                     cgroup.kill()
-                os.kill(a_pid, signal.SIGKILL)  # B dies with A (PDEATHSIG), the namespaces with B
+                finishing.kill()  # B dies with A (PDEATHSIG), the namespaces with B
                 deadline = None
                 continue  # read what is left until EOF
+            if test_exit is not None and test_exit in ready and read_fd not in ready:
+                _, status = os.waitpid(child_pid, 0)
+                finishing.reaped = True
+                result.test_status = result.sandbox_status = status
+                watched.remove(test_exit)
+                if prebuilt is not None:
+                    prebuilt.kill()  # what the test left running dies with the namespace
+                continue
             chunk = os.read(read_fd, 1 << 16)
             if not chunk:
                 break
@@ -444,6 +686,8 @@ def run(
                 for record in reader.feed(chunk):
                     if record["kind"] == "test_status":
                         result.test_status = int(record.get("status", 0))
+                        if prebuilt is not None:
+                            prebuilt.kill()  # what the test left running dies with the namespace
                     elif record["kind"] == "done":
                         result.done = True
                     else:
@@ -451,31 +695,59 @@ def run(
             except wire.WireError as exc:
                 result.wire_error = str(exc)
             if result.done:
-                # C ran to its end and killed what it left; it exits with 0 right after. The
-                # namespaces' teardown (C, B, A exiting) need not delay the next test.
+                # The test ran to its end and killed what it left; it exits with 0 right after.
+                # The namespaces' teardown need not delay the next test.
                 result.test_status = 0
+                if prebuilt is not None:
+                    prebuilt.kill()
                 break
         if reader.pending and result.wire_error is None and not result.timed_out and not result.done:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
         if cgroup is not None:
             result.usage = cgroup.usage()  # final: every process of the test is gone
         if result.test_status is None or result.setup_error is not None or result.timed_out:
-            _, result.sandbox_status = os.waitpid(a_pid, 0)
-            if after_reap is not None:
-                after_reap()
+            if prebuilt is not None:
+                prebuilt.kill()
+            if not finishing.reaped:
+                _, result.sandbox_status = os.waitpid(child_pid, 0)
+                finishing.reaped = True
+                if direct and result.test_status is None:
+                    result.test_status = result.sandbox_status
+            _finish_now(finishing)
         else:
-            _unreaped.append((a_pid, after_reap))
+            _unreaped.append(finishing)
     except BaseException:
-        os.kill(a_pid, signal.SIGKILL)
-        os.waitpid(a_pid, 0)
-        if after_reap is not None:
-            after_reap()
+        finishing.kill()
+        _finish_now(finishing)
         raise
     finally:
+        if test_exit is not None:
+            os.close(test_exit)
         os.close(read_fd)
         if stack_read is not None:
             os.close(stack_read)
     return result
+
+
+def _finish_now(finishing: _Finishing, grace: float = 5.0) -> None:
+    """Wait until the sandbox's processes are gone (killing them after *grace*), then finish it."""
+    deadline = time.monotonic() + grace
+    while not finishing.poll():
+        if time.monotonic() > deadline:
+            finishing.kill()
+            deadline = float("inf")
+        time.sleep(0.001)
+    finishing.finish()
+
+
+def _test_pid(child_pid: int, prebuilt: bool) -> int | None:
+    """The test process: C (P -> A -> B -> C), or the child of a prebuilt sandbox's C."""
+    if prebuilt:
+        tests = _children(child_pid)
+    else:
+        b_pids = _children(child_pid)
+        tests = _children(b_pids[0]) if b_pids else []
+    return tests[0] if tests else None
 
 
 def _children(pid: int) -> list[int]:
@@ -486,16 +758,12 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _dump_stack(a_pid: int, stack_fd: int | None, wait: float = 2.0) -> str:
-    """Ask C (A's grandchild: A -> B -> C) for its Python stack; what faulthandler wrote."""
-    if stack_fd is None:
-        return ""
-    b_pids = _children(a_pid)
-    c_pids = _children(b_pids[0]) if b_pids else []
-    if not c_pids:
+def _dump_stack(test_pid: int | None, stack_fd: int | None, wait: float = 2.0) -> str:
+    """Ask the test process for its Python stack; what faulthandler wrote."""
+    if stack_fd is None or test_pid is None:
         return ""
     try:
-        os.kill(c_pids[0], signal.SIGUSR1)
+        os.kill(test_pid, signal.SIGUSR1)
     except ProcessLookupError:
         return ""
     data = b""

@@ -1,0 +1,244 @@
+"""Sandboxes built ahead of time by a small helper process, the builder.
+
+Building a sandbox's namespaces and root filesystem costs a few milliseconds of forks and mounts.
+The builder is a fresh interpreter, started once per pytest process, that imports only the
+mechanism modules of this package, so its forks are cheap. It builds the sandbox of the *next*
+test while the current one runs:
+
+    S   builder      reads build requests from P, forks A' per request, forwards the answer
+    └─ A'  unsharer  joins the cgroup, unshare(...), id maps, forks B', waits for it
+       └─ B'  PID 1  runs the mount plan, pivot_root, hostname, loopback; sends a pidfd of
+                     itself ("ready"), then reaps orphans until it is killed
+
+When the test starts, P forks C, which enters B's namespaces with setns(pidfd) and forks the
+test process there (``sandbox.run(..., prebuilt=...)``). P kills B' when the test is over; the
+PID namespace takes every process inside with it. Nothing of the test ever runs in S, A' or B'.
+
+P -> S messages are pickled requests (S is P's own child); S -> P and A'/B' -> S messages are
+wire records. All sockets are SOCK_SEQPACKET: one message, one record (and its pidfd).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+from . import _linux as L
+from . import sandbox, wire
+from .mounts import MountPlan
+
+MAX_MESSAGE: Final = 1 << 20
+EMPTY_PLAN: Final = MountPlan(scratch="", root="", steps=())
+_SERVE: Final = "import sys; sys.path.insert(0, sys.argv[1]); from pytest_nsbox.prebuild import serve; serve()"
+
+
+class BuilderError(Exception):
+    """The builder process could not be started or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A build that failed: the setup_error record (the step, errno, message) for P to report."""
+
+    record: dict[str, Any]
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One record and the descriptors that came with it; (None, []) at EOF."""
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    records = list(wire.Reader().feed(data))
+    if len(records) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise wire.WireError(f"expected one record per message, got {len(records)}")
+    return records[0], fds
+
+
+# --- P's side ------------------------------------------------------------------------------
+
+
+class Builder:
+    """P's handle on the builder process: submit sandbox configs, take the built sandboxes."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._next_id = 0
+        self._answers: dict[int, sandbox.Prebuilt | Failed] = {}
+        self._discarded: set[int] = set()
+        self._plans_sent: dict[int, MountPlan] = {}  # id() -> plan, kept alive so ids stay unique
+
+    def _start(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SERVE, package_parent, str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                close_fds=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise BuilderError(f"cannot start the sandbox builder ({sys.executable}): {exc}") from None
+        finally:
+            theirs.close()
+        self._sock = ours
+        return ours
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def submit(self, config: sandbox.SandboxConfig) -> int:
+        """Ask for a sandbox built from *config*; returns a ticket for take() or discard()."""
+        sock = self._start()
+        ticket = self._next_id
+        self._next_id += 1
+        # A plan is sent once (it is the bulk of a config); later requests name it by its id.
+        plan_id = id(config.plan)
+        plan = None if self._plans_sent.get(plan_id) is config.plan else config.plan
+        self._plans_sent[plan_id] = config.plan
+        try:
+            sock.send(pickle.dumps((ticket, plan_id, plan, replace(config, plan=EMPTY_PLAN))))
+        except OSError as exc:
+            raise BuilderError(f"the sandbox builder is gone: {exc}") from None
+        return ticket
+
+    def take(self, ticket: int) -> sandbox.Prebuilt | Failed:
+        """The sandbox of *ticket* (waits until it is built); the caller owns it from now on."""
+        while ticket not in self._answers:
+            self._read_answer()
+        return self._answers.pop(ticket)
+
+    def discard(self, ticket: int) -> None:
+        """Kill the sandbox of *ticket* (now, or when its answer comes)."""
+        answer = self._answers.pop(ticket, None)
+        if isinstance(answer, sandbox.Prebuilt):
+            answer.kill()
+            answer.close()
+        elif answer is None:
+            self._discarded.add(ticket)
+
+    def _read_answer(self) -> None:
+        if self._sock is None:
+            raise BuilderError("the sandbox builder is not running")
+        try:
+            record, fds = _receive(self._sock)
+        except (OSError, wire.WireError) as exc:
+            raise BuilderError(f"the sandbox builder failed: {exc}") from None
+        if record is None:
+            status = self._process.wait() if self._process is not None else None
+            raise BuilderError(f"the sandbox builder exited (status {status})")
+        ticket = int(record.get("ticket", -1))
+        answer: sandbox.Prebuilt | Failed
+        if record["kind"] == "ready" and len(fds) == 1:
+            answer = sandbox.Prebuilt(fds[0])
+        else:
+            for fd in fds:
+                os.close(fd)
+            answer = Failed(record)
+        if ticket in self._discarded:
+            self._discarded.discard(ticket)
+            if isinstance(answer, sandbox.Prebuilt):
+                answer.kill()
+                answer.close()
+        else:
+            self._answers[ticket] = answer
+
+    def close(self) -> None:
+        """Kill every sandbox not taken, stop the builder (it kills what it is building)."""
+        for ticket in list(self._answers):
+            self.discard(ticket)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+# --- the builder process (S) -----------------------------------------------------------------
+
+
+def serve() -> None:
+    """Main of S: build each requested sandbox, answer with its pidfd or its setup error."""
+    sock = socket.socket(fileno=int(sys.argv[2]))
+    parent = int(sys.argv[3])
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # A' and B' follow: each dies with its parent
+    if os.getppid() != parent:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
+    plans: dict[int, MountPlan] = {}
+    while True:
+        try:
+            message = sock.recv(MAX_MESSAGE)
+        except OSError:
+            return
+        if not message:
+            return  # P closed its end: P's pidfds keep its sandboxes; A' and B' die with S
+        ticket, plan_id, plan, config = pickle.loads(message)
+        if plan is not None:
+            plans[plan_id] = plan
+        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno())
+        try:
+            socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
+        except OSError:
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        _reap()
+
+
+def _build(config: sandbox.SandboxConfig, keep_out: int) -> tuple[dict[str, Any], list[int]]:
+    """Fork A' for *config*; its first answer: ready (with B's pidfd) or a setup error."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    builder_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(keep_out)
+        ours.close()
+        sandbox.build_ahead(config, theirs.detach(), builder_pid)
+    theirs.close()
+    with ours:
+        try:
+            record, fds = _receive(ours)
+        except (OSError, wire.WireError) as exc:
+            record, fds = {"kind": "setup_error", "process": "A", "step": "build", "message": str(exc)}, []
+    if record is None:
+        _, status = os.waitpid(pid, 0)
+        record = {
+            "kind": "setup_error",
+            "process": "A",
+            "step": "build",
+            "errno": None,
+            "message": f"the sandbox's processes exited before it was built (status {status})",
+        }
+    return record, fds
+
+
+def _reap() -> None:
+    """Collect A' processes whose sandboxes are gone."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
