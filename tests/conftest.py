@@ -42,14 +42,28 @@ def tiny_image() -> Path:
     return TINY_IMAGE
 
 
+BUILD_MODES = {"prebuilt": (), "forked": ("-o", "nsbox_prebuild=false")}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_build_modes") and "run_inner" in metafunc.fixturenames:
+        metafunc.parametrize("build_mode", list(BUILD_MODES))
+
+
 @pytest.fixture
-def run_inner(pytester: pytest.Pytester):
+def build_mode() -> str:
+    """How the inner pytest builds sandboxes: "prebuilt" (the default) or "forked" (nsbox_prebuild=false)."""
+    return "prebuilt"
+
+
+@pytest.fixture
+def run_inner(pytester: pytest.Pytester, build_mode: str):
     """Run pytest in a subprocess (it forks and unshares) on the given test source."""
 
     def run(source: str, *args: str, conftest: str | None = None, timeout: float = 300) -> pytest.RunResult:
         pytester.makepyfile(test_inner=source)
         if conftest is not None:
             pytester.makeconftest(conftest)
-        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=timeout)
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *BUILD_MODES[build_mode], *args, timeout=timeout)
 
     return run

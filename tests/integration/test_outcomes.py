@@ -6,7 +6,7 @@ import pytest
 
 from pytest_nsbox import reports
 
-pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
+pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.both_build_modes]
 
 
 def test_pass_fail_and_captured_output(run_inner) -> None:
