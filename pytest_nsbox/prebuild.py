@@ -20,6 +20,7 @@ wire records. All sockets are SOCK_SEQPACKET: one message, one record (and its p
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -186,6 +187,7 @@ def serve() -> None:
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
+    gc.freeze()  # what is imported now is never traversed (and copied) by a collection in A' or B'
     plans: dict[int, MountPlan] = {}
     while True:
         try:

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pytest
 
@@ -252,8 +252,10 @@ class SandboxRunner:
         if self._builder is None or nextitem is None or not self.wants(nextitem):
             return
         try:
-            prepared = self._prepare(nextitem)
+            prepared = self._prepare(nextitem, ahead=True)
         except Exception:  # noqa: BLE001 - it surfaces again when the item runs
+            return
+        if prepared is None:
             return
         ticket = None
         if not isinstance(prepared, pytest.TestReport):
@@ -295,10 +297,10 @@ class SandboxRunner:
             spec, plan, cgroup = prepared
             if ticket is None:
                 ticket = self._submit(self.sandbox_config(spec, plan, cgroup))
-            self._prepare_next(nextitem)
             setup = pytest.CallInfo.from_call(lambda: setup_wider_fixtures(item), when="setup")
             if setup.excinfo is not None:
                 self._discard(prepared, ticket)
+                self._prepare_next(nextitem)
                 yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
             else:
                 config = self.sandbox_config(spec, plan, cgroup)  # now: the cwd the wider fixtures left
@@ -307,6 +309,7 @@ class SandboxRunner:
                 if isinstance(built, prebuild.Failed):
                     result = sandbox.SandboxResult(records=[built.record])
                     self._discard(prepared, None)  # its processes are exiting: empty the cgroup, remove it
+                    self._prepare_next(nextitem)
                 else:
                     result = sandbox.run(
                         config,
@@ -315,6 +318,7 @@ class SandboxRunner:
                         cgroup=cgroup,
                         after_reap=after_reap,
                         prebuilt=built,
+                        while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
                     )
                 usage = result.usage
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=spec, result=result)
@@ -328,8 +332,18 @@ class SandboxRunner:
         c_teardown = next((r for r in sandbox_reports if r.when == "teardown"), None)
         yield self._teardown_in_parent(item, nextitem, c_teardown)
 
-    def _prepare(self, item: pytest.Item) -> Prepared:
-        """The spec and mount plan, or the setup report that says why there is no sandbox."""
+    @overload
+    def _prepare(self, item: pytest.Item) -> Prepared: ...
+
+    @overload
+    def _prepare(self, item: pytest.Item, *, ahead: bool) -> Prepared | None: ...
+
+    def _prepare(self, item: pytest.Item, *, ahead: bool = False) -> Prepared | None:
+        """The spec and mount plan, or the setup report that says why there is no sandbox.
+
+        *ahead* (while another test runs): None instead of resolving an image not resolved yet,
+        which may mean a long build that must not delay the running test's timeout.
+        """
         error: str | None = None
         try:
             spec = self.spec_for(item)
@@ -337,6 +351,8 @@ class SandboxRunner:
             error = str(exc)
         if error is not None:
             return reports.failure_report(item, "setup", error)
+        if ahead and spec.image != "host" and spec.image not in self._images:
+            return None
         if not probe.linux().ok:
             return self._unavailable(item, probe.linux().describe())
         try:

@@ -392,6 +392,7 @@ def build_ahead(config: SandboxConfig, fd: int, builder_pid: int) -> None:
     *fd* is a SOCK_SEQPACKET socket to the builder: setup errors go there as records, and B'
     sends "ready" there with a pidfd of itself once the root is built.
     """
+    gc.disable()  # a collection would touch (and copy) every page of the builder's heap
     try:
         channel = Channel(fd)
         _guard_parent(channel, "A", builder_pid, in_new_pid_namespace=False)
@@ -473,7 +474,12 @@ def _run_direct(config: SandboxConfig, write_fd: int, p_pid: int, target: Callab
     gc.disable()  # C turns it back on for the test
     try:
         channel = Channel(write_fd)
-        _guard_parent(channel, "C", p_pid, in_new_pid_namespace=True)
+        try:
+            L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != 0:  # P is outside this PID namespace: 0 while it lives, B' (1) once it died
+                os._exit(EXIT_SETUP_FAILED)
+        except BaseException as exc:
+            _fail(channel, "C", "set_parent_death_signal", exc)
         _ignore_signals_of_p()
         keep = {0, 1, 2, channel.fd, prebuilt.pidfd} | ({config.stack_fd} if config.stack_fd is not None else set())
         steps: list[tuple[str, Callable[[], None]]] = [
@@ -601,6 +607,7 @@ def run(
     cgroup: cgroups.Cgroup | None = None,
     after_reap: Callable[[], None] | None = None,
     prebuilt: Prebuilt | None = None,
+    while_running: Callable[[], None] | None = None,
 ) -> SandboxResult:
     """Run *target* as the test process inside a sandbox; return what came back over the result pipe.
 
@@ -611,7 +618,8 @@ def run(
     The pipe reaches EOF when every process of the test is gone; P goes on when the test sent
     "done" (it killed what it left). The processes that exit while the namespaces are torn down
     are reaped later unless their status is needed now, and *after_reap* runs then. After
-    *timeout* seconds the test's stack is dumped and the sandbox killed.
+    *timeout* seconds the test's stack is dumped and the sandbox killed. *while_running* is called
+    in P right after the fork: work that need not wait for the test.
     """
     reap_finished()
     read_fd, write_fd = os.pipe()
@@ -658,6 +666,8 @@ def run(
     test_exit = os.pidfd_open(child_pid) if direct else None
     watched = [read_fd] if test_exit is None else [read_fd, test_exit]
     try:
+        if while_running is not None:
+            while_running()
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             ready = select.select(watched, [], [], max(remaining, 0) if remaining is not None else None)[0]
