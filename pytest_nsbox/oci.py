@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-from filelock import FileLock
-
 from . import _linux as L
 
 log = logging.getLogger(__name__)
@@ -373,6 +371,7 @@ def ensure_layer(cache: Path, layer: Layer, name: str) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # lazy: it installs fork handlers that every sandbox fork would run
     with FileLock(str(final) + ".lock"):
         if final.is_dir():
             return final
@@ -515,6 +514,7 @@ def prune(cache: Path, *, older_than: float | None = None) -> list[str]:
     layers_root = cache / "layers" / "sha256"
     for entry in sorted(layers_root.glob("*")) if layers_root.is_dir() else []:
         if entry.is_dir() and not entry.name.startswith(".") and f"sha256:{entry.name}" not in keep:
+            from filelock import FileLock  # lazy: it installs fork handlers that every sandbox fork would run
             with FileLock(str(entry) + ".lock"):
                 _remove_tree(entry)
             Path(str(entry) + ".lock").unlink(missing_ok=True)

@@ -38,8 +38,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from filelock import FileLock
-
 from . import mounts, oci, sandbox
 
 RECIPE_FILE: Final = "image.toml"
@@ -212,6 +210,7 @@ class Builder:
         if final.is_dir():
             return str(final)
         final.parent.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock  # lazy: it installs fork handlers that every sandbox fork would run
         with FileLock(str(final) + ".lock"):
             if final.is_dir():
                 return str(final)
