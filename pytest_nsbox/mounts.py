@@ -190,6 +190,22 @@ class BindMount:
 
 
 @dataclass(frozen=True, slots=True)
+class BindProc:
+    """Bind the /proc mounted for the sandbox's PID namespace before the user namespace was entered.
+
+    A process may mount a proc only with CAP_SYS_ADMIN over the user namespace that owns the PID
+    namespace; in a prebuilt sandbox that is the builder's, not the sandbox's own.
+    """
+
+    target: str
+    name: str = "mount_proc"
+
+    def run(self) -> None:
+        os.makedirs(self.target, exist_ok=True)
+        L.mount(b"/proc", _b(self.target), None, L.MS_BIND)
+
+
+@dataclass(frozen=True, slots=True)
 class RemountReadonly:
     """Make an existing mount inside the new root read-only (``/proc/sys``)."""
 

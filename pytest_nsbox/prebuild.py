@@ -5,17 +5,21 @@ The builder is a fresh interpreter, started once per pytest process, that import
 mechanism modules of this package, so its forks are cheap. It builds the sandbox of the *next*
 test while the current one runs:
 
-    S   builder      reads build requests from P, forks A' per request, forwards the answer
-    └─ A'  unsharer  joins the cgroup, unshare(...), id maps, forks B', waits for it
-       └─ B'  PID 1  runs the mount plan, pivot_root, hostname, loopback; sends a pidfd of
-                     itself ("ready"), then reaps orphans until it is killed
+    S   builder      enters a user namespace of its own (root inside = the caller) and a PID
+    │                namespace for its child; waits for W
+    └─ W   worker    PID 1 of that PID namespace; reads build requests from P; per request
+       │             creates a PID namespace, forks B' into it, switches back, forwards the answer
+       └─ B'  PID 1  joins the cgroup, mounts a /proc of its PID namespace, unshares the sandbox's
+                     user, mount, network, UTS, IPC and cgroup namespaces, runs the mount plan,
+                     sends P a pidfd of itself ("ready"), then reaps orphans until it is killed
 
-When the test starts, P forks C, which enters B's namespaces with setns(pidfd) and forks the
-test process there (``sandbox.run(..., prebuilt=...)``). P kills B' when the test is over; the
-PID namespace takes every process inside with it. Nothing of the test ever runs in S, A' or B'.
+When the test starts, P forks it straight into B's PID namespace (as root) or forks a C that
+joins B's namespaces and forks the test (rootless); see ``sandbox.run(..., prebuilt=...)``. P
+kills B' when the test is over; the PID namespace takes every process inside with it. Nothing
+of the test ever runs in S, W or B'.
 
-P -> S messages are pickled requests (S is P's own child); S -> P and A'/B' -> S messages are
-wire records. All sockets are SOCK_SEQPACKET: one message, one record (and its pidfd).
+P -> W messages are pickled requests (W is P's own grandchild); W -> P and B' -> W messages
+are wire records. All sockets are SOCK_SEQPACKET: one message, one record (and its pidfd).
 """
 
 from __future__ import annotations
@@ -144,6 +148,8 @@ class Builder:
         if record is None:
             status = self._process.wait() if self._process is not None else None
             raise BuilderError(f"the sandbox builder exited (status {status})")
+        if record["kind"] == "builder_failed":
+            raise BuilderError(str(record.get("message")))
         ticket = int(record.get("ticket", -1))
         answer: sandbox.Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
@@ -180,14 +186,34 @@ class Builder:
 
 
 def serve() -> None:
-    """Main of S: build each requested sandbox, answer with its pidfd or its setup error."""
+    """Main of S: enter the builder's namespaces, fork the worker (W) and wait for it."""
     sock = socket.socket(fileno=int(sys.argv[2]))
     parent = int(sys.argv[3])
-    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # A' and B' follow: each dies with its parent
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # W and the sandboxes follow: each dies with its parent
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
-    gc.freeze()  # what is imported now is never traversed (and copied) by a collection in A' or B'
+    try:
+        sandbox.enter_builder_namespaces(os.getuid(), os.getgid())
+        worker = os.fork()
+    except OSError as exc:
+        sock.send(wire.encode({"kind": "builder_failed", "message": f"cannot set up the sandbox builder: {exc}"}))
+        return
+    if worker == 0:
+        _work(sock)
+        os._exit(0)
+    sock.close()
+    os.waitpid(worker, 0)
+
+
+def _work(sock: socket.socket) -> None:
+    """Main of W, PID 1 of the builder's PID namespace: build each requested sandbox, answer with
+    its pidfd or its setup error, reap the sandboxes' B' processes P killed."""
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != 0:  # S is outside this PID namespace
+        return
+    factory = sandbox.PidNamespaceFactory()
+    gc.freeze()  # what is imported now is never traversed (and copied) by a collection in B'
     plans: dict[int, MountPlan] = {}
     while True:
         try:
@@ -199,7 +225,7 @@ def serve() -> None:
         ticket, plan_id, plan, config = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno())
+        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno(), factory)
         try:
             socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
         except OSError:
@@ -210,26 +236,32 @@ def serve() -> None:
         _reap()
 
 
-def _build(config: sandbox.SandboxConfig, keep_out: int) -> tuple[dict[str, Any], list[int]]:
-    """Fork A' for *config*; its first answer: ready (with B's pidfd) or a setup error."""
+def _build(
+    config: sandbox.SandboxConfig, keep_out: int, factory: sandbox.PidNamespaceFactory
+) -> tuple[dict[str, Any], list[int]]:
+    """Fork B' for *config*; its first answer: ready (with its pidfd) or a setup error."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    builder_pid = os.getpid()
-    pid = os.fork()
+    try:
+        pid = factory.fork()
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        return {"kind": "setup_error", "process": "B", "step": "fork_pid_namespace", "errno": exc.errno, "message": str(exc)}, []
     if pid == 0:
         os.close(keep_out)
         ours.close()
-        sandbox.build_ahead(config, theirs.detach(), builder_pid)
+        sandbox.build_ahead(config, theirs.detach())
     theirs.close()
     with ours:
         try:
             record, fds = _receive(ours)
         except (OSError, wire.WireError) as exc:
-            record, fds = {"kind": "setup_error", "process": "A", "step": "build", "message": str(exc)}, []
+            record, fds = {"kind": "setup_error", "process": "B", "step": "build", "message": str(exc)}, []
     if record is None:
         _, status = os.waitpid(pid, 0)
         record = {
             "kind": "setup_error",
-            "process": "A",
+            "process": "B",
             "step": "build",
             "errno": None,
             "message": f"the sandbox's processes exited before it was built (status {status})",

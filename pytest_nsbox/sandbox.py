@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from . import _linux as L
 from . import cgroups, wire
-from .mounts import ROOT_SOURCE, MountPlan
+from .mounts import ROOT_SOURCE, BindProc, MountFs, MountPlan, Step
 
 EXIT_SETUP_FAILED: Final = 125
 EXIT_INTERNAL_ERROR: Final = 126
@@ -386,49 +386,93 @@ class Prebuilt:
         os.close(self.pidfd)
 
 
-def build_ahead(config: SandboxConfig, fd: int, builder_pid: int) -> None:
-    """Body of A' (forked by the builder): unshare, fork B', wait for it. Never returns.
+def enter_builder_namespaces(uid: int, gid: int) -> None:
+    """In the builder: a user namespace (root inside = *uid*) and a PID namespace for its children.
 
-    *fd* is a SOCK_SEQPACKET socket to the builder: setup errors go there as records, and B'
-    sends "ready" there with a pidfd of itself once the root is built.
+    The builder then forks its worker, PID 1 of that PID namespace, which owns (through the
+    user namespace) every PID namespace it creates for a sandbox and may switch back to its own.
+    """
+    L.unshare(L.CLONE_NEWUSER | L.CLONE_NEWPID)
+    write_id_maps(uid, gid)
+
+
+class PidNamespaceFactory:
+    """The builder's worker: fork a process that is PID 1 of a new PID namespace, then switch back."""
+
+    def __init__(self) -> None:
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def fork(self) -> int:
+        L.unshare(L.CLONE_NEWPID)  # only the next child goes there: it is its PID 1
+        try:
+            pid = os.fork()
+        except BaseException:
+            L.setns(self._own, L.CLONE_NEWPID)
+            raise
+        if pid:
+            L.setns(self._own, L.CLONE_NEWPID)
+        return pid
+
+
+def build_ahead(config: SandboxConfig, fd: int) -> None:
+    """Body of B' (forked by the builder's worker, PID 1 of a new PID namespace). Never returns.
+
+    Builds the sandbox, sends "ready" with a pidfd of itself over *fd* (a SOCK_SEQPACKET socket
+    to the worker; setup errors go there as records), then reaps orphans until it is killed.
+
+    B' starts in the builder's user namespace, which owns its PID namespace: there it mounts a
+    /proc for that PID namespace (only a process with CAP_SYS_ADMIN over the PID namespace's
+    owner may). Then it unshares a user namespace of the sandbox's own with every other
+    namespace, and the mount plan binds that /proc instead of mounting one.
     """
     gc.disable()  # a collection would touch (and copy) every page of the builder's heap
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # the reaping loop sigwaits for it
     try:
         channel = Channel(fd)
-        _guard_parent(channel, "A", builder_pid, in_new_pid_namespace=False)
-        _ignore_signals_of_p()
-        _run_steps(channel, "A", _unshare_steps(config, {0, 1, 2, fd}))
-        a_pid = os.getpid()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # B' waits for it with sigwait
-        b_pid = os.fork()
-        if b_pid == 0:
-            _idle_pid1(config, channel, a_pid)
-        os.close(fd)
-        _, status = os.waitpid(b_pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        try:
+            L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != 0:  # the worker is outside this PID namespace: 0 while it lives
+                os._exit(EXIT_SETUP_FAILED)
+        except BaseException as exc:
+            _fail(channel, "B", "set_parent_death_signal", exc)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, fd})),
+            ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
+            ("mount_proc_for_pid_namespace", _mount_own_proc),
+            ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),
+            ("write_id_maps", lambda: write_id_maps(0, 0)),
+        ]
+        _run_steps(channel, "B", steps)
+        _run_steps(channel, "B", [(step.name, step.run) for step in prebuilt_plan_steps(config.plan)])
+        try:
+            pidfd = os.pidfd_open(os.getpid())
+        except OSError as exc:
+            _fail(channel, "B", "open_pidfd", exc)
+        with socket.socket(fileno=channel.fd) as sock:
+            socket.send_fds(sock, [wire.encode({"kind": "ready"})], [pidfd])
+        os.close(pidfd)
+        while True:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+            signal.sigwait({signal.SIGCHLD})  # blocked from the start: an orphan's exit is never missed
     finally:
         os._exit(EXIT_INTERNAL_ERROR)
 
 
-def _idle_pid1(config: SandboxConfig, channel: Channel, a_pid: int) -> None:
-    """B': build the root, hand P a pidfd of this process, then reap orphans until killed."""
-    channel = Channel(channel.fd)
-    _guard_parent(channel, "B", a_pid, in_new_pid_namespace=True)
-    _run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
-    try:
-        pidfd = os.pidfd_open(os.getpid())
-    except OSError as exc:
-        _fail(channel, "B", "open_pidfd", exc)
-    with socket.socket(fileno=channel.fd) as sock:
-        socket.send_fds(sock, [wire.encode({"kind": "ready"})], [pidfd])
-    os.close(pidfd)
-    while True:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            pass
-        signal.sigwait({signal.SIGCHLD})  # blocked since A': an orphan's exit is never missed
+def _mount_own_proc() -> None:
+    """A mount namespace of the builder's, with a /proc of this PID namespace over the host's."""
+    L.unshare(L.CLONE_NEWNS)
+    L.mount(b"proc", b"/proc", b"proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+
+
+def prebuilt_plan_steps(plan: MountPlan) -> tuple[Step, ...]:
+    """The plan's steps, with /proc bound from the one B' mounted before entering its user namespace."""
+    return tuple(
+        BindProc(step.target) if isinstance(step, MountFs) and step.fstype == "proc" else step for step in plan.steps
+    )
 
 
 def _process_joiner(
@@ -558,8 +602,8 @@ class _Finishing:
                 self.reaped = True
         if not self.reaped or self.prebuilt is None:
             return self.reaped
-        # B' and A' are the builder's; B's pidfd tells when the namespace is empty, the cgroup
-        # when A' has left too.
+        # B' is the builder's: its pidfd tells when the namespace is empty (B' exits last), the
+        # cgroup when B' itself is out too.
         return self.prebuilt.exited() and (self.cgroup is None or not self.cgroup.pids())
 
     def finish(self) -> None:
