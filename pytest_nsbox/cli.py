@@ -19,6 +19,13 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     results = probe.all_probes()
     for result in results:
         print(("ok    " if result.ok else "FAIL  ") + result.describe())
+    if probe.prebuild_supported():
+        how = "ahead of each test by a builder process; the test " + (
+            "forks straight into its sandbox (root)" if os.geteuid() == 0 else "enters it through one more fork (rootless)"
+        )
+    else:
+        how = "when each test starts (setns through a pidfd needs Linux 5.8)"
+    print(f"info  sandboxes are built {how}")
     print(f"uid {os.getuid()}, kernel {os.uname().release}, python {sys.version.split()[0]}")
     return 0 if all(r.ok for r in results) else 1
 

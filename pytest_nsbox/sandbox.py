@@ -33,6 +33,7 @@ from . import _linux as L
 from . import cgroups, wire
 from .mounts import ROOT_SOURCE, BindProc, MountFs, MountPlan, Step
 
+MAX_FD: Final = 1 << 20  # fs.nr_open's default; close_range(2) takes any upper bound
 EXIT_SETUP_FAILED: Final = 125
 EXIT_INTERNAL_ERROR: Final = 126
 NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
@@ -146,14 +147,16 @@ def _run_steps(channel: Channel, process: str, steps: Iterable[tuple[str, Callab
             _fail(channel, process, name, exc)
 
 
-def close_inherited_fds(keep: Iterable[int]) -> None:
-    """Close descriptors that could reach outside: directories, sockets, pipes, anon inodes.
+def kept_descriptors(keep: Iterable[int]) -> set[int]:
+    """The descriptors a sandbox keeps; every other one could reach outside.
 
     Kept: *keep*, regular files and character devices (pytest's capture files, /dev/null, a
-    tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). xdist's channel
-    is a pair of pipes that are none of these.
+    tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). Directories,
+    sockets, pipes, anonymous inodes and namespace files (regular files of nsfs) are not:
+    xdist's channel is a pair of pipes.
     """
-    keep_set = set(keep)
+    kept = set(keep)
+    nsfs = os.stat("/proc/self/ns/net").st_dev
     std_files = set()
     for fd in (0, 1, 2):
         try:
@@ -163,15 +166,30 @@ def close_inherited_fds(keep: Iterable[int]) -> None:
         std_files.add((st.st_dev, st.st_ino))
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd in keep_set:
-            continue
         try:
             st = os.fstat(fd)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or (st.st_dev, st.st_ino) in std_files:
+        if st.st_dev == nsfs:
             continue
-        os.close(fd)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or (st.st_dev, st.st_ino) in std_files:
+            kept.add(fd)
+    return kept
+
+
+def close_all_but(kept: Iterable[int]) -> None:
+    """Close every descriptor not in *kept*, also one opened after *kept* was computed."""
+    low = 0
+    for fd in sorted(set(kept)):
+        if fd > low:  # closerange(n, n) would be close_range(n, -1): everything from n on
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAX_FD)
+
+
+def close_inherited_fds(keep: Iterable[int]) -> None:
+    """Close descriptors that could reach outside (see kept_descriptors)."""
+    close_all_but(kept_descriptors(keep))
 
 
 def write_id_maps(uid: int, gid: int) -> None:
@@ -476,14 +494,13 @@ def prebuilt_plan_steps(plan: MountPlan) -> tuple[Step, ...]:
 
 
 def _process_joiner(
-    config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt
+    config: SandboxConfig, channel: Channel, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt, kept: set[int]
 ) -> None:
     """C of a prebuilt sandbox: enter B's namespaces, fork the test process, send its status."""
     _guard_parent(channel, "C", p_pid, in_new_pid_namespace=False)
     _ignore_signals_of_p()
-    keep = {0, 1, 2, channel.fd, prebuilt.pidfd} | ({config.stack_fd} if config.stack_fd is not None else set())
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("close_inherited_fds", lambda: close_inherited_fds(keep)),
+        ("close_inherited_fds", lambda: close_all_but(kept)),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
         ("join_namespaces", lambda: L.setns(prebuilt.pidfd, config.clone_flags)),
     ]
@@ -504,16 +521,20 @@ def _process_joiner(
     os._exit(0)
 
 
-def _run_joiner(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt) -> None:
+def _run_joiner(
+    config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt, kept: set[int]
+) -> None:
     """Body of C for a prebuilt sandbox; never returns into the caller's (pytest's) code."""
     gc.disable()
     try:
-        _process_joiner(config, Channel(write_fd), p_pid, target, prebuilt)
+        _process_joiner(config, Channel(write_fd), p_pid, target, prebuilt, kept)
     finally:
         os._exit(EXIT_INTERNAL_ERROR)
 
 
-def _run_direct(config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt) -> None:
+def _run_direct(
+    config: SandboxConfig, write_fd: int, p_pid: int, target: Callable[[Channel], None], prebuilt: Prebuilt, kept: set[int]
+) -> None:
     """Body of the test process forked by P straight into a prebuilt sandbox's PID namespace."""
     gc.disable()  # C turns it back on for the test
     try:
@@ -525,9 +546,8 @@ def _run_direct(config: SandboxConfig, write_fd: int, p_pid: int, target: Callab
         except BaseException as exc:
             _fail(channel, "C", "set_parent_death_signal", exc)
         _ignore_signals_of_p()
-        keep = {0, 1, 2, channel.fd, prebuilt.pidfd} | ({config.stack_fd} if config.stack_fd is not None else set())
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("close_inherited_fds", lambda: close_inherited_fds(keep)),
+            ("close_inherited_fds", lambda: close_all_but(kept)),
             ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
             ("join_namespaces", lambda: L.setns(prebuilt.pidfd, config.clone_flags & ~L.CLONE_NEWPID)),
         ]
@@ -670,6 +690,10 @@ def run(
     stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
     config = replace(config, stack_fd=stack_write)
     p_pid = os.getpid()
+    kept: set[int] = set()
+    if prebuilt is not None:  # classified here: in the child, every page this touches would be copied
+        kept = kept_descriptors({0, 1, 2, write_fd, prebuilt.pidfd} | ({stack_write} if stack_write is not None else set()))
+        kept -= {read_fd} | ({stack_read} if stack_read is not None else set())
     # Frozen, the inherited heap is never traversed by the children's garbage collector: a
     # collection in A, B or C would otherwise touch (and copy) every page of pytest's heap.
     gc.freeze()
@@ -695,8 +719,8 @@ def run(
             os.close(stack_read)
         if prebuilt is not None:
             if direct:
-                _run_direct(config, write_fd, p_pid, target, prebuilt)
-            _run_joiner(config, write_fd, p_pid, target, prebuilt)
+                _run_direct(config, write_fd, p_pid, target, prebuilt, kept)
+            _run_joiner(config, write_fd, p_pid, target, prebuilt, kept)
         _run_child(config, write_fd, p_pid, target)
     os.close(write_fd)
     if stack_write is not None:

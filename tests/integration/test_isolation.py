@@ -192,7 +192,9 @@ def test_inherited_descriptors_are_closed(run_inner) -> None:
         def host_handles():
             dir_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            yield dir_fd, sock.fileno()
+            ns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)  # setns() into the host's network
+            yield dir_fd, sock.fileno(), ns_fd
+            os.close(ns_fd)
             sock.close()
             os.close(dir_fd)
 

@@ -20,6 +20,9 @@ import os
 import re
 
 def _count():
+    from pytest_nsbox import sandbox
+
+    sandbox.reap_finished(block=True)  # a sandbox still exiting holds a pidfd until it is reaped
     return len(os.listdir("/proc/self/fd"))
 
 def pytest_sessionstart(session):
