@@ -216,6 +216,18 @@ def drop_capabilities(cap_last_cap: int) -> None:
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
 
 
+def harden_init() -> None:
+    """PID 1 after the root is built: not dumpable and no capabilities.
+
+    The test runs as the same user in the same user namespace; without this it could ptrace
+    PID 1 (or write its /proc/1/mem) and use PID 1's CAP_SYS_ADMIN to remount a read-only bind
+    read-write. Reaping orphans needs no privilege.
+    """
+    L.prctl(L.PR_SET_DUMPABLE, 0)
+    L.capset(0, 0, 0)
+    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+
+
 def root_mount_source(mountinfo: str) -> str | None:
     """The source of the mount at "/" (the last one stacked there)."""
     source = None
@@ -306,6 +318,11 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
     c_pid = os.fork()
     if c_pid == 0:
         _process_c(config, channel, target)
+    try:
+        harden_init()
+    except OSError as exc:
+        os.kill(c_pid, signal.SIGKILL)
+        _fail(channel, "B", "harden_init", exc)
     # PID 1: reap every orphan until C is gone; then kill and reap what C left running, so that
     # nothing of the test runs any more when P reads EOF. B's exit then tears the namespaces
     # down while P already goes on (P reaps A later).
@@ -462,6 +479,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> None:
         ]
         _run_steps(channel, "B", steps)
         _run_steps(channel, "B", [(step.name, step.run) for step in prebuilt_plan_steps(config.plan)])
+        _run_steps(channel, "B", [("harden_init", harden_init)])
         try:
             pidfd = os.pidfd_open(os.getpid())
         except OSError as exc:
