@@ -216,14 +216,17 @@ def drop_capabilities(cap_last_cap: int) -> None:
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def harden_init() -> None:
-    """PID 1 after the root is built: not dumpable and no capabilities.
+def harden_init(cap_last_cap: int) -> None:
+    """PID 1 after the root is built: no capabilities, and none to regain (bounding set, no_new_privs).
 
-    The test runs as the same user in the same user namespace; without this it could ptrace
-    PID 1 (or write its /proc/1/mem) and use PID 1's CAP_SYS_ADMIN to remount a read-only bind
-    read-write. Reaping orphans needs no privilege.
+    The test runs as the same user in the same user namespace and may ptrace PID 1 (it must stay
+    dumpable: joining a prebuilt sandbox through its pidfd is a ptrace access check); with its
+    capabilities, PID 1 would lend the test CAP_SYS_ADMIN, e.g. to remount a read-only bind of
+    the checkout read-write. Reaping orphans needs no privilege.
     """
-    L.prctl(L.PR_SET_DUMPABLE, 0)
+    for cap in range(cap_last_cap + 1):
+        L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
     L.capset(0, 0, 0)
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
 
@@ -319,7 +322,7 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Call
     if c_pid == 0:
         _process_c(config, channel, target)
     try:
-        harden_init()
+        harden_init(config.cap_last_cap)
     except OSError as exc:
         os.kill(c_pid, signal.SIGKILL)
         _fail(channel, "B", "harden_init", exc)
@@ -479,7 +482,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> None:
         ]
         _run_steps(channel, "B", steps)
         _run_steps(channel, "B", [(step.name, step.run) for step in prebuilt_plan_steps(config.plan)])
-        _run_steps(channel, "B", [("harden_init", harden_init)])
+        _run_steps(channel, "B", [("harden_init", lambda: harden_init(config.cap_last_cap))])
         try:
             pidfd = os.pidfd_open(os.getpid())
         except OSError as exc:
