@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -105,6 +106,7 @@ REFERENCE: Final = "forked"
 class RunResult:
     wall: float  # seconds, whole pytest process
     session: float  # seconds, as reported on pytest's summary line
+    cpu: float  # seconds of user + system time of pytest and every process it started and reaped
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Samples:
     wall_1: list[float] = field(default_factory=list)
     session_n: list[float] = field(default_factory=list)
     session_1: list[float] = field(default_factory=list)
+    cpu_n: list[float] = field(default_factory=list)
+    cpu_1: list[float] = field(default_factory=list)
 
 
 # --- environments ----------------------------------------------------------------------------
@@ -216,6 +220,7 @@ class Runner:
     def run(self, config: BenchConfig, test_file: Path, expected_passed: int, *extra: str) -> tuple[RunResult, str]:
         cmd = self.command(config, test_file, *extra)
         env = {**self.env, **config.env}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -224,8 +229,10 @@ class Runner:
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"[{config.name}] timed out after {self.timeout:.0f}s: {shlex.join(cmd)}") from exc
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         session = check_outcome(config, cmd, proc, expected_passed)
-        return RunResult(wall, session), proc.stdout
+        return RunResult(wall, session, cpu), proc.stdout
 
 
 def check_outcome(config: BenchConfig, cmd: Sequence[str], proc: subprocess.CompletedProcess[str], n: int) -> float:
@@ -285,6 +292,7 @@ def measure(configs: Sequence[BenchConfig], runner: Runner, n: int, rounds: int,
             s = samples[config.name]
             (s.wall_n if count == n else s.wall_1).append(result.wall)
             (s.session_n if count == n else s.session_1).append(result.session)
+            (s.cpu_n if count == n else s.cpu_1).append(result.cpu)
     return samples
 
 
@@ -297,17 +305,18 @@ def render_table(configs: Sequence[BenchConfig], samples: Mapping[str, Samples],
     per_test = {c.name: marginal_ms(samples[c.name].wall_n, samples[c.name].wall_1, n) for c in configs}
     reference = statistics.median(per_test[REFERENCE]) if REFERENCE in per_test else None
     rows = [
-        "| config | pytest | per-test ms (median) | min-max ms | x forked | in-session ms | wall N s | wall 1 s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| config | pytest | per-test ms (median) | min-max ms | x forked | in-session ms | CPU ms | wall N s | wall 1 s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in configs:
         s, costs = samples[c.name], per_test[c.name]
         median = statistics.median(costs)
         ratio = f"{median / reference:.2f}" if reference else "-"
         session = statistics.median(marginal_ms(s.session_n, s.session_1, n))
+        cpu = statistics.median(marginal_ms(s.cpu_n, s.cpu_1, n))
         rows.append(
             f"| {c.name} | {pytest_version(versions[c.venv])} | {median:.2f} | {min(costs):.2f}-{max(costs):.2f} "
-            f"| {ratio} | {session:.2f} | {statistics.median(s.wall_n):.3f} | {statistics.median(s.wall_1):.3f} |"
+            f"| {ratio} | {session:.2f} | {cpu:.2f} | {statistics.median(s.wall_n):.3f} | {statistics.median(s.wall_1):.3f} |"
         )
     return "\n".join(rows)
 
@@ -330,7 +339,9 @@ def render_report(
         render_table(configs, samples, args.n, versions),
         "",
         "per-test = (wall(N) - wall(1)) / (N - 1) per round, median over rounds; in-session uses pytest's own",
-        "'passed in Xs' instead of wall time (no interpreter start-up). Configs:",
+        "'passed in Xs' instead of wall time (no interpreter start-up); CPU is the same marginal of the user and",
+        "system time of pytest and all its reaped descendants (what the test costs when every core is busy,",
+        "as under xdist -n auto, where work done beside the test is no longer free). Configs:",
         "",
         *(f"- `{c.name}`: {c.description}; args `{shlex.join(c.args)}`" for c in configs),
     ]
