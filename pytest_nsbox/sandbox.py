@@ -1,15 +1,23 @@
-"""The process model: P forks A (unsharer), A forks B (PID 1, builds the root), B forks C (the test).
+"""The process model, in two forms.
 
-    P  pytest            forks A, reads the result pipe to EOF, waits for A; kills A on interrupt
+Built when the test starts (``run(config, target)``; recipes' run steps, ``nsbox shell``,
+``nsbox_prebuild = false``, kernels before 5.8):
+
+    P  pytest            forks A, reads the result pipe, waits for A; kills A on interrupt
     A  unsharer          closes inherited descriptors, unshare(USER|NS|PID|NET|UTS|IPC|CGROUP),
                          writes its id maps, forks B, exits with B's status
-    B  PID 1             runs the mount plan, pivot_root, hostname, loopback; forks C; reaps every
-                         orphan until C exits; sends C's wait status
+    B  PID 1             runs the mount plan, pivot_root, hostname, loopback; forks C; gives up
+                         its capabilities; reaps every orphan until C exits; sends C's status
     C  the test          drops capabilities, verifies it is inside, runs the target
 
+Built ahead of time (``run(config, target, prebuilt=...)``, see prebuild.py): B' is PID 1 of a
+sandbox the builder made while the previous test ran. As root, P forks C straight into B's PID
+namespace and C joins the other namespaces through B's pidfd; rootless, P forks a joiner that
+enters all of them and forks C. P sees C exit through a pidfd and kills B' when C is done.
+
 A child never raises across the fork: a failure is a ``setup_error`` record plus ``os._exit``.
-When C ends, B exits and the PID namespace takes every leftover process with it; the mount
-namespace takes the scratch tmpfs (the writable layer) with it.
+When PID 1 dies, the PID namespace takes every leftover process with it; the mount namespace
+takes the scratch tmpfs (the writable layer) with it.
 """
 
 from __future__ import annotations
