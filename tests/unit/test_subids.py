@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from pytest_nsbox import subids
+from pytest_nsbox.mounts import MountPlan
+from pytest_nsbox.sandbox import SandboxConfig, unshare_steps
 
 SUBUID = """\
 # comment
@@ -116,3 +118,11 @@ def test_an_unprivileged_helper_and_no_new_privs_are_diagnosed(
         subids.find_mapping(uid=uid, which=_which, **files)
     assert caught.value.problems == [subids.HELPER_NOT_PRIVILEGED.format(path="/usr/bin/newuidmap"), subids.NO_NEW_PRIVS]
 
+
+def test_a_sandbox_maps_subordinate_ids_from_outside_only_when_asked() -> None:
+    plan = MountPlan("/scratch", "/scratch/root", ())
+    config = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40)
+    assert [name for name, _ in unshare_steps(config)] == ["unshare_namespaces", "write_id_maps"]
+    mapping = subids.IdMapping(1000, 1000, subids.Range(1, 65536), subids.Range(1, 65536), "newuidmap", "newgidmap")
+    mapped = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40, id_mapping=mapping)
+    assert [name for name, _ in unshare_steps(mapped)] == ["start_id_mapper", "unshare_namespaces", "map_subordinate_ids"]
