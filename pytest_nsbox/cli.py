@@ -19,6 +19,8 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     results = probe.all_probes()
     for result in results:
         print(("ok    " if result.ok else "FAIL  ") + result.describe())
+    for result in probe.optional_probes():
+        print(("ok    " if result.ok else "WARN  ") + result.describe())
     print(f"uid {os.getuid()}, kernel {os.uname().release}, python {sys.version.split()[0]}")
     return 0 if all(r.ok for r in results) else 1
 
