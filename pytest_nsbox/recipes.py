@@ -325,7 +325,10 @@ def _build_debian(suite: str, layer: Path, builder: Builder) -> None:
     if os.geteuid() != 0:
         _build_debian_rootless(suite, layer)
         return
-    proc = subprocess.run(debian_command(suite, layer), capture_output=True, text=True, check=False)
+    # In a mount namespace of its own, mmdebstrap's mounts (/dev, /proc, /sys in the target) never
+    # show in the host's mount table, and a build killed half-way leaves none behind.
+    command = ["unshare", "--mount", "--propagation", "private", *debian_command(suite, layer)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
