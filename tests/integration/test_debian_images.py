@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,21 @@ def test_rootless_run_step_without_subuid_says_what_is_missing(tmp_path: Path) -
     assert "run 'chown 42 /etc/passwd' failed (1)" in message
     assert recipes.SINGLE_UID_NOTE.split("{")[0] in message
     assert subids.NO_ENTRY.format(file=subuid, kind="uid", user=user, uid=os.getuid()) in message
+
+
+@pytest.mark.needs_nonroot
+@pytest.mark.needs_subuid
+@pytest.mark.skipif(not os.access("/bin/busybox", os.X_OK), reason="needs busybox-static")
+def test_rootless_run_step_reports_a_mapping_that_newuidmap_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "images" / "steps").mkdir(parents=True)
+    (tmp_path / "images" / "steps" / "image.toml").write_text("[base]\nbusybox = true\n[[steps]]\nrun = 'true'\n")
+    recipe = recipes.find("steps", [tmp_path / "images"])
+    assert recipe is not None
+    real = recipes.Builder.id_mapping
+    monkeypatch.setattr(recipes.Builder, "id_mapping", lambda self: replace(real(self), subuid=subids.Range(1, 65536)))
+    builder = recipes.Builder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None)
+    with pytest.raises(recipes.RecipeError) as caught:
+        builder.build(recipe)
+    message = str(caught.value)
+    assert "the build sandbox failed at map_subordinate_ids" in message
+    assert f" 0 {os.getuid()} 1 1 1 65536 failed (1): newuidmap: " in message  # the command, what newuidmap said
