@@ -42,7 +42,8 @@ NO_NEW_PRIVS: Final = "this process runs with no_new_privs set, which keeps the 
 NO_FILE: Final = "{file} does not exist, so user {user!r} has no subordinate {kind} range"
 NO_ENTRY: Final = "{file} has no subordinate {kind} range for user {user!r} (uid {uid})"
 TOO_SMALL: Final = "{file} gives user {user!r} at most {count} subordinate {kind}s ({ranges}); {needed} are needed"
-ADD_RANGES_HINT: Final = "as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+ADD_RANGES_HINT: Final = "as root: usermod --add-subuids {first}-{last} --add-subgids {first}-{last} {user}"
+FIRST_SUBORDINATE_ID: Final = 100000  # where useradd starts giving out ranges (SUB_UID_MIN)
 MISSING: Final = "subordinate ids cannot be mapped: {problems}"
 
 
@@ -105,6 +106,21 @@ class IdMapping:
             [self.newuidmap, str(pid), "0", str(self.uid), "1", "1", str(self.subuid.start), str(MAPPED_IDS)],
             [self.newgidmap, str(pid), "0", str(self.gid), "1", "1", str(self.subgid.start), str(MAPPED_IDS)],
         ]
+
+
+def free_start(*files: Path) -> int:
+    """The first id after every range the files give out (ranges must not overlap), at least 100000."""
+    end = FIRST_SUBORDINATE_ID
+    for file in files:
+        try:
+            text = file.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            fields = line.strip().split(":")
+            if len(fields) == 3 and not fields[0].startswith("#") and fields[1].isdigit() and fields[2].isdigit():
+                end = max(end, int(fields[1]) + int(fields[2]))
+    return end
 
 
 def _user_name(uid: int) -> str | None:
@@ -186,7 +202,10 @@ def find_mapping(
     subuid = _pick(subuid_file, "uid", user, uid, problems)
     subgid = _pick(subgid_file, "gid", user, uid, problems)
     if problems or subuid is None or subgid is None:
-        hint = ADD_RANGES_HINT.format(user=user if user is not None else uid) if len(problems) > missing_ranges else ""
+        hint = ""
+        if len(problems) > missing_ranges:
+            first = free_start(subuid_file, subgid_file)
+            hint = ADD_RANGES_HINT.format(first=first, last=first + MAPPED_IDS - 1, user=user if user is not None else uid)
         raise SubordinateIdError(problems, hint)
     newuidmap, newgidmap = helpers["newuidmap"], helpers["newgidmap"]
     assert newuidmap is not None and newgidmap is not None

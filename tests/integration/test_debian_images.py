@@ -160,7 +160,9 @@ def test_rootless_debian_without_subuid_says_what_is_missing(tmp_path: Path) -> 
     message = str(caught.value)
     assert recipes.DEBIAN_ROOTLESS in message
     assert subids.NO_ENTRY.format(file=subuid, kind="uid", user=user, uid=os.getuid()) in message
-    assert f"Hint: as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}" in message
+    first = subids.free_start(subuid, subids.SUBGID_FILE)  # after every range given out
+    usermod = f"usermod --add-subuids {first}-{first + 65535} --add-subgids {first}-{first + 65535} {user}"
+    assert f"Hint: as root: {usermod}" in message
     assert [p.name for p in (tmp_path / "cache" / "layers" / "sha256").iterdir() if not p.name.endswith(".lock")] == []
 
 

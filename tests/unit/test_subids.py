@@ -75,7 +75,8 @@ def test_no_entry_names_the_user_the_file_and_the_usermod_command(tmp_path: Path
     with pytest.raises(subids.SubordinateIdError) as caught:
         subids.find_mapping(uid=uid, which=_which, **files)
     assert caught.value.problems == [subids.NO_ENTRY.format(file=files["subuid_file"], kind="uid", user=name, uid=uid)]
-    assert caught.value.hint == f"as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}"
+    # a range that no other user has: after someoneelse's
+    assert caught.value.hint == f"as root: usermod --add-subuids 165536-231071 --add-subgids 165536-231071 {name}"
     assert str(caught.value).endswith(f". Hint: {caught.value.hint}")
 
 
@@ -94,7 +95,7 @@ def test_a_missing_file_and_a_too_small_range_are_both_reported(tmp_path: Path, 
             file=tmp_path / "subgid", user=name, count=1000, kind="gid", ranges="100000-100999", needed=65536
         ),
     ]
-    assert "usermod --add-subuids" in caught.value.hint
+    assert caught.value.hint == f"as root: usermod --add-subuids 101000-166535 --add-subgids 101000-166535 {name}"
 
 
 def test_missing_helpers_name_the_package(tmp_path: Path, user: tuple[str, int], helpers: None) -> None:
@@ -126,3 +127,9 @@ def test_a_sandbox_maps_subordinate_ids_from_outside_only_when_asked() -> None:
     mapping = subids.IdMapping(1000, 1000, subids.Range(1, 65536), subids.Range(1, 65536), "newuidmap", "newgidmap")
     mapped = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40, id_mapping=mapping)
     assert [name for name, _ in unshare_steps(mapped)] == ["start_id_mapper", "unshare_namespaces", "map_subordinate_ids"]
+
+
+def test_the_suggested_range_starts_after_every_range_given_out(tmp_path: Path) -> None:
+    files = _files(tmp_path, "a:100000:65536\nb:300000:65536\n# c:900000:65536\nbroken\n", "a:200000:65536\n")
+    assert subids.free_start(*files.values()) == 365536
+    assert subids.free_start(tmp_path / "absent") == 100000
