@@ -19,6 +19,8 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     results = probe.all_probes()
     for result in results:
         print(("ok    " if result.ok else "FAIL  ") + result.describe())
+    for result in probe.optional_probes():
+        print(("ok    " if result.ok else "WARN  ") + result.describe())
     if probe.prebuild_supported():
         how = "ahead of each test by a builder process; the test " + (
             "forks straight into its sandbox (root)" if os.geteuid() == 0 else "enters it through one more fork (rootless)"

@@ -172,5 +172,28 @@ def cgroup_limits(root_setting: str = "") -> Probe:
     return Probe(result.ok, f"cgroup v{manager.version} limits", result.reason, result.fix)
 
 
+@functools.cache
+def subordinate_ids() -> Probe:
+    """Can this process build images that need root (a debian base, run steps that change owners)?
+
+    Root can; an ordinary user needs newuidmap/newgidmap and subordinate id ranges (see subids).
+    """
+    from . import subids
+
+    what = "image builds that need root (subordinate ids)"
+    if os.geteuid() == 0:
+        return Probe(True, what)
+    try:
+        subids.find_mapping()
+    except subids.SubordinateIdError as exc:
+        return Probe(False, what, "; ".join(exc.problems), exc.hint)
+    return Probe(True, what)
+
+
 def all_probes() -> list[Probe]:
     return [linux(), userns(), overlay_userns(), cgroup_limits()]
+
+
+def optional_probes() -> list[Probe]:
+    """What some features need but a sandbox does not."""
+    return [subordinate_ids()]

@@ -2,7 +2,7 @@
 
 ```toml
 [base]                      # exactly one of:
-debian = "bookworm"         #   mmdebstrap minbase, merged-usr, no docs or locales (root only)
+debian = "bookworm"         #   mmdebstrap minbase, merged-usr, no docs or locales
 # busybox = true            #   the static busybox of the host (package busybox-static)
 # scratch = true            #   nothing
 # image = "oci-archive:app.tar"   # an imported image
@@ -20,16 +20,27 @@ A layer's key is the hash of its parent's key and its own definition (plus the c
 files a ``copy`` step takes), so changing step 3 rebuilds from step 3 on, like a Dockerfile. A
 ``run`` step runs ``/bin/sh -c`` in a sandbox over the layers so far (network "host"), and its
 writable layer, whiteouts included, becomes the step's layer.
+
+Rootless (see ``subids``): the debian base is built with ``mmdebstrap --mode=unshare`` into a tar
+stream that is extracted as the caller, so every file is the caller's (root in a sandbox) and the
+image's other owners collapse to root. A ``run`` step gets the subordinate ids mapped (root inside
+is the caller, 1..65536 a subordinate range), so apt, dpkg and useradd can switch users and change
+owners; before the layer is published, everything in it is given back to root inside (the
+caller), so the single-uid sandbox of a test can use it and the caller can delete it. Without
+subordinate ids a ``run`` step maps only the caller's uid, and its failure says what is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
@@ -38,7 +49,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from . import mounts, oci, sandbox
+from . import mounts, oci, sandbox, subids
+
+log = logging.getLogger(__name__)
 
 RECIPE_FILE: Final = "image.toml"
 BASES: Final = ("debian", "busybox", "scratch", "image", "recipe")
@@ -56,6 +69,14 @@ DEFAULT_ENV: Final = {
     "DEBIAN_FRONTEND": "noninteractive",
     "LANG": "C.UTF-8",
 }
+
+
+NO_MMDEBSTRAP: Final = "mmdebstrap is not installed (apt install mmdebstrap)"
+DEBIAN_ROOTLESS: Final = "as an ordinary user it is built by mmdebstrap --mode=unshare, which needs subordinate ids"
+SINGLE_UID_NOTE: Final = (
+    "note: this step ran with only your uid mapped (as root), so commands that switch users or change owners "
+    "(apt without APT::Sandbox::User=root, dpkg, useradd, chown) fail; {reason}"
+)
 
 
 class RecipeError(Exception):
@@ -156,6 +177,12 @@ class Builder:
     cache: Path
     dirs: Sequence[Path]
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    subuid_file: Path = subids.SUBUID_FILE  # where rootless builds look up subordinate ids
+    subgid_file: Path = subids.SUBGID_FILE
+
+    def id_mapping(self) -> subids.IdMapping:
+        """The full id mapping of a rootless build; SubordinateIdError says what is missing."""
+        return subids.find_mapping(subuid_file=self.subuid_file, subgid_file=self.subgid_file)
 
     def build(self, recipe: Recipe, _seen: tuple[str, ...] = ()) -> list[str]:
         """The recipe's layer directories, bottom first, building what is not cached."""
@@ -174,7 +201,7 @@ class Builder:
             key = _key("image", layers)
         else:
             key = _key(kind, value, _tool_identity(kind))
-            layers = [self._layer(key, recipe, 1, total, f"{kind} {value}", lambda dest: _build_base(kind, value, dest))]
+            layers = [self._layer(key, recipe, 1, total, f"{kind} {value}", lambda dest: _build_base(kind, value, dest, self))]
         env = dict(DEFAULT_ENV)
         workdir = "/"
         for number, step in enumerate(recipe.steps, 2):
@@ -201,7 +228,7 @@ class Builder:
             else:
                 key = _key(key, step, env, workdir)
                 lowers = tuple(layers[::-1])
-                build = _runner(lowers, argument, env, workdir, self.cache)
+                build = _runner(lowers, argument, env, workdir, self)
                 layers.append(self._layer(key, recipe, number, total, f"run {argument}", build))
         return layers
 
@@ -240,14 +267,14 @@ def _tool_identity(kind: str) -> str:
     return ""
 
 
-def _build_base(kind: str, value: Any, tmp: Path) -> None:
+def _build_base(kind: str, value: Any, tmp: Path, builder: Builder) -> None:
     layer = tmp / "layer"
     if kind == "scratch":
         layer.mkdir()
     elif kind == "busybox":
         _build_busybox(layer)
     elif kind == "debian":
-        _build_debian(str(value), layer)
+        _build_debian(str(value), layer, builder)
 
 
 def _build_busybox(layer: Path) -> None:
@@ -266,12 +293,17 @@ def _build_busybox(layer: Path) -> None:
     os.chmod(layer / "tmp", 0o1777)
 
 
-def debian_command(suite: str, target: Path) -> list[str]:
-    """The mmdebstrap call of a debian base: minbase, merged-usr, no docs, man pages or locales."""
+def debian_command(suite: str, target: Path | str, *, mode: str = "root") -> list[str]:
+    """The mmdebstrap call of a debian base: minbase, merged-usr, no docs, man pages or locales.
+
+    *mode* "root" writes the tree to the directory *target*; "unshare" (an ordinary user with
+    subordinate ids) writes a tar to *target* ("-": stdout).
+    """
     return [
         "mmdebstrap",
         "--quiet",
-        "--mode=root",
+        f"--mode={mode}",
+        *(["--format=tar"] if mode == "unshare" else []),
         "--variant=minbase",
         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
         *[f"--dpkgopt={option}" for option in DEBIAN_EXCLUDES],
@@ -280,17 +312,60 @@ def debian_command(suite: str, target: Path) -> list[str]:
     ]
 
 
-def _build_debian(suite: str, layer: Path) -> None:
-    if shutil.which("mmdebstrap") is None:
-        raise RecipeError("base debian needs mmdebstrap (apt install mmdebstrap)")
+def _build_debian(suite: str, layer: Path, builder: Builder) -> None:
+    problems = [] if shutil.which("mmdebstrap") else [NO_MMDEBSTRAP]
     if os.geteuid() != 0:
-        raise RecipeError(
-            "base debian needs root here: mmdebstrap --mode=unshare makes a tree owned by subordinate uids, "
-            "which a sandbox that maps only your uid cannot write"
-        )
-    proc = subprocess.run(debian_command(suite, layer), capture_output=True, text=True, check=False)
+        try:
+            builder.id_mapping()
+        except subids.SubordinateIdError as exc:
+            problems.append(f"{DEBIAN_ROOTLESS}; {exc}")
+    if problems:
+        raise RecipeError(f"base debian {suite!r}: " + "; ".join(problems))
+    if os.geteuid() != 0:
+        _build_debian_rootless(suite, layer)
+        return
+    # In a mount namespace of its own, mmdebstrap's mounts (/dev, /proc, /sys in the target) never
+    # show in the host's mount table, and a build killed half-way leaves none behind.
+    command = ["unshare", "--mount", "--propagation", "private", *debian_command(suite, layer)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _build_debian_rootless(suite: str, layer: Path) -> None:
+    """mmdebstrap --mode=unshare into a tar stream, extracted as the caller by the safe extractor.
+
+    The tar headers carry the owners inside the image; extracted without privileges, every file
+    becomes the caller's, which is root in a sandbox. What is lost: the few files that Debian
+    gives other owners (``_apt``'s partial dirs, group ``shadow`` of ``/etc/shadow`` and ``chage``,
+    group ``mail`` of ``/var/mail``) are root's in the image. A sandbox maps only root, so such
+    owners would be unusable there anyway. Device nodes in the tar are skipped (a sandbox has
+    its own ``/dev``).
+    """
+    layer.mkdir()
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(debian_command(suite, "-", mode="unshare"), stdout=subprocess.PIPE, stderr=errors)
+        assert proc.stdout is not None
+        failure: Exception | None = None
+        try:
+            with proc.stdout:
+                oci.extract_layer(proc.stdout, layer, as_root=False)
+                while proc.stdout.read(1 << 16):
+                    pass  # the tar's padding: mmdebstrap must not die of SIGPIPE
+        except (OSError, tarfile.TarError, oci._Refused) as exc:
+            failure = exc
+            proc.kill()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        code = proc.wait()
+        errors.seek(0)
+        output = errors.read().decode(errors="replace")[-4000:]
+    if code != 0 and not (failure is not None and code == -signal.SIGKILL):  # killed by us: the tar was bad
+        raise RecipeError(f"mmdebstrap --mode=unshare {suite} failed ({code}):\n{output}")
+    if failure is not None:
+        raise RecipeError(f"mmdebstrap --mode=unshare {suite}: cannot extract its tar: {failure}")
 
 
 def _copier(source: Path, to: str) -> Callable[[Path], None]:
@@ -305,67 +380,112 @@ def _copier(source: Path, to: str) -> Callable[[Path], None]:
     return copy
 
 
-def _runner(lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, cache: Path) -> Callable[[Path], None]:
+def _runner(lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: Builder) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
-        upper, work = tmp / "layer", tmp / "work"
-        upper.mkdir()
-        work.mkdir()
-        scratch = tempfile.mkdtemp(prefix=f"pytest-nsbox-{os.getpid()}-")
-        log_path = tmp / "output.log"
+        mapping, unmapped = _run_step_mapping(builder)
         try:
-            plan = mounts.build_plan(
-                image=lowers,
-                network="host",
-                scratch=scratch,
-                host_paths=[],
-                mounts=mounts.MountTable.read(),
-                host_resolv_conf=_read("/etc/resolv.conf"),
-                stacks_dir=str(cache / "stacks"),
-            )
-            steps = tuple(
-                replace(s, upper=str(upper), work=str(work))
-                if isinstance(s, mounts.MountOverlay) and s.source == mounts.ROOT_SOURCE
-                else s
-                for s in plan.steps
-            )
-            config = sandbox.SandboxConfig(
-                replace(plan, steps=steps),
-                "host",
-                os.getuid(),
-                os.getgid(),
-                sandbox.namespace_ids(),
-                workdir,
-                sandbox.read_cap_last_cap(),
-            )
-            with open(log_path, "wb") as log:
-                log_fd = log.fileno()
-
-                def target(_channel: sandbox.Channel) -> None:
-                    os.dup2(log_fd, 1)
-                    os.dup2(log_fd, 2)
-                    os.chdir(workdir)
-                    os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
-
-                result = sandbox.run(config, target)
-                sandbox.reap_finished(block=True)
-        finally:
-            os.rmdir(scratch)
-        output = log_path.read_text(errors="replace")[-4000:]
-        if result.setup_error is not None:
-            raise RecipeError(
-                f"run {command!r}: the build sandbox failed at {result.setup_error['step']}: {result.setup_error['message']}"
-            )
-        status = result.test_status
-        if status is None or os.waitstatus_to_exitcode(status) != 0:
-            code = "no status" if status is None else os.waitstatus_to_exitcode(status)
-            errors = [
-                str(r.get("traceback", "")).strip().splitlines()[-1:] for r in result.records if r["kind"] == "internal_error"
-            ]
-            detail = "; ".join(line for lines in errors for line in lines)  # e.g. no /bin/sh in the image
-            raise RecipeError(f"run {command!r} failed ({code}{': ' + detail if detail else ''}):\n{output}")
-        shutil.rmtree(work, ignore_errors=True)
+            _run_in_sandbox(tmp, lowers, command, env, workdir, builder.cache, mapping, unmapped)
+        except BaseException:
+            if mapping is not None:  # also after a failure: the caller must be able to remove tmp
+                try:
+                    _give_tree_to_caller(tmp, mapping)
+                except RecipeError as exc:
+                    log.warning("nsbox: %s", exc)
+            raise
+        if mapping is not None:
+            _give_tree_to_caller(tmp, mapping)
+        shutil.rmtree(tmp / "work", ignore_errors=True)
 
     return run
+
+
+def _run_step_mapping(builder: Builder) -> tuple[subids.IdMapping | None, str]:
+    """(the full id mapping for a rootless run step, or None and why not); as root (None, "")."""
+    if os.geteuid() == 0:
+        return None, ""  # root's build sandbox maps root only, as before
+    try:
+        return builder.id_mapping(), ""
+    except subids.SubordinateIdError as exc:
+        log.debug("nsbox: run step with only uid %d mapped: %s", os.getuid(), exc)
+        return None, str(exc)
+
+
+def _give_tree_to_caller(tree: Path, mapping: subids.IdMapping) -> None:
+    """Files that the step gave other owners belong to subordinate ids on disk, which neither a
+    test's sandbox (it maps only root) nor the caller (nsbox images prune) could change: give
+    everything to root of a mapped user namespace, which is the caller on disk."""
+    try:
+        subids.run_mapped(mapping, lambda: subids.chown_tree_to_root(tree))
+    except RuntimeError as exc:
+        raise RecipeError(f"cannot give the files of {tree} back to uid {mapping.uid}: {exc}") from None
+
+
+def _run_in_sandbox(
+    tmp: Path,
+    lowers: tuple[str, ...],
+    command: str,
+    env: dict[str, str],
+    workdir: str,
+    cache: Path,
+    mapping: subids.IdMapping | None,
+    unmapped: str,
+) -> None:
+    upper, work = tmp / "layer", tmp / "work"
+    upper.mkdir()
+    work.mkdir()
+    scratch = tempfile.mkdtemp(prefix=f"pytest-nsbox-{os.getpid()}-")
+    log_path = tmp / "output.log"
+    try:
+        plan = mounts.build_plan(
+            image=lowers,
+            network="host",
+            scratch=scratch,
+            host_paths=[],
+            mounts=mounts.MountTable.read(),
+            host_resolv_conf=_read("/etc/resolv.conf"),
+            stacks_dir=str(cache / "stacks"),
+        )
+        steps = tuple(
+            replace(s, upper=str(upper), work=str(work))
+            if isinstance(s, mounts.MountOverlay) and s.source == mounts.ROOT_SOURCE
+            else s
+            for s in plan.steps
+        )
+        config = sandbox.SandboxConfig(
+            replace(plan, steps=steps),
+            "host",
+            os.getuid(),
+            os.getgid(),
+            sandbox.namespace_ids(),
+            workdir,
+            sandbox.read_cap_last_cap(),
+            id_mapping=mapping,
+        )
+        with open(log_path, "wb") as log_file:
+            log_fd = log_file.fileno()
+
+            def target(_channel: sandbox.Channel) -> None:
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.chdir(workdir)
+                os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
+
+            result = sandbox.run(config, target)
+            sandbox.reap_finished(block=True)
+    finally:
+        os.rmdir(scratch)
+    output = log_path.read_text(errors="replace")[-4000:]
+    if result.setup_error is not None:
+        raise RecipeError(
+            f"run {command!r}: the build sandbox failed at {result.setup_error['step']}: {result.setup_error['message']}"
+        )
+    status = result.test_status
+    if status is None or os.waitstatus_to_exitcode(status) != 0:
+        code = "no status" if status is None else os.waitstatus_to_exitcode(status)
+        errors = [str(r.get("traceback", "")).strip().splitlines()[-1:] for r in result.records if r["kind"] == "internal_error"]
+        detail = "; ".join(line for lines in errors for line in lines)  # e.g. no /bin/sh in the image
+        note = "\n" + SINGLE_UID_NOTE.format(reason=unmapped) if unmapped else ""
+        raise RecipeError(f"run {command!r} failed ({code}{': ' + detail if detail else ''}):\n{output}{note}")
 
 
 def _read(path: str) -> str:

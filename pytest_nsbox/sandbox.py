@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from . import _linux as L
-from . import cgroups, wire
+from . import cgroups, subids, wire
 from .mounts import ROOT_SOURCE, BindProc, MountFs, MountPlan, Step
 
 MAX_FD: Final = 1 << 20  # fs.nr_open's default; close_range(2) takes any upper bound
@@ -80,6 +80,7 @@ class SandboxConfig:
     cgroup_files: tuple[bytes, ...] = ()  # A writes "0" to each: joins the sandbox's cgroup
     stack_fd: int | None = None  # C's faulthandler dumps its stack here on SIGUSR1 (timeouts)
     oom_first: bool = False  # C and its children are the OOM killer's first choice, not B
+    id_mapping: subids.IdMapping | None = None  # rootless builds: map subordinate ids too (see unshare_steps)
 
     @property
     def clone_flags(self) -> int:
@@ -211,6 +212,20 @@ def write_id_maps(uid: int, gid: int) -> None:
         handle.write(f"0 {uid} 1")
     with open("/proc/self/gid_map", "w") as handle:
         handle.write(f"0 {gid} 1")
+
+
+def unshare_steps(config: SandboxConfig) -> list[tuple[str, Callable[[], None]]]:
+    """A's steps that create the namespaces and map ids into the user namespace.
+
+    By default A maps only the invoking uid/gid, itself. With ``config.id_mapping`` (rootless
+    image builds) a full map is written from outside by newuidmap/newgidmap: a mapper forked
+    before unshare runs them for A's pid once A has unshared (see subids.Mapper).
+    """
+    unshare = ("unshare_namespaces", lambda: L.unshare(config.clone_flags))
+    if config.id_mapping is None:
+        return [unshare, ("write_id_maps", lambda: write_id_maps(config.uid, config.gid))]
+    mapper = subids.Mapper(config.id_mapping)
+    return [("start_id_mapper", mapper.start), unshare, ("map_subordinate_ids", mapper.finish)]
 
 
 def drop_capabilities(cap_last_cap: int) -> None:
@@ -363,8 +378,7 @@ def _unshare_steps(config: SandboxConfig, keep: set[int]) -> list[tuple[str, Cal
     return [
         ("close_inherited_fds", lambda: close_inherited_fds(keep)),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
-        ("unshare_namespaces", lambda: L.unshare(config.clone_flags)),
-        ("write_id_maps", lambda: write_id_maps(config.uid, config.gid)),
+        *unshare_steps(config),
     ]
 
 

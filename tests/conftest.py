@@ -13,11 +13,17 @@ pytest_plugins = ["pytester"]
 
 TINY_IMAGE = Path(__file__).parent / "images" / "tiny"
 
-REQUIRE_KEY = {"needs_userns": "userns", "needs_overlay_userns": "userns", "needs_cgroup_limits": "cgroup"}
+REQUIRE_KEY = {
+    "needs_userns": "userns",
+    "needs_overlay_userns": "userns",
+    "needs_cgroup_limits": "cgroup",
+    "needs_subuid": "subuid",
+}
 CAPABILITIES = {
     "needs_userns": lambda: probe.userns(),
     "needs_overlay_userns": lambda: probe.overlay_userns(),
     "needs_cgroup_limits": lambda: probe.cgroup_limits(),
+    "needs_subuid": lambda: probe.subordinate_ids(),
 }
 
 

@@ -10,7 +10,7 @@ VENV=${NSBOX_VENV:-$REPO/.venv}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
 
 apt_install() {
-  # Debian packages the project needs: python3-venv (the rootless venv), uidmap is not needed yet.
+  # Debian packages the project needs: python3-venv (the rootless venv), uidmap (rootless image builds).
   local missing=()
   for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -26,10 +26,23 @@ make_venv() {  # make_venv PYTHON DIR
   "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[dev]"
 }
 
+add_subids() {  # add_subids FILE --add-subuids|--add-subgids: give the user 65536 subordinate ids once
+  local file=$1 option=$2 uid start
+  uid=$(id -u "$ROOTLESS_USER")
+  # useradd adds a range when login.defs asks for it; newuidmap accepts the name or the uid
+  awk -F: -v u="$ROOTLESS_USER" -v n="$uid" '($1 == u || $1 == n) && $3 >= 65536 { found = 1 } END { exit !found }' \
+    "$file" 2>/dev/null && return
+  # the first id after every range already given out (100000 if none)
+  start=$(awk -F: 'BEGIN { m = 100000 } NF == 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' "$file" 2>/dev/null || echo 100000)
+  usermod "$option" "$start-$((start + 65535))" "$ROOTLESS_USER"
+}
+
 run_rootless() {
   # The rootless sub-suite: an unprivileged user, a venv from Debian's interpreter (the default
   # one may live under /root, mode 0700), a copy of the checkout that user can read.
   id "$ROOTLESS_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$ROOTLESS_USER"
+  add_subids /etc/subuid --add-subuids  # rootless debian builds: mmdebstrap --mode=unshare, run steps
+  add_subids /etc/subgid --add-subgids
   local work cgroup_root="pytest-nsbox-$ROOTLESS_USER"
   work=$(mktemp -d /tmp/nsbox-rootless-XXXXXX)
   # cgroup v1: a directory per controller that root hands to the user (what an admin does once)
@@ -74,7 +87,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
     ;;
   test)
-    apt_install python3-venv user-mode-linux kmod mmdebstrap busybox-static zstd
+    apt_install python3-venv user-mode-linux kmod mmdebstrap busybox-static zstd uidmap
     make_venv "${PYTHON:-python3}" "$VENV"
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
-REPO_IMAGES = Path(__file__).resolve().parents[2] / "rootfs_images"
 
 DEMO = """
 [base]
@@ -90,30 +89,3 @@ def test_unknown_image_lists_the_known_ones(run_inner, project: Path) -> None:
     result = run_inner(CHECK_DEMO.replace('image="demo"', 'image="demo2"'))
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*unknown image 'demo2'*known images: 'host', 'demo'*"])
-
-
-@pytest.mark.needs_root
-@pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="needs mmdebstrap")
-def test_debian_bookworm_and_a_package_on_top(
-    run_inner, pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    cache = tmp_path_factory.getbasetemp() / "debian-cache"
-    pytester.makeini(f"[pytest]\nnsbox_cache_dir = {cache}\nnsbox_image_dirs = {REPO_IMAGES}\n")
-    result = run_inner(
-        """
-        import os, subprocess, pytest
-
-        @pytest.mark.nsbox(image="debian-bookworm")
-        def test_debian():
-            assert "VERSION_CODENAME=bookworm" in open("/etc/os-release").read()
-            assert not os.path.exists("/usr/share/man/man1")          # docs left out
-            assert not os.path.exists("/usr/bin/curl")
-
-        @pytest.mark.nsbox(image="debian-bookworm-curl")
-        def test_package_layer():
-            assert os.path.exists("/usr/bin/curl")
-            assert subprocess.run(["/usr/bin/curl", "--version"], capture_output=True).returncode == 0
-        """,
-        timeout=900,
-    )
-    result.assert_outcomes(passed=2)

@@ -1,0 +1,330 @@
+"""Subordinate ids for rootless builds: a full id map written from outside by newuidmap/newgidmap.
+
+An unprivileged process may map only its own uid into a user namespace it creates, and only with
+a one-line map that it writes itself. Builds that switch users or change owners (mmdebstrap, apt,
+dpkg, useradd) need more ids: root inside mapped to the caller (so what root creates stays the
+caller's on disk) and ids 1..65536 mapped to the caller's range in ``/etc/subuid`` and
+``/etc/subgid``. Only the setuid helpers ``newuidmap``/``newgidmap`` (Debian package ``uidmap``)
+may write such a map, from the parent namespace, for a process that has already unshared:
+
+    X  the process that needs the map         H  the mapper (forked by X before unshare)
+       start(): fork H                        ─  waits for X's "go"
+       unshare(CLONE_NEWUSER)
+       finish(): "go" ──────────────────────▶ newuidmap X 0 uid 1 1 subuid 65536
+                 wait for H ◀──────────────── newgidmap X 0 gid 1 1 subgid 65536; exit
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from . import _linux as L
+
+SUBUID_FILE: Final = Path("/etc/subuid")
+SUBGID_FILE: Final = Path("/etc/subgid")
+MAPPED_IDS: Final = 65536  # ids 1..65536 inside: every id a Debian system uses, nobody (65534) included
+HELPERS: Final = ("newuidmap", "newgidmap")
+
+NO_HELPERS: Final = "{names} not found in PATH (Debian package uidmap: apt install uidmap)"
+HELPER_NOT_PRIVILEGED: Final = (
+    "{path} is neither setuid root nor has file capabilities, so it cannot write id maps (reinstall package uidmap)"
+)
+NO_NEW_PRIVS: Final = "this process runs with no_new_privs set, which keeps the setuid newuidmap/newgidmap from working"
+NO_FILE: Final = "{file} does not exist, so user {user!r} has no subordinate {kind} range"
+NO_ENTRY: Final = "{file} has no subordinate {kind} range for user {user!r} (uid {uid})"
+TOO_SMALL: Final = "{file} gives user {user!r} at most {count} subordinate {kind}s ({ranges}); {needed} are needed"
+ADD_RANGES_HINT: Final = "as root: usermod --add-subuids {first}-{last} --add-subgids {first}-{last} {user}"
+FIRST_SUBORDINATE_ID: Final = 100000  # where useradd starts giving out ranges (SUB_UID_MIN)
+MISSING: Final = "subordinate ids cannot be mapped: {problems}"
+
+
+class SubordinateIdError(Exception):
+    """Subordinate ids cannot be mapped here; the message says exactly what is missing and the fix."""
+
+    def __init__(self, problems: list[str], hint: str = "") -> None:
+        self.problems = problems
+        self.hint = hint
+        text = MISSING.format(problems="; ".join(problems))
+        super().__init__(f"{text}. Hint: {hint}" if hint else text)
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    start: int
+    count: int
+
+
+def parse_ranges(text: str, user: str | None, uid: int) -> list[Range]:
+    """The ranges that subuid/subgid *text* (``owner:start:count`` lines) give a user, in file order.
+
+    The owner is the login name or the numeric uid, as newuidmap accepts both. Blank lines,
+    comments and malformed lines are ignored.
+    """
+    ranges = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) != 3:
+            continue
+        owner, start, count = fields
+        if owner != user and owner != str(uid):
+            continue
+        try:
+            parsed = Range(int(start), int(count))
+        except ValueError:
+            continue
+        if parsed.start >= 0 and parsed.count > 0:
+            ranges.append(parsed)
+    return ranges
+
+
+@dataclass(frozen=True, slots=True)
+class IdMapping:
+    """Root inside -> the caller's uid/gid; ids 1..MAPPED_IDS inside -> the subordinate ranges."""
+
+    uid: int
+    gid: int
+    subuid: Range
+    subgid: Range
+    newuidmap: str
+    newgidmap: str
+
+    def commands(self, pid: int) -> list[list[str]]:
+        """The newuidmap and newgidmap calls that map the user namespace of *pid*."""
+        return [
+            [self.newuidmap, str(pid), "0", str(self.uid), "1", "1", str(self.subuid.start), str(MAPPED_IDS)],
+            [self.newgidmap, str(pid), "0", str(self.gid), "1", "1", str(self.subgid.start), str(MAPPED_IDS)],
+        ]
+
+
+def free_start(*files: Path) -> int:
+    """The first id after every range the files give out (ranges must not overlap), at least 100000."""
+    end = FIRST_SUBORDINATE_ID
+    for file in files:
+        try:
+            text = file.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            fields = line.strip().split(":")
+            if len(fields) == 3 and not fields[0].startswith("#") and fields[1].isdigit() and fields[2].isdigit():
+                end = max(end, int(fields[1]) + int(fields[2]))
+    return end
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _privileged(path: str) -> bool:
+    st = os.stat(path)
+    if st.st_mode & stat.S_ISUID and st.st_uid == 0:
+        return True
+    try:
+        return bool(os.getxattr(path, "security.capability"))
+    except OSError:
+        return False
+
+
+def _no_new_privs() -> bool:
+    try:
+        with open("/proc/self/status") as handle:
+            return any(line.split() == ["NoNewPrivs:", "1"] for line in handle)
+    except OSError:
+        return False
+
+
+def _pick(file: Path, kind: str, user: str | None, uid: int, problems: list[str]) -> Range | None:
+    label = user if user is not None else str(uid)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        problems.append(NO_FILE.format(file=file, user=label, kind=kind))
+        return None
+    except OSError as exc:
+        problems.append(f"cannot read {file}: {exc.strerror}")
+        return None
+    ranges = parse_ranges(text, user, uid)
+    big = [r for r in ranges if r.count >= MAPPED_IDS]
+    if big:
+        return big[0]
+    if not ranges:
+        problems.append(NO_ENTRY.format(file=file, kind=kind, user=label, uid=uid))
+    else:
+        listed = ", ".join(f"{r.start}-{r.start + r.count - 1}" for r in ranges)
+        count = max(r.count for r in ranges)
+        problems.append(TOO_SMALL.format(file=file, user=label, count=count, kind=kind, ranges=listed, needed=MAPPED_IDS))
+    return None
+
+
+def find_mapping(
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    subuid_file: Path = SUBUID_FILE,
+    subgid_file: Path = SUBGID_FILE,
+    which: Callable[[str], str | None] = shutil.which,
+) -> IdMapping:
+    """The caller's full id mapping, or SubordinateIdError naming everything that is missing.
+
+    Reads the files and checks the helpers before blaming them: a missing helper, a helper that
+    is not privileged, no_new_privs, no range for the user, and a range smaller than MAPPED_IDS
+    are each reported, with the command that fixes it.
+    """
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    user = _user_name(uid)
+    problems: list[str] = []
+    helpers = {name: which(name) for name in HELPERS}
+    absent = [name for name, path in helpers.items() if path is None]
+    if absent:
+        problems.append(NO_HELPERS.format(names=" and ".join(absent)))
+    for path in helpers.values():
+        if path is not None and not _privileged(path):
+            problems.append(HELPER_NOT_PRIVILEGED.format(path=path))
+    if not absent and _no_new_privs():
+        problems.append(NO_NEW_PRIVS)
+    missing_ranges = len(problems)
+    subuid = _pick(subuid_file, "uid", user, uid, problems)
+    subgid = _pick(subgid_file, "gid", user, uid, problems)
+    if problems or subuid is None or subgid is None:
+        hint = ""
+        if len(problems) > missing_ranges:
+            first = free_start(subuid_file, subgid_file)
+            hint = ADD_RANGES_HINT.format(first=first, last=first + MAPPED_IDS - 1, user=user if user is not None else uid)
+        raise SubordinateIdError(problems, hint)
+    newuidmap, newgidmap = helpers["newuidmap"], helpers["newgidmap"]
+    assert newuidmap is not None and newgidmap is not None
+    return IdMapping(uid, gid, subuid, subgid, newuidmap, newgidmap)
+
+
+class Mapper:
+    """Maps the caller's new user namespace from outside: start() before unshare, finish() after."""
+
+    def __init__(self, mapping: IdMapping) -> None:
+        self.mapping = mapping
+        self._pid = 0
+        self._go = -1
+        self._report = -1
+
+    def start(self) -> None:
+        """Fork the mapper H while this process is still in the parent user namespace."""
+        target = os.getpid()
+        go_read, self._go = os.pipe()
+        self._report, report_write = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:  # H
+            code = 1
+            try:
+                os.close(self._go)
+                os.close(self._report)
+                if os.read(go_read, 1) == b"1":  # EOF: the caller died before it unshared
+                    problem = _write_maps(self.mapping, target)
+                    os.write(report_write, problem.encode())
+                    code = 0 if not problem else 1
+            finally:
+                os._exit(code)
+        os.close(go_read)
+        os.close(report_write)
+
+    def finish(self) -> None:
+        """After unshare(CLONE_NEWUSER): let H write the maps, wait for it, raise what failed."""
+        os.write(self._go, b"1")
+        os.close(self._go)
+        chunks = []
+        while chunk := os.read(self._report, 4096):
+            chunks.append(chunk)
+        os.close(self._report)
+        _, status = os.waitpid(self._pid, 0)
+        message = b"".join(chunks).decode(errors="replace")
+        if os.waitstatus_to_exitcode(status) != 0 or message:
+            raise SubordinateIdError([message or f"the id mapper exited with status {os.waitstatus_to_exitcode(status)}"])
+
+
+def _write_maps(mapping: IdMapping, pid: int) -> str:
+    for command in mapping.commands(pid):
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return f"{' '.join(command)} failed ({proc.returncode}): {proc.stderr.strip()}"
+    return ""
+
+
+def run_mapped(mapping: IdMapping, body: Callable[[], None]) -> None:
+    """Run *body* in a forked child that is root of a new user namespace with *mapping*.
+
+    Raises RuntimeError with the child's error if the mapping or *body* fails.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            mapper = Mapper(mapping)
+            mapper.start()
+            L.unshare(L.CLONE_NEWUSER)
+            mapper.finish()  # this process is now root inside, with every capability there
+            body()
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as handle:
+        message = handle.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(message or f"child exited with status {os.waitstatus_to_exitcode(status)}")
+
+
+def chown_tree_to_root(top: Path) -> None:
+    """Give every entry under *top* (and *top*) to root of the current user namespace.
+
+    Run it with run_mapped: root inside is the caller on disk, so the tree becomes the caller's.
+    Modes are kept (chown clears setuid/setgid bits), and so are file capabilities (chown drops
+    ``security.capability``); symlinks are changed, never followed.
+    """
+    _chown_to_root(str(top))
+    for root, dirs, files in os.walk(top, onerror=_raise):
+        for name in (*dirs, *files):
+            _chown_to_root(os.path.join(root, name))
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _chown_to_root(path: str) -> None:
+    st = os.lstat(path)
+    if st.st_uid == 0 and st.st_gid == 0:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        os.chown(path, 0, 0, follow_symlinks=False)
+        return
+    capability = None
+    if stat.S_ISREG(st.st_mode):
+        try:
+            capability = os.getxattr(path, "security.capability", follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+    os.chown(path, 0, 0, follow_symlinks=False)
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # not a symlink
+    if capability is not None:
+        os.setxattr(path, "security.capability", capability, follow_symlinks=False)

@@ -1,0 +1,135 @@
+"""Subordinate id ranges: parsing /etc/subuid and /etc/subgid, and saying exactly what is missing."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from pytest_nsbox import subids
+from pytest_nsbox.mounts import MountPlan
+from pytest_nsbox.sandbox import SandboxConfig, unshare_steps
+
+SUBUID = """\
+# comment
+other:100000:65536
+
+alice:165536:65536
+alice:300000:1000
+broken line
+alice:x:65536
+1234:400000:70000
+alice:500000:0
+"""
+
+
+def test_ranges_are_found_by_name_and_by_uid_in_file_order() -> None:
+    assert subids.parse_ranges(SUBUID, "alice", 1000) == [subids.Range(165536, 65536), subids.Range(300000, 1000)]
+    assert subids.parse_ranges(SUBUID, "bob", 1234) == [subids.Range(400000, 70000)]
+    assert subids.parse_ranges(SUBUID, None, 1234) == [subids.Range(400000, 70000)]
+    assert subids.parse_ranges(SUBUID, "carol", 99) == []
+
+
+@pytest.fixture
+def user() -> tuple[str, int]:
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name, uid
+    except KeyError:
+        pytest.skip("this uid has no user name")
+
+
+@pytest.fixture
+def helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subids, "_privileged", lambda path: True)
+    monkeypatch.setattr(subids, "_no_new_privs", lambda: False)
+
+
+def _files(tmp_path: Path, subuid: str, subgid: str | None = None) -> dict[str, Path]:
+    (tmp_path / "subuid").write_text(subuid)
+    (tmp_path / "subgid").write_text(subuid if subgid is None else subgid)
+    return {"subuid_file": tmp_path / "subuid", "subgid_file": tmp_path / "subgid"}
+
+
+def _which(name: str) -> str:
+    return f"/usr/bin/{name}"
+
+
+def test_a_full_mapping_maps_root_to_the_caller_and_the_rest_to_the_first_big_range(
+    tmp_path: Path, user: tuple[str, int], helpers: None
+) -> None:
+    name, uid = user
+    files = _files(tmp_path, f"{name}:100:10\n{name}:200000:65536\n", f"{uid}:300000:100000\n")
+    mapping = subids.find_mapping(uid=uid, gid=50, which=_which, **files)
+    assert mapping.commands(42) == [
+        ["/usr/bin/newuidmap", "42", "0", str(uid), "1", "1", "200000", "65536"],
+        ["/usr/bin/newgidmap", "42", "0", "50", "1", "1", "300000", "65536"],
+    ]
+
+
+def test_no_entry_names_the_user_the_file_and_the_usermod_command(tmp_path: Path, user: tuple[str, int], helpers: None) -> None:
+    name, uid = user
+    files = _files(tmp_path, "someoneelse:100000:65536\n", f"{name}:100000:65536\n")
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.find_mapping(uid=uid, which=_which, **files)
+    assert caught.value.problems == [subids.NO_ENTRY.format(file=files["subuid_file"], kind="uid", user=name, uid=uid)]
+    # a range that no other user has: after someoneelse's
+    assert caught.value.hint == f"as root: usermod --add-subuids 165536-231071 --add-subgids 165536-231071 {name}"
+    assert str(caught.value).endswith(f". Hint: {caught.value.hint}")
+
+
+def test_a_missing_file_and_a_too_small_range_are_both_reported(tmp_path: Path, user: tuple[str, int], helpers: None) -> None:
+    name, uid = user
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.find_mapping(
+            uid=uid,
+            which=_which,
+            subuid_file=tmp_path / "absent",
+            subgid_file=_files(tmp_path, f"{name}:100000:1000\n")["subgid_file"],
+        )
+    assert caught.value.problems == [
+        subids.NO_FILE.format(file=tmp_path / "absent", user=name, kind="uid"),
+        subids.TOO_SMALL.format(
+            file=tmp_path / "subgid", user=name, count=1000, kind="gid", ranges="100000-100999", needed=65536
+        ),
+    ]
+    assert caught.value.hint == f"as root: usermod --add-subuids 101000-166535 --add-subgids 101000-166535 {name}"
+
+
+def test_missing_helpers_name_the_package(tmp_path: Path, user: tuple[str, int], helpers: None) -> None:
+    name, uid = user
+    files = _files(tmp_path, f"{name}:100000:65536\n")
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.find_mapping(uid=uid, which=lambda tool: None, **files)
+    assert caught.value.problems == [subids.NO_HELPERS.format(names="newuidmap and newgidmap")]
+    assert "apt install uidmap" in str(caught.value)
+    assert caught.value.hint == ""  # the ranges are there: no usermod advice
+
+
+def test_an_unprivileged_helper_and_no_new_privs_are_diagnosed(
+    tmp_path: Path, user: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, uid = user
+    files = _files(tmp_path, f"{name}:100000:65536\n")
+    monkeypatch.setattr(subids, "_privileged", lambda path: path.endswith("newgidmap"))
+    monkeypatch.setattr(subids, "_no_new_privs", lambda: True)
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.find_mapping(uid=uid, which=_which, **files)
+    assert caught.value.problems == [subids.HELPER_NOT_PRIVILEGED.format(path="/usr/bin/newuidmap"), subids.NO_NEW_PRIVS]
+
+
+def test_a_sandbox_maps_subordinate_ids_from_outside_only_when_asked() -> None:
+    plan = MountPlan("/scratch", "/scratch/root", ())
+    config = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40)
+    assert [name for name, _ in unshare_steps(config)] == ["unshare_namespaces", "write_id_maps"]
+    mapping = subids.IdMapping(1000, 1000, subids.Range(1, 65536), subids.Range(1, 65536), "newuidmap", "newgidmap")
+    mapped = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40, id_mapping=mapping)
+    assert [name for name, _ in unshare_steps(mapped)] == ["start_id_mapper", "unshare_namespaces", "map_subordinate_ids"]
+
+
+def test_the_suggested_range_starts_after_every_range_given_out(tmp_path: Path) -> None:
+    files = _files(tmp_path, "a:100000:65536\nb:300000:65536\n# c:900000:65536\nbroken\n", "a:200000:65536\n")
+    assert subids.free_start(*files.values()) == 365536
+    assert subids.free_start(tmp_path / "absent") == 100000
