@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -187,7 +189,34 @@ def test_ini_defaults_and_marker_override(run_inner, pytester: pytest.Pytester) 
     result.stdout.fnmatch_lines([MEMORY_LINE])
 
 
-def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(pytester: pytest.Pytester) -> None:
+@pytest.fixture
+def private_cgroup_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """On cgroup v1, a cgroup root of this test's own below the usual one: any other pytest that
+    starts (another xdist worker's inner run) sweeps the usual root. v2 runs in UML, alone."""
+    from pytest_nsbox import cgroups
+
+    base = os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", "")
+    manager = cgroups.detect(base)
+    assert manager is not None
+    if not isinstance(manager, cgroups.ManagerV1):
+        yield base
+        return
+    private = f"{manager.root_name}/sweep-{uuid.uuid4().hex[:12]}"
+    made = [cgroups.CGROUP_MOUNT / ctrl / private for ctrl in cgroups.V1_CONTROLLERS]
+    for path in made:
+        path.mkdir(parents=True)
+    monkeypatch.setenv("PYTEST_NSBOX_CGROUP_ROOT", private)
+    yield private
+    for path in made:
+        for child in path.iterdir() if path.is_dir() else []:
+            if child.is_dir():
+                child.rmdir()
+        path.rmdir()
+
+
+def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(
+    pytester: pytest.Pytester, private_cgroup_root: str
+) -> None:
     pytester.makepyfile(
         test_hang="""
         import time, pytest
@@ -199,8 +228,8 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(pytester
     )
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hang.py"], cwd=pytester.path)
 
-    def leftover() -> set[Path]:  # only this pytest's cgroups: other xdist workers create theirs meanwhile
-        return {p for p in _our_cgroups() if p.name.startswith(f"nsbox-{proc.pid}-")}
+    def leftover() -> set[Path]:  # only this pytest's cgroups
+        return {p for p in _our_cgroups(private_cgroup_root) if p.name.startswith(f"nsbox-{proc.pid}-")}
 
     try:
         deadline = time.monotonic() + 30
@@ -217,13 +246,13 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(pytester
     pytester.makepyfile(test_ok="import pytest\n\n@pytest.mark.nsbox(memory='64M')\ndef test_ok(): pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ok.py")
     result.assert_outcomes(passed=1)
-    assert not (_our_cgroups() & left)
+    assert not (_our_cgroups(private_cgroup_root) & left)
 
 
-def _our_cgroups() -> set[Path]:
+def _our_cgroups(root_setting: str) -> set[Path]:
     from pytest_nsbox import cgroups
 
-    manager = cgroups.detect(os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", ""))
+    manager = cgroups.detect(root_setting)
     assert manager is not None
     found = set()
     for root in manager.roots():
