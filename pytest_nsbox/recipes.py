@@ -400,9 +400,9 @@ def _runner(lowers: tuple[str, ...], command: str, env: dict[str, str], workdir:
 
 
 def _run_step_mapping(builder: Builder) -> tuple[subids.IdMapping | None, str]:
-    """(the full id mapping for a rootless run step, or None and why not); as root (None, "")."""
+    """(the full id mapping for a run step, or None and why not); as root an identity mapping."""
     if os.geteuid() == 0:
-        return None, ""  # root's build sandbox maps root only, as before
+        return subids.root_mapping(), ""  # ids 0..65536 inside are the same ids outside
     try:
         return builder.id_mapping(), ""
     except subids.SubordinateIdError as exc:

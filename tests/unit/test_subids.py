@@ -133,3 +133,9 @@ def test_the_suggested_range_starts_after_every_range_given_out(tmp_path: Path) 
     files = _files(tmp_path, "a:100000:65536\nb:300000:65536\n# c:900000:65536\nbroken\n", "a:200000:65536\n")
     assert subids.free_start(*files.values()) == 365536
     assert subids.free_start(tmp_path / "absent") == 100000
+
+
+def test_root_maps_the_same_ids_itself() -> None:
+    mapping = subids.root_mapping()
+    assert mapping.direct
+    assert (mapping.uid, mapping.gid, mapping.subuid.start, mapping.subuid.count) == (0, 0, 1, subids.MAPPED_IDS)
