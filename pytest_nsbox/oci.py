@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from . import _linux as L
+from ._child import describe_exception, run_in_child
 
 log = logging.getLogger(__name__)
 
@@ -410,38 +411,27 @@ def _extract_in_child(layer: Layer, dest: Path, name: str) -> None:
     """Extract in a forked child: as root with owners kept; otherwise in a user namespace, where
     the 0/0 whiteout device may be created. Errors come back over a pipe."""
     as_root = os.geteuid() == 0
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(read_fd)
-            if not as_root:
-                uid, gid = os.getuid(), os.getgid()
-                L.unshare(L.CLONE_NEWUSER)
-                from .sandbox import write_id_maps
 
-                write_id_maps(uid, gid)
-            with layer.open() as blob:
-                data = blob.read()
-            actual = "sha256:" + hashlib.sha256(data).hexdigest()
-            if actual != layer.digest:
-                raise ImageImportError(f"blob is corrupt (its content hashes to {actual})")
-            extract_layer(_decompressed(io.BytesIO(data)), dest, as_root=as_root)
-        except _Refused as exc:
-            os.write(write_fd, f"refused: {exc}".encode())
-            code = 1
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as handle:
-        message = handle.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise ImageImportError(f"image {name!r}: layer {layer.digest} cannot be imported: {message or 'extractor died'}")
+    def extract() -> None:
+        if not as_root:
+            uid, gid = os.getuid(), os.getgid()
+            L.unshare(L.CLONE_NEWUSER)
+            from .sandbox import write_id_maps
+
+            write_id_maps(uid, gid)
+        with layer.open() as blob:
+            data = blob.read()
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != layer.digest:
+            raise ImageImportError(f"blob is corrupt (its content hashes to {actual})")
+        extract_layer(_decompressed(io.BytesIO(data)), dest, as_root=as_root)
+
+    def describe(exc: BaseException) -> str:
+        return f"refused: {exc}" if isinstance(exc, _Refused) else describe_exception(exc)
+
+    problem = run_in_child(extract, describe)
+    if problem:
+        raise ImageImportError(f"image {name!r}: layer {layer.digest} cannot be imported: {problem}")
 
 
 def import_image(name: str, base: Path, cache: Path) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from . import _linux as L
+from ._child import run_in_child
 
 SUBUID_FILE: Final = Path("/etc/subuid")
 SUBGID_FILE: Final = Path("/etc/subgid")
@@ -287,28 +288,17 @@ def run_mapped(mapping: IdMapping, body: Callable[[], None]) -> None:
 
     Raises RuntimeError with the child's error if the mapping or *body* fails.
     """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            mapper = Mapper(mapping)
-            mapper.start()
-            L.unshare(L.CLONE_NEWUSER)
-            mapper.finish()  # this process is now root inside, with every capability there
-            body()
-            code = 0
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as handle:
-        message = handle.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(message or f"child exited with status {os.waitstatus_to_exitcode(status)}")
+
+    def mapped() -> None:
+        mapper = Mapper(mapping)
+        mapper.start()
+        L.unshare(L.CLONE_NEWUSER)
+        mapper.finish()  # this process is now root inside, with every capability there
+        body()
+
+    problem = run_in_child(mapped)
+    if problem:
+        raise RuntimeError(problem)
 
 
 def chown_tree_to_root(top: Path) -> None:
