@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import NsboxError
+
 if TYPE_CHECKING:
     from .spec import SandboxSpec, nsbox
 
 __version__ = "0.1.0"
-__all__ = ["SandboxSpec", "__version__", "nsbox", "require_sandbox"]
+__all__ = ["NsboxError", "SandboxSpec", "__version__", "nsbox", "require_sandbox"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,8 +30,8 @@ def require_sandbox() -> None:
     """
     import socket
 
-    from .mounts import HOSTNAME, ROOT_SOURCE
-    from .sandbox import root_mount_source
+    from .box.mounts import HOSTNAME, ROOT_SOURCE
+    from .box.steps import root_mount_source
 
     problems = []
     if socket.gethostname() != HOSTNAME:

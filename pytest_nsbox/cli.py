@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, images, mounts, oci, probe, recipes, sandbox
-from .spec import format_size
+from . import __version__, images, probe
+from .box import mounts
+from .box.config import EXIT_SETUP_FAILED, SandboxConfig
+from .box.supervise import run_once
+from .box.wire import Channel
+from .errors import NsboxError
+from .images import cache, oci, recipes
+from .spec import NETWORKS, format_size
+
+IMAGE_HELP = "'host', a recipe name, a rootfs directory, or oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE"
+EXIT_USAGE = 2  # what argparse uses for bad arguments; also for errors the user can fix
 
 
 def cmd_doctor(_args: argparse.Namespace) -> int:
@@ -36,54 +44,47 @@ def cmd_shell(args: argparse.Namespace) -> int:
     """Run a command (default: $SHELL) in a sandbox of IMAGE; changes are thrown away."""
     image = images.resolve(args.image, Path.cwd())
     command = args.command or [os.environ.get("SHELL", "/bin/sh")]
-    scratch = tempfile.mkdtemp(prefix=f"pytest-nsbox-{os.getpid()}-")
-    try:
+    with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
             image=image,
             network=args.network,
             scratch=scratch,
             host_paths=[],
             mounts=mounts.MountTable.read(),
-            host_resolv_conf=open("/etc/resolv.conf").read() if os.path.exists("/etc/resolv.conf") else "",
-            stacks_dir=str(oci.default_cache_dir() / "stacks"),
-        )
-        config = sandbox.SandboxConfig(
-            plan, args.network, os.getuid(), os.getgid(), sandbox.namespace_ids(), "/", sandbox.read_cap_last_cap()
+            stacks_dir=str(cache.stacks_dir(cache.default_cache_dir())),
         )
 
-        def target(_channel: sandbox.Channel) -> None:
+        def target(_channel: Channel) -> None:
             os.execvp(command[0], command)
 
-        result = sandbox.run(config, target)
-    finally:
-        os.rmdir(scratch)
+        result = run_once(SandboxConfig.create(plan, args.network, "/"), target)
     error = result.setup_error
     if error:
         print(f"nsbox: {error['step']} failed: {error['message']}", file=sys.stderr)
         hint = probe.hint_for(str(error["step"]), error.get("errno"))
         if hint:
             print(f"Hint: {hint}", file=sys.stderr)
-        return 125
+        return EXIT_SETUP_FAILED
     if result.test_status is None:
-        return 125
+        return EXIT_SETUP_FAILED
     return os.waitstatus_to_exitcode(result.test_status) & 0xFF
 
 
 def _cache(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir) if args.cache_dir else oci.default_cache_dir()
+    return Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:
     """List imported images: reference, layers, size, last use."""
-    cache = _cache(args)
-    records = oci.list_images(cache)
+    cache_dir = _cache(args)
+    records = cache.list_images(cache_dir)
     if not records:
-        print(f"no images in {cache}")
+        print(f"no images in {cache_dir}")
         return 0
     print(f"{'image':50}  {'layers':>6}  {'size':>10}  last used")
     for record in records:
         digests = record.get("layers") or []
-        size = sum(oci.tree_size(oci.layer_dir(cache, d)) for d in digests)
+        size = sum(cache.tree_size(cache.layer_dir(cache_dir, d)) for d in digests)
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(record.get("last_used", 0))))
         print(f"{record['name']:50}  {len(digests):>6}  {format_size(size):>10}  {used}")
     return 0
@@ -91,43 +92,43 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 
 def cmd_images_build(args: argparse.Namespace) -> int:
     """Build a recipe (rootfs_images/NAME/image.toml, or in --image-dir) into the cache now."""
-    cache = _cache(args)
+    cache_dir = _cache(args)
     dirs = recipes.search_dirs(Path.cwd(), args.image_dir or [])
     recipe = recipes.find(args.name, dirs)
     if recipe is None:
         known = ", ".join(recipes.known_images(dirs)) or "none"
         print(f"nsbox: no recipe {args.name!r} in {', '.join(map(str, dirs))} (known: {known})", file=sys.stderr)
-        return 2
-    layers = recipes.Builder(cache, dirs).build(recipe)
-    print(f"{args.name}: {len(layers)} layers in {cache}")
+        return EXIT_USAGE
+    layers = recipes.RecipeBuilder(cache_dir, dirs).build(recipe)
+    print(f"{args.name}: {len(layers)} layers in {cache_dir}")
     return 0
 
 
 def cmd_images_import(args: argparse.Namespace) -> int:
     """Import an oci:, oci-archive: or docker-archive: image into the cache now."""
-    cache = _cache(args)
-    dirs = oci.import_image(args.ref, Path.cwd(), cache)
-    print(f"{args.ref}: {len(dirs)} layers in {cache}")
+    cache_dir = _cache(args)
+    dirs = oci.import_image(args.ref, Path.cwd(), cache_dir)
+    print(f"{args.ref}: {len(dirs)} layers in {cache_dir}")
     return 0
 
 
 def cmd_images_inspect(args: argparse.Namespace) -> int:
     """Show an imported image's layers, bottom first."""
-    cache = _cache(args)
-    for record in oci.list_images(cache):
+    cache_dir = _cache(args)
+    for record in cache.list_images(cache_dir):
         if record["name"] == args.ref:
             print(f"image  {record['name']}\nsource {record['source']}")
             for digest in record.get("layers") or []:
-                print(f"layer  {digest}  {format_size(oci.tree_size(oci.layer_dir(cache, digest)))}")
+                print(f"layer  {digest}  {format_size(cache.tree_size(cache.layer_dir(cache_dir, digest)))}")
             return 0
-    print(f"nsbox: no imported image {args.ref!r} in {cache} (see 'nsbox images list')", file=sys.stderr)
+    print(f"nsbox: no imported image {args.ref!r} in {cache_dir} (see 'nsbox images list')", file=sys.stderr)
     return 1
 
 
 def cmd_images_prune(args: argparse.Namespace) -> int:
     """Remove layers no remembered image uses (and forget images unused for --older-than days)."""
     older = args.older_than * 86400 if args.older_than is not None else None
-    removed = oci.prune(_cache(args), older_than=older)
+    removed = cache.prune(_cache(args), older_than=older)
     print(f"removed {len(removed)} layer(s)")
     return 0
 
@@ -139,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help=cmd_doctor.__doc__)
     doctor.set_defaults(func=cmd_doctor)
     shell = sub.add_parser("shell", help=cmd_shell.__doc__)
-    shell.add_argument("image", help="'host' or a rootfs directory")
-    shell.add_argument("--network", choices=("none", "host"), default="none")
+    shell.add_argument("image", help=IMAGE_HELP)
+    shell.add_argument("--network", choices=NETWORKS, default="none")
     shell.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: $SHELL)")
     shell.set_defaults(func=cmd_shell)
     images = sub.add_parser("images", help="imported images and their layer cache")
@@ -165,9 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (images.ImageError, oci.ImageImportError, recipes.RecipeError, OSError) as exc:
+    except (NsboxError, OSError) as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return code
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from .sandbox import SandboxResult
+    from .box.config import SandboxResult
     from .spec import SandboxSpec
 
 

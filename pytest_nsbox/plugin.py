@@ -9,7 +9,8 @@ from typing import Final
 import pytest
 
 from . import runtest
-from .spec import SpecError, defaults_from_ini
+from .errors import NsboxError
+from .spec import defaults_from_ini
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
@@ -37,7 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="a sandbox that cannot be built is an ERROR, not a SKIP.",
     )
-    parser.addini("nsbox_image", "default image of sandboxed tests ('host', or a rootfs directory)", default="")
+    parser.addini(
+        "nsbox_image",
+        "default image of sandboxed tests: 'host', a recipe name, a rootfs directory, or oci:/oci-archive:/docker-archive:",
+        default="",
+    )
     parser.addini("nsbox_memory", "default memory limit of sandboxed tests, e.g. 256M", default="")
     parser.addini("nsbox_pids", "default process limit of sandboxed tests", default="")
     parser.addini("nsbox_timeout", "default wall-clock timeout (seconds) of sandboxed tests", default="")
@@ -69,7 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
         defaults = defaults_from_ini(lambda name: str(config.getini(name)))
-    except SpecError as exc:
+    except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
         config,

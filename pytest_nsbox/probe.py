@@ -12,11 +12,14 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from . import _linux as L
+from .box import _linux as L
+from .box.child import run_in_child
+from .box.steps import enter_user_namespace
 
 SYSCTLS: Final = {
     "user.max_user_namespaces": "/proc/sys/user/max_user_namespaces",
@@ -79,31 +82,10 @@ def hint_for(step: str, err: int | None) -> str:
     return ""
 
 
-def _attempt(body: object) -> tuple[bool, str]:
+def _attempt(body: Callable[[], None]) -> tuple[bool, str]:
     """Run *body* in a forked child; (True, "") if it returned, else (False, its error)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            body()  # type: ignore[operator]
-            os._exit(0)
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            os.write(write_fd, str(exc).encode()[:4000])
-            os._exit(1)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as handle:
-        message = handle.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0, message
-
-
-def _enter_userns() -> None:
-    uid, gid = os.getuid(), os.getgid()
-    L.unshare(L.CLONE_NEWUSER | L.CLONE_NEWNS)
-    from .sandbox import write_id_maps
-
-    write_id_maps(uid, gid)
+    message = run_in_child(body, describe=str)
+    return not message, message
 
 
 @functools.cache
@@ -117,7 +99,7 @@ def linux() -> Probe:
 def userns() -> Probe:
     if not linux().ok:
         return linux()
-    ok, message = _attempt(_enter_userns)
+    ok, message = _attempt(lambda: enter_user_namespace(L.CLONE_NEWNS))
     return Probe(ok, "user namespaces", message, "" if ok else userns_hint())
 
 
@@ -130,7 +112,7 @@ def overlay_userns() -> Probe:
             os.mkdir(f"{tmp}/{name}")
 
         def body() -> None:
-            _enter_userns()
+            enter_user_namespace(L.CLONE_NEWNS)
             L.mount(None, b"/", None, L.MS_REC | L.MS_SLAVE)
             L.mount(b"tmpfs", f"{tmp}/mnt".encode(), b"tmpfs", 0, None)
             for name in ("upper", "work", "merged"):
@@ -163,7 +145,7 @@ def prebuild_supported() -> bool:
 @functools.cache
 def cgroup_limits(root_setting: str = "") -> Probe:
     """Can this process create sandbox cgroups with memory, pids and cpu limits?"""
-    from . import cgroups
+    from .box import cgroups
 
     manager = cgroups.detect(root_setting or os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", ""))
     if manager is None:
@@ -178,7 +160,7 @@ def subordinate_ids() -> Probe:
 
     Root can; an ordinary user needs newuidmap/newgidmap and subordinate id ranges (see subids).
     """
-    from . import subids
+    from .box import subids
 
     what = "image builds that need root (subordinate ids)"
     if os.geteuid() == 0:

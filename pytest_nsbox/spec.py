@@ -14,9 +14,12 @@ from typing import Any, Final, Literal, TypeVar
 
 import pytest
 
+from .errors import NsboxError
+
 Network = Literal["none", "host"]
 NETWORKS: Final = ("none", "host")
 DEFAULT_IMAGE: Final = "host"
+DEFAULT_PIDS: Final = 1024  # the pids cap of a sandbox that asks for none (where cgroups allow)
 SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -24,7 +27,7 @@ _SIZE_UNITS: Final = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SpecError(ValueError):
+class SpecError(NsboxError, ValueError):
     """A marker, option or ini value is invalid; the message names its source and the value."""
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import recipes, subids
+from pytest_nsbox.box import subids
+from pytest_nsbox.images import recipes
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "rootfs_images"
@@ -40,7 +41,7 @@ def debian_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = _session_dir(tmp_path_factory) / "debian-cache"
     recipe = recipes.find("debian-bookworm-curl", [REPO_IMAGES])
     assert recipe is not None
-    recipes.Builder(cache, [REPO_IMAGES]).build(recipe)
+    recipes.RecipeBuilder(cache, [REPO_IMAGES]).build(recipe)
     return cache
 
 
@@ -113,7 +114,7 @@ def test_run_step_switches_users_and_changes_owners(
 ) -> None:
     base = recipes.find("debian-bookworm", [REPO_IMAGES])
     assert base is not None
-    (base_layer,) = recipes.Builder(debian_cache, [REPO_IMAGES]).build(base)  # cached
+    (base_layer,) = recipes.RecipeBuilder(debian_cache, [REPO_IMAGES]).build(base)  # cached
     cache = tmp_path / "cache"  # a cache of its own, seeded with the base, so that it can be pruned
     shutil.copytree(base_layer, cache / "layers" / "sha256" / Path(base_layer).name, symlinks=True, copy_function=os.link)
     (pytester.path / "rootfs_images" / "service").mkdir(parents=True)
@@ -156,7 +157,7 @@ def test_rootless_debian_without_subuid_says_what_is_missing(tmp_path: Path) -> 
     subuid, user = _no_subuid(tmp_path)
     recipe = recipes.find("debian-bookworm", [REPO_IMAGES])
     assert recipe is not None
-    builder = recipes.Builder(tmp_path / "cache", [REPO_IMAGES], progress=lambda line: None, subuid_file=subuid)
+    builder = recipes.RecipeBuilder(tmp_path / "cache", [REPO_IMAGES], progress=lambda line: None, subuid_file=subuid)
     with pytest.raises(recipes.RecipeError) as caught:
         builder.build(recipe)
     message = str(caught.value)
@@ -178,7 +179,7 @@ def test_rootless_run_step_without_subuid_says_what_is_missing(tmp_path: Path) -
     )
     recipe = recipes.find("owners", [tmp_path / "images"])
     assert recipe is not None
-    builder = recipes.Builder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None, subuid_file=subuid)
+    builder = recipes.RecipeBuilder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None, subuid_file=subuid)
     with pytest.raises(recipes.RecipeError) as caught:
         builder.build(recipe)
     message = str(caught.value)
@@ -195,9 +196,9 @@ def test_rootless_run_step_reports_a_mapping_that_newuidmap_refuses(tmp_path: Pa
     (tmp_path / "images" / "steps" / "image.toml").write_text("[base]\nbusybox = true\n[[steps]]\nrun = 'true'\n")
     recipe = recipes.find("steps", [tmp_path / "images"])
     assert recipe is not None
-    real = recipes.Builder.id_mapping
-    monkeypatch.setattr(recipes.Builder, "id_mapping", lambda self: replace(real(self), subuid=subids.Range(1, 65536)))
-    builder = recipes.Builder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None)
+    real = recipes.RecipeBuilder.id_mapping
+    monkeypatch.setattr(recipes.RecipeBuilder, "id_mapping", lambda self: replace(real(self), subuid=subids.Range(1, 65536)))
+    builder = recipes.RecipeBuilder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None)
     with pytest.raises(recipes.RecipeError) as caught:
         builder.build(recipe)
     message = str(caught.value)

@@ -19,23 +19,26 @@ FD_PROBE_CONFTEST = """
 import os
 import re
 
-def _count():
-    from pytest_nsbox import sandbox
+def _count(config):
+    from pytest_nsbox.plugin import RUNNER_KEY
 
-    sandbox.reap_finished(block=True)  # a sandbox still exiting holds a pidfd until it is reaped
+    config.stash[RUNNER_KEY].supervisor.reap(block=True)  # a sandbox still exiting holds a pidfd until it is reaped
     return len(os.listdir("/proc/self/fd"))
 
 def pytest_sessionstart(session):
     session.config._fds = None
 
+def pytest_configure(config):
+    global CONFIG
+    CONFIG = config
+
 def pytest_runtest_logfinish(nodeid, location):
-    import pytest
     # first sandboxed test done: baseline after lazy, per-session setup
     if nodeid.endswith("test_many[1]"):
-        open("fds.before", "w").write(str(_count()))
+        open("fds.before", "w").write(str(_count(CONFIG)))
 
 def pytest_sessionfinish(session):
-    open("fds.after", "w").write(str(_count()))
+    open("fds.after", "w").write(str(_count(session.config)))
     open("pid", "w").write(str(os.getpid()))
 """
 
@@ -121,7 +124,7 @@ def test_a_forged_end_record_cannot_keep_the_sandbox_alive(run_inner) -> None:
     result = run_inner(
         f"""
         import os, stat, subprocess, sys, time, pytest
-        from pytest_nsbox import wire
+        from pytest_nsbox.box import wire
 
         @pytest.mark.nsbox
         def test_forge():

@@ -193,7 +193,7 @@ def test_ini_defaults_and_marker_override(run_inner, pytester: pytest.Pytester) 
 def private_cgroup_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """On cgroup v1, a cgroup root of this test's own below the usual one: any other pytest that
     starts (another xdist worker's inner run) sweeps the usual root. v2 runs in UML, alone."""
-    from pytest_nsbox import cgroups
+    from pytest_nsbox.box import cgroups
 
     base = os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", "")
     manager = cgroups.detect(base)
@@ -250,7 +250,7 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(
 
 
 def _our_cgroups(root_setting: str) -> set[Path]:
-    from pytest_nsbox import cgroups
+    from pytest_nsbox.box import cgroups
 
     manager = cgroups.detect(root_setting)
     assert manager is not None

@@ -196,7 +196,7 @@ def test_many_layers_fit_the_mount_option_limit(run_inner, tmp_path: Path, cache
 
 
 def test_an_interrupted_import_is_redone_with_a_notice(tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from pytest_nsbox import oci
+    from pytest_nsbox.images import oci
 
     digests = write_layout(tmp_path / "layout", [layer_tar(BASE)])
     hexdigest = digests["0"].split(":")[1]

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
-BUILDER_TOKEN = "pytest_nsbox.prebuild import serve"
+BUILDER_TOKEN = "pytest_nsbox.box.builder import serve"
 
 # In the inner pytest (P, unsandboxed): the builder processes whose parent is P.
 INNER_HELPERS = f"""

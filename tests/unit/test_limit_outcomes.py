@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_nsbox import cgroups
-from pytest_nsbox.runtest import limit_violation, trim_stack
-from pytest_nsbox.sandbox import SandboxResult
+from pytest_nsbox.box import cgroups
+from pytest_nsbox.box.config import SandboxResult
+from pytest_nsbox.reports import PACKAGE_DIR, limit_violation, trim_stack
 from pytest_nsbox.spec import SandboxSpec
 
-DUMP = """\
+DUMP = f"""\
 Thread 0x00007f1 (most recent call first):
   File "/usr/lib/python3.11/threading.py", line 320 in wait
-  File "/x/pytest_nsbox/runtest.py", line 9 in run_protocol_in_child
+  File "{PACKAGE_DIR}runtest.py", line 9 in run_protocol_in_child
   File "/x/_pytest/main.py", line 1 in main
 
 Current thread 0x00007f2 (most recent call first):
   File "/t/test_a.py", line 29 in test_sleep
   File "/x/_pytest/python.py", line 187 in pytest_pyfunc_call
-  File "/x/pytest_nsbox/runtest.py", line 502 in run_protocol_in_child
-  File "/x/pytest_nsbox/sandbox.py", line 245 in _process_c
+  File "{PACKAGE_DIR}compat.py", line 502 in run_protocol_in_child
+  File "{PACKAGE_DIR}box/steps.py", line 245 in run_test
 """
 
 
@@ -37,14 +37,14 @@ def test_violations_in_order_timeout_memory_pids() -> None:
     spec = SandboxSpec(memory=64 * 2**20, pids=32, timeout=10)
     timed_out = SandboxResult(timed_out=True, stack="")
     usage = cgroups.Usage(memory_peak=64 * 2**20, oom_kills=1, pids_limit_hits=3)
-    cause = limit_violation(spec, timed_out, usage)
+    cause = limit_violation(spec, timed_out)
     assert cause is not None and cause.message.startswith("nsbox: test timed out after 10.0s")
-    cause = limit_violation(spec, SandboxResult(), usage)
+    cause = limit_violation(spec, SandboxResult(usage=usage))
     assert cause is not None
     assert cause.message == "nsbox: test exceeded its memory limit of 64 MiB (peak 64 MiB, 1 process OOM-killed)"
-    cause = limit_violation(spec, SandboxResult(), cgroups.Usage(pids_limit_hits=3))
+    cause = limit_violation(spec, SandboxResult(usage=cgroups.Usage(pids_limit_hits=3)))
     assert cause is not None and cause.message == "nsbox: pids limit 32 reached (3 fork(s) refused)"
-    assert limit_violation(spec, SandboxResult(), cgroups.Usage(memory_peak=1)) is None
+    assert limit_violation(spec, SandboxResult(usage=cgroups.Usage(memory_peak=1))) is None
 
 
 def _fake_v2(tmp_path: Path, files: dict[str, str]) -> cgroups.CgroupV2:
@@ -84,7 +84,7 @@ def test_v1_usage_parsing(tmp_path: Path) -> None:
     (pids / "pids.events").write_text("max 0\n")
     cgroup = cgroups.CgroupV1("nsbox-1-1", {"memory": memory, "pids": pids})
     assert cgroup.usage() == cgroups.Usage(memory_peak=4096, oom_kills=1, pids_limit_hits=0)
-    assert cgroup.join_files == [str(memory / "tasks").encode(), str(pids / "tasks").encode()]
+    assert cgroup.join_files == (str(memory / "tasks").encode(), str(pids / "tasks").encode())
 
 
 def test_limits_controllers() -> None:

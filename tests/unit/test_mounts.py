@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import mounts
-from pytest_nsbox.sandbox import root_mount_source, sandbox_problems
+from pytest_nsbox.box import mounts
+from pytest_nsbox.box.steps import root_mount_source, sandbox_problems
 
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

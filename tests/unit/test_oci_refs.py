@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import mounts, oci
+from pytest_nsbox.box import mounts
+from pytest_nsbox.images import extract, oci
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_short_lowers_numbers_long_lists_through_symlinks(tmp_path: Path) -> Non
 
 
 def test_components_refuse_escapes() -> None:
-    assert oci._components("./a/./b/") == ["a", "b"]
+    assert extract._components("./a/./b/") == ["a", "b"]
     for bad in ("../x", "a/../../x", "/etc/passwd"):
-        with pytest.raises(oci._Refused):
-            oci._components(bad)
+        with pytest.raises(extract.RefusedMember):
+            extract._components(bad)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox import subids
-from pytest_nsbox.mounts import MountPlan
-from pytest_nsbox.sandbox import SandboxConfig, unshare_steps
+from pytest_nsbox.box import subids
+from pytest_nsbox.box.config import SandboxConfig
+from pytest_nsbox.box.mounts import MountPlan
+from pytest_nsbox.box.steps import unshare_steps
 
 SUBUID = """\
 # comment

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_nsbox import wire
+from pytest_nsbox.box import wire
 
 
 def _decode(data: bytes) -> list[dict[str, object]]:

@@ -1,16 +1,20 @@
-"""The sandbox's filesystem: a mount plan built in P (pure data), executed step by step in B.
+"""The sandbox's filesystem: a mount plan built in P (pure data), executed step by step by PID 1.
 
-The plan is computed once per (image, network) per session; B runs it after unshare and
-before pivot_root. Each step has a verb_object ``name`` that becomes ``SetupError.step``.
+The plan is computed once per (image, network) per session; the sandbox's PID 1 (B, or B' in
+the prebuilt form) runs it after unshare and before pivot_root. Each step has a verb_object
+``name`` that becomes the ``step`` of the setup_error record when it fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -22,6 +26,7 @@ ROOT_SOURCE: Final = "nsbox-root"  # the source name of the sandbox's "/" mount;
 REPLACED_TOP_LEVEL: Final = frozenset({"proc", "sys", "dev", "tmp", "run"})
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 MAX_SYMLINK_HOPS: Final = 40
+SCRATCH_PREFIX: Final = "pytest-nsbox-"  # + "<pid>-": the mount point of a sandbox's scratch tmpfs
 
 
 class Step(Protocol):
@@ -38,6 +43,48 @@ def escape_overlay_path(path: str) -> str:
 
 def _b(path: str | Path) -> bytes:
     return os.fsencode(path)
+
+
+# --- scratch mount points ------------------------------------------------------------------
+
+
+def make_scratch_dir() -> str:
+    """An empty directory for the scratch tmpfs of this process's sandboxes (each mounts its own
+    there, in its own mount namespace); empty ones left by killed processes are removed first."""
+    tmpdir = tempfile.gettempdir()
+    sweep_stale_scratch_dirs(tmpdir)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=tmpdir)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    """make_scratch_dir() for one sandbox, removed afterwards."""
+    path = make_scratch_dir()
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def sweep_stale_scratch_dirs(tmpdir: str) -> None:
+    """Remove empty scratch mount points left by processes that were killed."""
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(tmpdir))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(SCRATCH_PREFIX):
+            continue
+        pid_text = entry.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                os.rmdir(entry.path)  # rmdir only: it is empty unless it is not ours
+        except OSError:
+            pass
 
 
 # --- mount table -------------------------------------------------------------------------
@@ -294,7 +341,7 @@ def make_path_in_root(root: str, path: str, *, directory: bool) -> bytes:
         if stat.S_ISLNK(mode):
             hops += 1
             if hops > MAX_SYMLINK_HOPS:
-                raise OSError(40, f"too many symbolic links resolving {path!r} in {root}")
+                raise OSError(errno.ELOOP, f"too many symbolic links resolving {path!r} in {root}")
             link = os.readlink(candidate)
             if link.startswith("/"):
                 current = []
@@ -323,7 +370,7 @@ class MountPlan:
 
 
 @dataclass
-class _Builder:
+class _PlanWriter:
     scratch: str
     mounts: MountTable
     steps: list[Step] = field(default_factory=list)
@@ -398,15 +445,23 @@ def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
     return chosen
 
 
-MAX_OPTIONS: Final = 4000  # mount(2) silently truncates its data at one page
+MAX_OPTIONS: Final = 4000  # mount(2) silently truncates its data at one page (4096 bytes)
+OPTIONS_RESERVE: Final = 512  # room in that page for upperdir, workdir and the flags
+RESOLV_CONF: Final = "/etc/resolv.conf"
+
+
+def read_resolv_conf() -> str:
+    """The host's resolv.conf for the init layer of network="host" ("" if it has none)."""
+    try:
+        return Path(RESOLV_CONF).read_text()
+    except OSError:
+        return ""
 
 
 def short_lowers(lowers: Sequence[str], links_root: str) -> tuple[str | None, tuple[str, ...]]:
     """(cwd, lowers) whose option string fits one page: a directory of numbered symlinks when needed."""
-    if sum(len(escape_overlay_path(p)) + 1 for p in lowers) < MAX_OPTIONS - 512:
+    if sum(len(escape_overlay_path(p)) + 1 for p in lowers) < MAX_OPTIONS - OPTIONS_RESERVE:
         return None, tuple(lowers)
-    import hashlib
-
     key = hashlib.sha256("\0".join(lowers).encode()).hexdigest()[:32]
     farm = os.path.join(links_root, key)
     if not os.path.isdir(farm):
@@ -428,19 +483,21 @@ def build_plan(
     scratch: str,
     host_paths: Iterable[HostPath],
     mounts: MountTable,
-    host_resolv_conf: str = "",
+    host_resolv_conf: str | None = None,
     own_trees: Iterable[str] = (),
     stacks_dir: str | None = None,
 ) -> MountPlan:
-    """Build every mount step for one sandbox. ``image`` is "host" or a rootfs directory.
+    """Build every mount step for one sandbox. ``image`` is "host", a rootfs directory, or layer
+    directories (top first). ``host_resolv_conf`` defaults to the host's (read_resolv_conf).
 
     ``own_trees`` (host image, rootless): directories owned by the caller that get an overlay
     of their own. Without it, a copy-up inside them would have to copy their root-owned parents,
     which an unmapped owner makes impossible (EOVERFLOW).
     """
-    b = _Builder(scratch, mounts)
+    b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
-    init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, host_resolv_conf).items())
+    resolv = read_resolv_conf() if host_resolv_conf is None else host_resolv_conf
+    init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, resolv).items())
     head: list[Step] = [
         MakeRootSlave(),
         MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-scratch"),
@@ -490,7 +547,7 @@ def build_plan(
     if network == "none":
         tail.append(MountFs("mount_sysfs", "sysfs", f"{root}/sys", proc_flags | L.MS_RDONLY))
     else:
-        binder = _Builder(scratch, mounts)
+        binder = _PlanWriter(scratch, mounts)
         binder.bind("/sys", "/sys", readonly=True)
         tail.extend(binder.steps)
     tail += [PivotRoot(root), SetHostname()]

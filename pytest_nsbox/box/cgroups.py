@@ -1,10 +1,12 @@
-"""One interface to a sandbox's cgroup; backends for cgroup v1 and v2 differ in file names only.
+"""One object owns a sandbox's cgroup for its whole life; v1 and v2 backends differ in file names.
 
-P creates the cgroup and writes the limits before the fork; A moves itself in (writing "0"
-to ``tasks``/``cgroup.procs`` moves the writer) before it unshares the cgroup namespace, so P
-stays outside. After the test P reads the counters; the directory is removed once A is reaped.
-Every cgroup is named ``nsbox-<pid>-<seq>`` under a root we own; cgroups of dead pytest
-processes are swept at start, and nothing else is ever written to.
+P has the manager create it and write the limits before the fork (``CgroupManager.create``);
+the sandbox's first process moves itself in (``join``: writing "0" to ``tasks``/``cgroup.procs``
+moves the writer) before it unshares the cgroup namespace, so P stays outside. P kills what is
+in it on a timeout (``Cgroup.kill``), reads the counters once the test is over (``usage``), and
+releases it once every process is gone (``release``). Every cgroup is named
+``nsbox-<pid>-<seq>`` under a root we own; cgroups of dead pytest processes are swept at start,
+and nothing else is ever written to.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..errors import NsboxError
+
 CGROUP_MOUNT: Final = Path("/sys/fs/cgroup")
 V1_CONTROLLERS: Final = ("memory", "pids", "cpu")
 DEFAULT_ROOT_NAME: Final = "pytest-nsbox"
 NAME_RE: Final = re.compile(r"^nsbox-(\d+)-\d+$")
 CPU_PERIOD_US: Final = 100_000
+MIN_CPU_QUOTA_US: Final = 1000  # the kernel refuses a smaller quota
+KILL_TIMEOUT: Final = 5.0  # seconds kill() waits for the cgroup to be empty
 
 
-class CgroupError(Exception):
+class CgroupError(NsboxError):
     """A cgroup could not be created, limited or read; the message says what was attempted."""
 
 
@@ -92,9 +98,9 @@ class Cgroup(abc.ABC):
         self.dirs = dirs  # controller (or "" for v2) -> directory
 
     @property
-    def join_files(self) -> list[bytes]:
-        """Files A writes "0" to, to move itself in (precomputed: A only writes)."""
-        return [os.fsencode(d / self._procs_file) for d in self.dirs.values()]
+    def join_files(self) -> tuple[bytes, ...]:
+        """Files the sandbox's first process writes "0" to, to move itself in (see join)."""
+        return tuple(os.fsencode(d / self._procs_file) for d in self.dirs.values())
 
     _procs_file = "cgroup.procs"
 
@@ -113,7 +119,7 @@ class Cgroup(abc.ABC):
                 pass
         return sorted(found)
 
-    def kill(self, timeout: float = 5.0) -> None:
+    def kill(self, timeout: float = KILL_TIMEOUT) -> None:
         """SIGKILL every process in the cgroup; return once none is left (or after *timeout* s)."""
         deadline = time.monotonic() + timeout
         while pids := self.pids():
@@ -126,6 +132,10 @@ class Cgroup(abc.ABC):
                 return
             time.sleep(0.001)  # a killed process stays listed until its exit is complete
 
+    def release(self) -> None:
+        """The sandbox is gone: remove the cgroup. Raises CgroupError (the caller warns)."""
+        self.remove()
+
     def remove(self) -> None:
         for d in self.dirs.values():
             try:
@@ -137,7 +147,9 @@ class Cgroup(abc.ABC):
 
 
 def join(files: Iterable[bytes]) -> None:
-    """In A: move the calling process into the cgroup (one write per hierarchy)."""
+    """In the sandbox's first process: move the caller into its cgroup (one write per hierarchy).
+
+    The paths are computed in P (``Cgroup.join_files``): the child only writes."""
     for path in files:
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -147,7 +159,7 @@ def join(files: Iterable[bytes]) -> None:
 
 
 class CgroupV1(Cgroup):
-    _procs_file = "tasks"  # writing "0" here moves the writer; A is single-threaded
+    _procs_file = "tasks"  # writing "0" here moves the writer (the joining process is single-threaded)
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:
@@ -162,7 +174,7 @@ class CgroupV1(Cgroup):
         if limits.cpus is not None:
             cpu = self.dirs["cpu"]
             _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(cpu / "cpu.cfs_quota_us", str(max(1000, round(limits.cpus * CPU_PERIOD_US))))
+            _write(cpu / "cpu.cfs_quota_us", str(max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))))
 
     def usage(self) -> Usage:
         memory = self.dirs.get("memory")
@@ -185,7 +197,7 @@ class CgroupV2(Cgroup):
         if limits.pids is not None:
             _write(path / "pids.max", str(limits.pids))
         if limits.cpus is not None:
-            _write(path / "cpu.max", f"{max(1000, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
+            _write(path / "cpu.max", f"{max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
 
     def usage(self) -> Usage:
         path = self.dirs[""]
@@ -195,7 +207,7 @@ class CgroupV2(Cgroup):
             pids_limit_hits=_read_keyed(path / "pids.events").get("max", 0),
         )
 
-    def kill(self, timeout: float = 5.0) -> None:
+    def kill(self, timeout: float = KILL_TIMEOUT) -> None:
         kill_file = self.dirs[""] / "cgroup.kill"
         if kill_file.exists():
             _write(kill_file, "1")

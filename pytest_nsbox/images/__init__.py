@@ -1,4 +1,6 @@
-"""Resolve an ``image=`` value: "host", a recipe name, an imported image, or a rootfs directory."""
+"""Images: resolve an ``image=`` value ("host", a recipe name, an imported image, a rootfs
+directory); ``oci`` imports OCI/Docker images, ``recipes`` builds recipes, ``extract`` unpacks a
+layer safely, ``cache`` holds the layers. Errors are ``errors.ImageError``."""
 
 from __future__ import annotations
 
@@ -7,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from . import cache as layer_cache
 from . import oci, recipes
+from .errors import ImageError, ImageImportError, RecipeError
 
 HOST: Final = "host"
 
-
-class ImageError(Exception):
-    """An image cannot be resolved; the message names the image and what was checked."""
+__all__ = ["HOST", "ImageError", "ImageImportError", "RecipeError", "Resolved", "resolve"]
 
 
 Resolved = str | tuple[str, ...]  # "host", a rootfs directory, or layer directories (top first)
@@ -24,18 +26,15 @@ def resolve(name: str, rootdir: Path, cache: Path | None = None, image_dirs: Seq
     imported image or a recipe (built on first use)."""
     if name == HOST:
         return HOST
-    cache = cache or oci.default_cache_dir()
+    cache = cache or layer_cache.default_cache_dir()
     if oci.is_reference(name):
-        try:
-            return tuple(oci.import_image(name, rootdir, cache))
-        except oci.ImageImportError as exc:
-            raise ImageError(str(exc)) from None
+        return tuple(oci.import_image(name, rootdir, cache))
     dirs = recipes.search_dirs(rootdir, image_dirs)
     try:
         recipe = recipes.find(name, dirs)
         if recipe is not None:
-            return tuple(recipes.Builder(cache, dirs).build(recipe)[::-1])
-    except (recipes.RecipeError, oci.ImageImportError) as exc:
+            return tuple(recipes.RecipeBuilder(cache, dirs).build(recipe)[::-1])
+    except ImageError as exc:
         raise ImageError(f"image {name!r}: {exc}") from None
     candidate = Path(name) if os.path.isabs(name) else rootdir / name
     if candidate.is_dir():

@@ -1,4 +1,4 @@
-"""Run a function in a forked child and get back what went wrong (mechanism, like ``_linux``)."""
+"""Run a function in a throwaway forked child and get back what went wrong (mechanism only)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-MAX_MESSAGE: Final = 4000
+MAX_MESSAGE: Final = 4000  # bytes of the child's error that reach the parent
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -14,8 +14,9 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def run_in_child(body: Callable[[], None], describe: Callable[[BaseException], str] = describe_exception) -> str:
-    """Run *body* in a forked child (for what must not touch this process: unshare, chroot-like
-    work); "" if it returned, else its exception as *describe* puts it, or its exit status."""
+    """Run *body* in a forked child (for what must not touch this process: unshare, a probe,
+    extracting as another user); "" if it returned, else its exception as *describe* puts it,
+    or its exit status."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -24,7 +25,7 @@ def run_in_child(body: Callable[[], None], describe: Callable[[BaseException], s
             os.close(read_fd)
             body()
             code = 0
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             os.write(write_fd, describe(exc).encode()[:MAX_MESSAGE])
         finally:
             os._exit(code)

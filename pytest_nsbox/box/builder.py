@@ -13,10 +13,10 @@ test while the current one runs:
                      user, mount, network, UTS, IPC and cgroup namespaces, runs the mount plan,
                      sends P a pidfd of itself ("ready"), then reaps orphans until it is killed
 
-When the test starts, P forks it straight into B's PID namespace (as root) or forks a C that
-joins B's namespaces and forks the test (rootless); see ``sandbox.run(..., prebuilt=...)``. P
-kills B' when the test is over; the PID namespace takes every process inside with it. Nothing
-of the test ever runs in S, W or B'.
+When the test starts, P forks it straight into B's PID namespace (as root) or forks a joiner J
+that enters B's namespaces and forks the test (rootless); see prebuilt.py. P kills B' when the
+test is over; the PID namespace takes every process inside with it. Nothing of the test ever
+runs in S, W or B'.
 
 P -> W messages are pickled requests (W is P's own grandchild); W -> P and B' -> W messages
 are wire records. All sockets are SOCK_SEQPACKET: one message, one record (and its pidfd).
@@ -35,16 +35,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ..errors import NsboxError
 from . import _linux as L
-from . import sandbox, wire
+from . import wire
+from .config import SandboxConfig
 from .mounts import MountPlan
+from .prebuilt import Prebuilt, build_ahead
+from .steps import enter_user_namespace, fork_into_pid_namespace, open_own_pid_namespace
 
 MAX_MESSAGE: Final = 1 << 20
 EMPTY_PLAN: Final = MountPlan(scratch="", root="", steps=())
-_SERVE: Final = "import sys; sys.path.insert(0, sys.argv[1]); from pytest_nsbox.prebuild import serve; serve()"
+_SERVE: Final = "import sys; sys.path.insert(0, sys.argv[1]); from pytest_nsbox.box.builder import serve; serve()"
+STOP_GRACE: Final = 5.0  # seconds the builder gets to exit after P closed its socket
 
 
-class BuilderError(Exception):
+class BuilderError(NsboxError):
     """The builder process could not be started or stopped answering."""
 
 
@@ -80,7 +85,7 @@ class Builder:
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._next_id = 0
-        self._answers: dict[int, sandbox.Prebuilt | Failed] = {}
+        self._answers: dict[int, Prebuilt | Failed] = {}
         self._discarded: set[int] = set()
         self._plans_sent: dict[int, MountPlan] = {}  # id() -> plan, kept alive so ids stay unique
 
@@ -88,7 +93,7 @@ class Builder:
         if self._sock is not None:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        package_parent = str(Path(__file__).resolve().parent.parent)
+        package_parent = str(Path(__file__).resolve().parents[2])
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _SERVE, package_parent, str(theirs.fileno()), str(os.getpid())],
@@ -108,7 +113,7 @@ class Builder:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def submit(self, config: sandbox.SandboxConfig) -> int:
+    def submit(self, config: SandboxConfig) -> int:
         """Ask for a sandbox built from *config*; returns a ticket for take() or discard()."""
         sock = self._start()
         ticket = self._next_id
@@ -123,7 +128,7 @@ class Builder:
             raise BuilderError(f"the sandbox builder is gone: {exc}") from None
         return ticket
 
-    def take(self, ticket: int) -> sandbox.Prebuilt | Failed:
+    def take(self, ticket: int) -> Prebuilt | Failed:
         """The sandbox of *ticket* (waits until it is built); the caller owns it from now on."""
         while ticket not in self._answers:
             self._read_answer()
@@ -132,7 +137,7 @@ class Builder:
     def discard(self, ticket: int) -> None:
         """Kill the sandbox of *ticket* (now, or when its answer comes)."""
         answer = self._answers.pop(ticket, None)
-        if isinstance(answer, sandbox.Prebuilt):
+        if isinstance(answer, Prebuilt):
             answer.kill()
             answer.close()
         elif answer is None:
@@ -151,16 +156,16 @@ class Builder:
         if record["kind"] == "builder_failed":
             raise BuilderError(str(record.get("message")))
         ticket = int(record.get("ticket", -1))
-        answer: sandbox.Prebuilt | Failed
+        answer: Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
-            answer = sandbox.Prebuilt(fds[0])
+            answer = Prebuilt(fds[0])
         else:
             for fd in fds:
                 os.close(fd)
             answer = Failed(record)
         if ticket in self._discarded:
             self._discarded.discard(ticket)
-            if isinstance(answer, sandbox.Prebuilt):
+            if isinstance(answer, Prebuilt):
                 answer.kill()
                 answer.close()
         else:
@@ -175,7 +180,7 @@ class Builder:
             self._sock = None
         if self._process is not None:
             try:
-                self._process.wait(timeout=5)
+                self._process.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
@@ -194,7 +199,9 @@ def serve() -> None:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
     try:
-        sandbox.enter_builder_namespaces(os.getuid(), os.getgid())
+        # a user namespace of its own (root inside = the caller) and a PID namespace for W: W owns
+        # every PID namespace it creates for a sandbox and may switch back to its own
+        enter_user_namespace(L.CLONE_NEWPID)
         worker = os.fork()
     except OSError as exc:
         sock.send(wire.encode({"kind": "builder_failed", "message": f"cannot set up the sandbox builder: {exc}"}))
@@ -212,7 +219,7 @@ def _work(sock: socket.socket) -> None:
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != 0:  # S is outside this PID namespace
         return
-    factory = sandbox.PidNamespaceFactory()
+    own_pid_namespace = open_own_pid_namespace()
     gc.freeze()  # what is imported now is never traversed (and copied) by a collection in B'
     plans: dict[int, MountPlan] = {}
     while True:
@@ -221,11 +228,11 @@ def _work(sock: socket.socket) -> None:
         except OSError:
             return
         if not message:
-            return  # P closed its end: P's pidfds keep its sandboxes; A' and B' die with S
+            return  # P closed its end: P's pidfds keep its sandboxes; the B' processes die with S
         ticket, plan_id, plan, config = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno(), factory)
+        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno(), own_pid_namespace)
         try:
             socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
         except OSError:
@@ -236,13 +243,11 @@ def _work(sock: socket.socket) -> None:
         _reap()
 
 
-def _build(
-    config: sandbox.SandboxConfig, keep_out: int, factory: sandbox.PidNamespaceFactory
-) -> tuple[dict[str, Any], list[int]]:
+def _build(config: SandboxConfig, keep_out: int, own_pid_namespace: int) -> tuple[dict[str, Any], list[int]]:
     """Fork B' for *config*; its first answer: ready (with its pidfd) or a setup error."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid = factory.fork()
+        pid = fork_into_pid_namespace(lambda: L.unshare(L.CLONE_NEWPID), own_pid_namespace)  # B' is its PID 1
     except OSError as exc:
         ours.close()
         theirs.close()
@@ -250,7 +255,7 @@ def _build(
     if pid == 0:
         os.close(keep_out)
         ours.close()
-        sandbox.build_ahead(config, theirs.detach())
+        build_ahead(config, theirs.detach())
     theirs.close()
     with ours:
         try:
@@ -270,7 +275,7 @@ def _build(
 
 
 def _reap() -> None:
-    """Collect A' processes whose sandboxes are gone."""
+    """Collect the B' processes P killed."""
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

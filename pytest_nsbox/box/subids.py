@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..errors import NsboxError
 from . import _linux as L
-from ._child import run_in_child
+from .child import run_in_child
 
 SUBUID_FILE: Final = Path("/etc/subuid")
 SUBGID_FILE: Final = Path("/etc/subgid")
@@ -48,14 +49,13 @@ FIRST_SUBORDINATE_ID: Final = 100000  # where useradd starts giving out ranges (
 MISSING: Final = "subordinate ids cannot be mapped: {problems}"
 
 
-class SubordinateIdError(Exception):
+class SubordinateIdError(NsboxError):
     """Subordinate ids cannot be mapped here; the message says exactly what is missing and the fix."""
 
     def __init__(self, problems: list[str], hint: str = "") -> None:
         self.problems = problems
         self.hint = hint
-        text = MISSING.format(problems="; ".join(problems))
-        super().__init__(f"{text}. Hint: {hint}" if hint else text)
+        super().__init__(MISSING.format(problems="; ".join(problems)), fix=hint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,14 @@ import struct
 from collections.abc import Iterator
 from typing import Any, Final
 
+from ..errors import NsboxError
+
 MAX_RECORD_BYTES: Final = 64 * 2**20
 _HEADER: Final = struct.Struct(">I")
 _TUPLE_TAG: Final = "__nsbox_tuple__"
 
 
-class WireError(Exception):
+class WireError(NsboxError):
     """The byte stream on the result pipe is not a valid sequence of records."""
 
 
@@ -82,3 +84,19 @@ class Reader:
     def pending(self) -> int:
         """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
         return len(self._buffer)
+
+
+class Channel:
+    """The write end of the result pipe, usable only by the process that owns it (the test, C).
+
+    A process the test forks inherits the object; its records are dropped so a forked child
+    that returns into pytest's code cannot report twice.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.owner = os.getpid()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        if os.getpid() == self.owner:
+            send(self.fd, {"kind": kind, **fields})

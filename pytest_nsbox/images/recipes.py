@@ -49,11 +49,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from . import mounts, oci, sandbox, subids
+from ..box import mounts, subids
+from ..box.config import SandboxConfig
+from ..box.supervise import run_once
+from ..box.wire import Channel
+from . import cache, oci
+from .errors import RecipeError
+from .extract import RefusedMember, extract_layer
 
 log = logging.getLogger(__name__)
 
 RECIPE_FILE: Final = "image.toml"
+OUTPUT_TAIL: Final = 4000  # characters of a failed step's output in its error
 BASES: Final = ("debian", "busybox", "scratch", "image", "recipe")
 STEP_KINDS: Final = ("run", "copy", "env", "workdir")
 BUSYBOX: Final = "/bin/busybox"
@@ -77,10 +84,6 @@ SINGLE_UID_NOTE: Final = (
     "note: this step ran with only your uid mapped (as root), so commands that switch users or change owners "
     "(apt without APT::Sandbox::User=root, dpkg, useradd, chown) fail; {reason}"
 )
-
-
-class RecipeError(Exception):
-    """A recipe is invalid or its build failed; the message names the file and the field or step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +174,7 @@ def _tree_hash(path: Path) -> str:
 
 
 @dataclass
-class Builder:
+class RecipeBuilder:
     """Builds recipes into cached layers; *progress* gets one line per step that is built."""
 
     cache: Path
@@ -233,29 +236,20 @@ class Builder:
         return layers
 
     def _layer(self, key: str, recipe: Recipe, number: int, total: int, what: str, build: Callable[[Path], None]) -> str:
-        final = self.cache / "layers" / "sha256" / key
+        final = cache.layer_dir(self.cache, key)
         if final.is_dir():
             return str(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        from filelock import FileLock  # lazy: it installs fork handlers that every sandbox fork would run
-        with FileLock(str(final) + ".lock"):
-            if final.is_dir():
-                return str(final)
-            for stale in final.parent.glob(f".tmp-{key[:12]}-*"):
-                self.progress(f"nsbox: {recipe.name}: step {number}/{total} was interrupted before; building it again")
-                oci._remove_tree(stale)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
+
+        def interrupted() -> None:
+            self.progress(f"nsbox: {recipe.name}: step {number}/{total} was interrupted before; building it again")
+
+        def timed_build(tmp: Path) -> None:
             start = time.monotonic()
             self.progress(f"nsbox: building image {recipe.name}: step {number}/{total}: {what}")
-            try:
-                build(tmp)
-                os.rename(tmp / "layer", final)
-            except BaseException:
-                oci._remove_tree(tmp)
-                raise
-            oci._remove_tree(tmp)
+            build(tmp)
             self.progress(f"nsbox: building image {recipe.name}: step {number}/{total} done in {time.monotonic() - start:.1f}s")
-        return str(final)
+
+        return str(cache.publish_layer(final, timed_build, interrupted=interrupted))
 
 
 def _tool_identity(kind: str) -> str:
@@ -267,7 +261,7 @@ def _tool_identity(kind: str) -> str:
     return ""
 
 
-def _build_base(kind: str, value: Any, tmp: Path, builder: Builder) -> None:
+def _build_base(kind: str, value: Any, tmp: Path, builder: RecipeBuilder) -> None:
     layer = tmp / "layer"
     if kind == "scratch":
         layer.mkdir()
@@ -312,7 +306,7 @@ def debian_command(suite: str, target: Path | str, *, mode: str = "root") -> lis
     ]
 
 
-def _build_debian(suite: str, layer: Path, builder: Builder) -> None:
+def _build_debian(suite: str, layer: Path, builder: RecipeBuilder) -> None:
     problems = [] if shutil.which("mmdebstrap") else [NO_MMDEBSTRAP]
     if os.geteuid() != 0:
         try:
@@ -329,7 +323,7 @@ def _build_debian(suite: str, layer: Path, builder: Builder) -> None:
     command = ["unshare", "--mount", "--propagation", "private", *debian_command(suite, layer)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-OUTPUT_TAIL:]}")
 
 
 def _build_debian_rootless(suite: str, layer: Path) -> None:
@@ -349,10 +343,10 @@ def _build_debian_rootless(suite: str, layer: Path) -> None:
         failure: Exception | None = None
         try:
             with proc.stdout:
-                oci.extract_layer(proc.stdout, layer, as_root=False)
+                extract_layer(proc.stdout, layer, as_root=False)
                 while proc.stdout.read(1 << 16):
                     pass  # the tar's padding: mmdebstrap must not die of SIGPIPE
-        except (OSError, tarfile.TarError, oci._Refused) as exc:
+        except (OSError, tarfile.TarError, RefusedMember) as exc:
             failure = exc
             proc.kill()
         except BaseException:
@@ -361,7 +355,7 @@ def _build_debian_rootless(suite: str, layer: Path) -> None:
             raise
         code = proc.wait()
         errors.seek(0)
-        output = errors.read().decode(errors="replace")[-4000:]
+        output = errors.read().decode(errors="replace")[-OUTPUT_TAIL:]
     if code != 0 and not (failure is not None and code == -signal.SIGKILL):  # killed by us: the tar was bad
         raise RecipeError(f"mmdebstrap --mode=unshare {suite} failed ({code}):\n{output}")
     if failure is not None:
@@ -380,7 +374,9 @@ def _copier(source: Path, to: str) -> Callable[[Path], None]:
     return copy
 
 
-def _runner(lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: Builder) -> Callable[[Path], None]:
+def _runner(
+    lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: RecipeBuilder
+) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
         mapping, unmapped = _run_step_mapping(builder)
         try:
@@ -399,7 +395,7 @@ def _runner(lowers: tuple[str, ...], command: str, env: dict[str, str], workdir:
     return run
 
 
-def _run_step_mapping(builder: Builder) -> tuple[subids.IdMapping | None, str]:
+def _run_step_mapping(builder: RecipeBuilder) -> tuple[subids.IdMapping | None, str]:
     """(the full id mapping for a run step, or None and why not); as root an identity mapping."""
     if os.geteuid() == 0:
         return subids.root_mapping(), ""  # ids 0..65536 inside are the same ids outside
@@ -426,24 +422,22 @@ def _run_in_sandbox(
     command: str,
     env: dict[str, str],
     workdir: str,
-    cache: Path,
+    cache_dir: Path,
     mapping: subids.IdMapping | None,
     unmapped: str,
 ) -> None:
     upper, work = tmp / "layer", tmp / "work"
     upper.mkdir()
     work.mkdir()
-    scratch = tempfile.mkdtemp(prefix=f"pytest-nsbox-{os.getpid()}-")
     log_path = tmp / "output.log"
-    try:
+    with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
             image=lowers,
             network="host",
             scratch=scratch,
             host_paths=[],
             mounts=mounts.MountTable.read(),
-            host_resolv_conf=_read("/etc/resolv.conf"),
-            stacks_dir=str(cache / "stacks"),
+            stacks_dir=str(cache.stacks_dir(cache_dir)),
         )
         steps = tuple(
             replace(s, upper=str(upper), work=str(work))
@@ -451,30 +445,18 @@ def _run_in_sandbox(
             else s
             for s in plan.steps
         )
-        config = sandbox.SandboxConfig(
-            replace(plan, steps=steps),
-            "host",
-            os.getuid(),
-            os.getgid(),
-            sandbox.namespace_ids(),
-            workdir,
-            sandbox.read_cap_last_cap(),
-            id_mapping=mapping,
-        )
+        config = SandboxConfig.create(replace(plan, steps=steps), "host", workdir, id_mapping=mapping)
         with open(log_path, "wb") as log_file:
             log_fd = log_file.fileno()
 
-            def target(_channel: sandbox.Channel) -> None:
+            def target(_channel: Channel) -> None:
                 os.dup2(log_fd, 1)
                 os.dup2(log_fd, 2)
                 os.chdir(workdir)
                 os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
 
-            result = sandbox.run(config, target)
-            sandbox.reap_finished(block=True)
-    finally:
-        os.rmdir(scratch)
-    output = log_path.read_text(errors="replace")[-4000:]
+            result = run_once(config, target)
+    output = log_path.read_text(errors="replace")[-OUTPUT_TAIL:]
     if result.setup_error is not None:
         raise RecipeError(
             f"run {command!r}: the build sandbox failed at {result.setup_error['step']}: {result.setup_error['message']}"
@@ -486,10 +468,3 @@ def _run_in_sandbox(
         detail = "; ".join(line for lines in errors for line in lines)  # e.g. no /bin/sh in the image
         note = "\n" + SINGLE_UID_NOTE.format(reason=unmapped) if unmapped else ""
         raise RecipeError(f"run {command!r} failed ({code}{': ' + detail if detail else ''}):\n{output}{note}")
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""

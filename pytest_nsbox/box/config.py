@@ -1,0 +1,109 @@
+"""What a sandbox is built from (computed in P before any fork) and what P learns from it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import _linux as L
+from . import subids
+from .cgroups import Usage
+from .mounts import MountPlan
+from .wire import Channel
+
+EXIT_SETUP_FAILED: Final = 125  # a step of building the sandbox failed (a setup_error record says which)
+EXIT_INTERNAL_ERROR: Final = 126  # an exception escaped a child's body (an internal_error record says which)
+NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
+Target = Callable[[Channel], None]
+"""The test's body, run by the test process (C) inside the sandbox; records go out on the channel."""
+
+KILL_GRACE: Final = 5.0  # seconds P waits for a killed sandbox's processes to be gone before it kills again
+
+
+def namespace_ids() -> dict[str, int]:
+    """Inode numbers of the caller's namespaces (equal inode = same namespace)."""
+    return {ns: os.stat(f"/proc/self/ns/{ns}").st_ino for ns in NAMESPACES}
+
+
+def read_cap_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return L.CAP_LAST_CAP
+
+
+_host_namespaces: dict[str, int] | None = None
+_cap_last_cap: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """Everything the sandbox's processes need, computed in P before the fork."""
+
+    plan: MountPlan
+    network: str
+    uid: int
+    gid: int
+    host_namespaces: dict[str, int]
+    cwd: str
+    cap_last_cap: int
+    cgroup_files: tuple[bytes, ...] = ()  # each process that joins writes "0" to each (see cgroups.join)
+    stack_fd: int | None = None  # the test's faulthandler dumps its stack here on SIGUSR1 (timeouts)
+    oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
+    id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
+
+    @classmethod
+    def create(
+        cls,
+        plan: MountPlan,
+        network: str,
+        cwd: str,
+        *,
+        cgroup_files: tuple[bytes, ...] = (),
+        oom_first: bool = False,
+        id_mapping: subids.IdMapping | None = None,
+    ) -> SandboxConfig:
+        """A config for the calling process (its ids and namespaces, read once per process)."""
+        global _host_namespaces, _cap_last_cap
+        if _host_namespaces is None or _cap_last_cap is None:
+            _host_namespaces, _cap_last_cap = namespace_ids(), read_cap_last_cap()
+        return cls(
+            plan=plan,
+            network=network,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            host_namespaces=_host_namespaces,
+            cwd=cwd,
+            cap_last_cap=_cap_last_cap,
+            cgroup_files=cgroup_files,
+            oom_first=oom_first,
+            id_mapping=id_mapping,
+        )
+
+    @property
+    def clone_flags(self) -> int:
+        flags = L.CLONE_NEWUSER | L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWCGROUP
+        if self.network == "none":
+            flags |= L.CLONE_NEWNET
+        return flags
+
+
+@dataclass
+class SandboxResult:
+    """What P learned: the records in order, the test's wait status, the status of P's child."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    test_status: int | None = None
+    sandbox_status: int = 0
+    wire_error: str | None = None
+    timed_out: bool = False
+    stack: str = ""  # the test's Python stack at the timeout, if it could be dumped
+    usage: Usage = field(default_factory=Usage)  # read once every process of the test is gone
+    done: bool = False  # the test sent its last record: it ran to its end
+
+    @property
+    def setup_error(self) -> dict[str, Any] | None:
+        return next((r for r in self.records if r["kind"] == "setup_error"), None)

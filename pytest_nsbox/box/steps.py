@@ -1,0 +1,357 @@
+"""The process steps both forms of the process model share.
+
+Descriptors, id maps, capabilities, PID-1 hardening, the inside check, the parent-death guard,
+the reaping loops, the fork into a new PID namespace, and the body of the test process (C).
+A child never raises across the fork: ``run_steps`` turns the first failure into a
+``setup_error`` record on the channel and ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import signal
+import stat
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from . import _linux as L
+from . import subids
+from .config import EXIT_INTERNAL_ERROR, EXIT_SETUP_FAILED, SandboxConfig, namespace_ids
+from .mounts import ROOT_SOURCE
+from .wire import Channel
+
+MAX_FD: Final = 1 << 20  # fs.nr_open's default; close_range(2) takes any upper bound
+
+# Docker's default capability set. CAP_SYS_ADMIN is not in it: without it the test cannot
+# re-mount the read-only binds (rootdir, interpreter) read-write or undo any other mount.
+KEPT_CAPABILITIES: Final = frozenset(
+    {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+)  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
+
+Step = tuple[str, Callable[[], None]]
+"""A named action; the name is the ``step`` of the setup_error record when it fails."""
+
+
+def fail(channel: Channel, process: str, step: str, exc: BaseException, code: int = EXIT_SETUP_FAILED) -> None:
+    """Send a setup_error record for *step* of *process* and exit; never returns."""
+    try:
+        channel.send(
+            "setup_error",
+            process=process,
+            step=step,
+            errno=getattr(exc, "errno", None),
+            message=str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}",
+            traceback="" if isinstance(exc, OSError) else traceback.format_exc(),
+        )
+    finally:
+        os._exit(code)
+
+
+def run_steps(channel: Channel, process: str, steps: Iterable[Step]) -> None:
+    """Run named steps in order; the first failure is sent as a setup_error and ends the process."""
+    for name, action in steps:
+        try:
+            action()
+        except BaseException as exc:
+            fail(channel, process, name, exc)
+
+
+# --- descriptors -----------------------------------------------------------------------------
+
+
+def kept_descriptors(keep: Iterable[int]) -> set[int]:
+    """The descriptors a sandbox keeps; every other one could reach outside.
+
+    Kept: *keep*, regular files and character devices (pytest's capture files, /dev/null, a
+    tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). Directories,
+    sockets, pipes, anonymous inodes and namespace files (regular files of nsfs) are not:
+    xdist's channel is a pair of pipes.
+    """
+    kept = set(keep)
+    nsfs = os.stat("/proc/self/ns/net").st_dev
+    std_files = set()
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        std_files.add((st.st_dev, st.st_ino))
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if st.st_dev == nsfs:
+            continue
+        if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or (st.st_dev, st.st_ino) in std_files:
+            kept.add(fd)
+    return kept
+
+
+def close_all_but(kept: Iterable[int]) -> None:
+    """Close every descriptor not in *kept*, also one opened after *kept* was computed."""
+    low = 0
+    for fd in sorted(set(kept)):
+        if fd > low:  # closerange(n, n) would be close_range(n, -1): everything from n on
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAX_FD)
+
+
+def close_inherited_fds(keep: Iterable[int]) -> None:
+    """Close descriptors that could reach outside (see kept_descriptors)."""
+    close_all_but(kept_descriptors(keep))
+
+
+# --- ids and capabilities ----------------------------------------------------------------------
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """Map root inside to the invoking uid/gid (the only mapping an unprivileged process may write)."""
+    try:
+        with open("/proc/self/setgroups", "w") as handle:
+            handle.write("deny")
+    except FileNotFoundError:
+        pass
+    with open("/proc/self/uid_map", "w") as handle:
+        handle.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as handle:
+        handle.write(f"0 {gid} 1")
+
+
+def enter_user_namespace(flags: int = 0) -> None:
+    """unshare a user namespace (plus *flags*) in which the caller is root, mapped to itself."""
+    uid, gid = os.getuid(), os.getgid()
+    L.unshare(L.CLONE_NEWUSER | flags)
+    write_id_maps(uid, gid)
+
+
+def unshare_steps(config: SandboxConfig) -> list[Step]:
+    """The steps that create the namespaces and map ids into the user namespace.
+
+    By default only the invoking uid/gid is mapped, by the process itself. With
+    ``config.id_mapping`` (recipes' run steps) a full map is written from outside by
+    newuidmap/newgidmap: a mapper forked before unshare maps the caller once it has unshared
+    (see subids.Mapper).
+    """
+    unshare: Step = ("unshare_namespaces", lambda: L.unshare(config.clone_flags))
+    if config.id_mapping is None:
+        return [unshare, ("write_id_maps", lambda: write_id_maps(config.uid, config.gid))]
+    mapper = subids.Mapper(config.id_mapping)
+    return [("start_id_mapper", mapper.start), unshare, ("map_subordinate_ids", mapper.finish)]
+
+
+def drop_capabilities(cap_last_cap: int) -> None:
+    """Docker's default set only, no ambient capabilities, and no_new_privs (bubblewrap)."""
+    for cap in range(cap_last_cap + 1):
+        if cap not in KEPT_CAPABILITIES:
+            L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
+    kept = sum(1 << cap for cap in KEPT_CAPABILITIES if cap <= cap_last_cap)
+    L.capset(kept, kept, 0)
+    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def harden_init(cap_last_cap: int) -> None:
+    """PID 1 after the root is built: no capabilities, and none to regain (bounding set, no_new_privs).
+
+    The test runs as the same user in the same user namespace and may ptrace PID 1 (it must stay
+    dumpable: joining a prebuilt sandbox through its pidfd is a ptrace access check); with its
+    capabilities, PID 1 would lend the test CAP_SYS_ADMIN, e.g. to remount a read-only bind of
+    the checkout read-write. Reaping orphans needs no privilege.
+    """
+    for cap in range(cap_last_cap + 1):
+        L.prctl(L.PR_CAPBSET_DROP, cap)
+    L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
+    L.capset(0, 0, 0)
+    L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+
+
+# --- the inside check ---------------------------------------------------------------------------
+
+
+def root_mount_source(mountinfo: str) -> str | None:
+    """The source of the mount at "/" (the last one stacked there)."""
+    source = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/" and " - " in line:
+            source = line.split(" - ", 1)[1].split()[1]
+    return source
+
+
+def sandbox_problems(host: dict[str, int], inside: dict[str, int], network: str, root_source: str | None) -> list[str]:
+    """Why the current process is NOT a sandbox built by us (empty list: it is)."""
+    required = ["mnt", "pid", "user", "uts", "ipc"] + (["net"] if network == "none" else [])
+    problems = [f"{ns} namespace is the host's" for ns in required if inside.get(ns) == host.get(ns)]
+    if root_source != ROOT_SOURCE:
+        problems.append(f"root filesystem is {root_source!r}, not the sandbox's overlay ({ROOT_SOURCE!r})")
+    return problems
+
+
+def verify_inside(config: SandboxConfig) -> None:
+    """Fail closed: refuse to run the test unless this process is really inside the sandbox."""
+    with open("/proc/self/mountinfo") as handle:
+        source = root_mount_source(handle.read())
+    problems = sandbox_problems(config.host_namespaces, namespace_ids(), config.network, source)
+    if problems:
+        raise RuntimeError("not inside a sandbox: " + "; ".join(problems))
+
+
+# --- parents, signals, reaping -------------------------------------------------------------------
+
+
+def guard_parent(channel: Channel, process: str, parent_alive: Callable[[], bool]) -> None:
+    """Die with the parent (PR_SET_PDEATHSIG), and exit at once if it is already gone.
+
+    *parent_alive* checks what the caller can see of its parent: ``getppid()`` is 0 for a
+    parent outside the caller's PID namespace.
+    """
+    try:
+        L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if not parent_alive():
+            os._exit(EXIT_SETUP_FAILED)
+    except BaseException as exc:
+        fail(channel, process, "set_parent_death_signal", exc)
+
+
+def parent_is(pid: int) -> bool:
+    """Whether the caller's parent is host pid *pid*, from the host's /proc (still mounted)."""
+    with open("/proc/self/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1]) == pid
+
+
+def children(pid: int) -> list[int]:
+    """The children of *pid* (of its main thread), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def ignore_signals_of_p() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the test process dumps its stack on a timeout
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every process of the PID namespace but the caller and PID 1 (kill(2) with -1)."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # nothing left
+
+
+def reap_until(pid: int) -> int:
+    """As PID 1: reap every orphan until *pid* exits; its wait status."""
+    while True:
+        try:
+            reaped, status = os.wait()
+        except ChildProcessError:
+            os._exit(EXIT_INTERNAL_ERROR)
+        if reaped == pid:
+            return status
+
+
+def reap_all() -> None:
+    """Reap every child until none is left."""
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
+def reap_forever() -> None:
+    """As PID 1 of a prebuilt sandbox: reap orphans until killed. SIGCHLD must be blocked already,
+    so that an exit between the last waitpid and sigwait is never missed."""
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        signal.sigwait({signal.SIGCHLD})
+
+
+def fork_into_pid_namespace(enter: Callable[[], None], own_pid_namespace: int) -> int:
+    """fork() with the child in the PID namespace *enter* switches to; the caller's own is restored.
+
+    unshare(CLONE_NEWPID) and setns(CLONE_NEWPID) change only the namespace of the caller's next
+    children; *own_pid_namespace* is an fd of the caller's own, to switch back right after.
+    """
+    enter()
+    try:
+        pid = os.fork()
+    except BaseException:
+        _restore_pid_namespace(own_pid_namespace)
+        raise
+    if pid:
+        _restore_pid_namespace(own_pid_namespace)
+    return pid
+
+
+def _restore_pid_namespace(fd: int) -> None:
+    try:
+        L.setns(fd, L.CLONE_NEWPID)
+    except OSError as exc:  # the caller's later children would land in a dead namespace
+        raise RuntimeError(f"nsbox: cannot restore the PID namespace: {exc}") from exc
+
+
+def open_own_pid_namespace() -> int:
+    return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+
+# --- the test process (C) ---------------------------------------------------------------------
+
+
+def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel], None]) -> None:
+    """Body of the test process, inside the sandbox; never returns.
+
+    Drops capabilities, checks it is inside, runs *target*, then kills what the test left
+    running and sends "done": P may go on before the sandbox is torn down.
+    """
+    channel = Channel(channel.fd)
+    gc.enable()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    steps: list[Step] = [
+        ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
+        ("verify_sandbox", lambda: verify_inside(config)),
+    ]
+    if config.oom_first:
+        steps.append(("prefer_test_for_oom", _prefer_for_oom))
+    if config.stack_fd is not None:
+        stack_fd = config.stack_fd
+        steps.append(("register_stack_dump", lambda: faulthandler.register(signal.SIGUSR1, stack_fd, all_threads=True)))
+    run_steps(channel, "C", steps)
+    try:
+        os.chdir(config.cwd)
+    except OSError:
+        os.chdir("/")
+    code = 0
+    try:
+        target(channel)
+    except BaseException:
+        channel.send("internal_error", process="C", traceback=traceback.format_exc())
+        code = EXIT_INTERNAL_ERROR
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        if code == 0 and os.getpid() == channel.owner:
+            kill_leftovers()  # everything the test started, before P hears that it is done
+            channel.send("done")
+        os._exit(code)
+
+
+def _prefer_for_oom() -> None:
+    with open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("1000")

@@ -1,0 +1,248 @@
+"""Everything a sandbox needs before any fork: spec → image → mount plan → cgroup.
+
+``Preparer.prepare(item)`` returns a ``Prepared`` (all of it) or a ``Refused`` (why the item
+gets no sandbox: an invalid marker or image, or a sandbox or limit this host cannot give).
+Images, plans and probes are computed once per session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import pytest
+
+from . import compat, images, probe
+from .box import cgroups, mounts
+from .box.config import SandboxConfig
+from .errors import NsboxError
+from .images import cache as layer_cache
+from .spec import DEFAULT_PIDS, Defaults, SandboxSpec, SpecError, spec_from_marker
+
+log = logging.getLogger(__name__)
+
+MARKER: Final = "nsbox"
+LIMITS_UNAVAILABLE: Final = "nsbox: cannot enforce the requested limits ({names}): {reason}{fix}"
+PLAN_FAILED: Final = "nsbox: could not plan the sandbox's mounts: {error}"
+NO_HIERARCHY: Final = "no cgroup hierarchy found"
+IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An item's sandbox, ready to be built: its spec, mount plan and cgroup (owned from now on)."""
+
+    spec: SandboxSpec
+    plan: mounts.MountPlan
+    cgroup: cgroups.Cgroup | None
+
+    def config(self) -> SandboxConfig:
+        """The sandbox's config, with the current working directory (read now: wider-scoped
+        fixtures may have changed it)."""
+        return SandboxConfig.create(
+            self.plan,
+            self.spec.network,
+            os.getcwd(),
+            cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
+            oom_first=self.cgroup is not None and self.spec.memory is not None,
+        )
+
+    def discard(self) -> None:
+        """The sandbox will not run: empty and release its cgroup."""
+        if self.cgroup is not None:
+            self.cgroup.kill()  # the processes of a sandbox built for it may still be on their way out
+            try:
+                self.cgroup.release()
+            except cgroups.CgroupError as exc:
+                log.warning("%s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why an item gets no sandbox. *unavailable*: the host cannot give it (SKIPPED, or ERROR
+    under --nsbox-require); otherwise the item's own values are invalid (ERROR)."""
+
+    message: str
+    unavailable: bool
+
+
+class LimitsUnavailable(NsboxError):
+    """Requested limits cannot be enforced here; the message says which, why and the fix."""
+
+
+def interpreter_paths() -> list[str]:
+    """Directories the interpreter may import from after pivot_root.
+
+    The library directories, not the prefixes: a system interpreter's prefix is /usr, and binding
+    the host's /usr would hide the image's.
+    """
+    paths: set[str] = set()
+    for scheme_vars in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        library_paths = sysconfig.get_paths(vars=scheme_vars)
+        paths.update(library_paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    paths.update(p for p in sys.path if p)
+    if sys.prefix != sys.base_prefix:
+        paths.add(sys.prefix)  # a venv: its bin/ and pyvenv.cfg, so subprocesses find site-packages
+    found = {os.path.abspath(p) for p in paths if os.path.isdir(p)}
+    # the interpreter binary itself (a file bind), so the test can start subprocesses with it
+    found.update(p for p in (os.path.abspath(sys.executable), os.path.realpath(sys.executable)) if os.path.isfile(p))
+    return sorted(found)
+
+
+class Preparer:
+    """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
+
+    def __init__(self, config: pytest.Config, defaults: Defaults, *, cgroup_root: str = "", cache_dir: str = "") -> None:
+        self.config = config
+        self.defaults = defaults
+        self.cgroup_root = cgroup_root
+        self.cache_dir = Path(cache_dir) if cache_dir else layer_cache.default_cache_dir()
+        self._images: dict[str, images.Resolved] = {}
+        self._plans: dict[tuple[images.Resolved, str], mounts.MountPlan] = {}
+        self._scratch: str | None = None
+        self._manager: cgroups.CgroupManager | None = None
+        self._manager_detected = False
+        self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+        if self._scratch is not None:
+            try:
+                os.rmdir(self._scratch)
+            except OSError:
+                pass
+            self._scratch = None
+
+    # --- one item -----------------------------------------------------------------------------
+
+    def prepare(self, item: pytest.Item, *, ahead: bool = False) -> Prepared | Refused | None:
+        """The item's sandbox, or why it gets none.
+
+        *ahead* (while another test runs): None instead of resolving an image not resolved yet,
+        which may mean a long build that must not delay the running test's timeout.
+        """
+        try:
+            spec = self.spec_for(item)
+        except SpecError as exc:
+            return Refused(str(exc), unavailable=False)
+        if ahead and spec.image != images.HOST and spec.image not in self._images:
+            return None
+        if not probe.linux().ok:
+            return Refused(probe.linux().describe(), unavailable=True)
+        try:
+            plan = self.plan(self.resolve_image(spec.image), spec.network)
+        except images.ImageError as exc:
+            return Refused(IMAGE_FAILED.format(error=exc, nodeid=item.nodeid), unavailable=False)
+        except OSError as exc:
+            return Refused(PLAN_FAILED.format(error=exc), unavailable=True)
+        try:
+            cgroup = self.cgroup_for(spec)
+        except LimitsUnavailable as exc:
+            return Refused(str(exc), unavailable=True)
+        return Prepared(spec, plan, cgroup)
+
+    def spec_for(self, item: pytest.Item) -> SandboxSpec:
+        marker = item.get_closest_marker(MARKER)
+        args: tuple[object, ...] = marker.args if marker else ()
+        kwargs: dict[str, object] = dict(marker.kwargs) if marker else {}
+        spec = spec_from_marker(args, kwargs, item.nodeid, self.defaults)
+        changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+        return changed if changed is not None else spec
+
+    def resolve_image(self, name: str) -> images.Resolved:
+        hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)
+        if hooked is not None:
+            return str(hooked)
+        if name not in self._images:
+            image_dirs = [str(d) for d in self.config.getini("nsbox_image_dirs")]
+            self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
+        return self._images[name]
+
+    def plan(self, image: images.Resolved, network: str) -> mounts.MountPlan:
+        key = (image, network)
+        if key not in self._plans:
+            host_paths = [mounts.HostPath(p, readonly=True) for p in interpreter_paths()]
+            host_paths.append(mounts.HostPath(str(self.config.rootpath), readonly=True))
+            basetemp = compat.basetemp(self.config)
+            if basetemp:
+                host_paths.append(mounts.HostPath(basetemp, readonly=False))
+            self._plans[key] = mounts.build_plan(
+                image=image,
+                network=network,
+                scratch=self.scratch(),
+                host_paths=host_paths,
+                mounts=mounts.MountTable.read(),
+                own_trees=self._own_trees(),
+                stacks_dir=str(layer_cache.stacks_dir(self.cache_dir)),
+            )
+        return self._plans[key]
+
+    def scratch(self) -> str:
+        if self._scratch is None:
+            self._scratch = mounts.make_scratch_dir()
+        return self._scratch
+
+    def _own_trees(self) -> list[str]:
+        """Rootless: the caller's home, rootdir and cwd get overlays of their own (see build_plan)."""
+        if os.getuid() == 0:
+            return []
+        candidates = [pwd.getpwuid(os.getuid()).pw_dir, str(self.config.rootpath), os.getcwd()]
+        return [p for p in candidates if os.path.isdir(p) and os.stat(p).st_uid == os.getuid()]
+
+    # --- cgroups ------------------------------------------------------------------------------
+
+    def cgroup_manager(self) -> cgroups.CgroupManager | None:
+        if not self._manager_detected:
+            self._manager = cgroups.detect(self.cgroup_root)
+            if self._manager is not None:
+                self._manager.sweep()
+            self._manager_detected = True
+        return self._manager
+
+    def cgroup_for(self, spec: SandboxSpec) -> cgroups.Cgroup | None:
+        """The sandbox's cgroup, with the requested limits plus the defaults (a pids cap, memory
+        accounting) wherever the host allows. None if none is needed or only defaults could not
+        be had; LimitsUnavailable if a requested limit cannot be enforced."""
+        requested = cgroups.Limits(memory=spec.memory, pids=spec.pids, cpus=spec.cpus).controllers()
+        manager = self.cgroup_manager()
+        if manager is None:
+            if not requested:
+                return None
+            raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=NO_HIERARCHY, fix=""))
+        defaults = cgroups.Limits(memory=spec.memory, pids=spec.pids or DEFAULT_PIDS, cpus=spec.cpus, account_memory=True)
+        wanted = defaults.controllers()
+        if not self._available(manager, wanted).ok:
+            if any(not self._available(manager, [c]).ok for c in requested):
+                problem = self._available(manager, requested)
+                fix = f". Hint: {problem.fix}" if problem.fix else ""
+                raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=problem.reason, fix=fix))
+            wanted = [c for c in wanted if self._available(manager, [c]).ok]
+        limits = cgroups.Limits(
+            memory=spec.memory,
+            pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
+            cpus=spec.cpus,
+            account_memory="memory" in wanted,
+        )
+        if not limits.controllers():
+            return None
+        try:
+            return manager.create(limits)
+        except cgroups.CgroupError as exc:
+            if requested:
+                raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=str(exc), fix="")) from None
+            log.debug("nsbox: default limits not applied: %s", exc)
+            return None
+
+    def _available(self, manager: cgroups.CgroupManager, controllers: list[str]) -> cgroups.Availability:
+        """Whether *controllers* can be had, probed once per session."""
+        key = tuple(controllers)
+        if key not in self._availability:
+            self._availability[key] = manager.check(controllers)
+        return self._availability[key]
