@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import pytest
 
@@ -23,8 +23,6 @@ DEFAULT_PIDS: Final = 1024  # the pids cap of a sandbox that asks for none (wher
 SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class SpecError(NsboxError, ValueError):
@@ -41,11 +39,6 @@ class SandboxSpec:
     cpus: float | None = None
     timeout: float | None = None  # seconds, whole test (setup + call + teardown)
     network: Network = "none"
-
-    def requested_limits(self) -> dict[str, object]:
-        """The resource limits this spec asks for, by marker argument name."""
-        limits = {"memory": self.memory, "pids": self.pids, "cpus": self.cpus, "timeout": self.timeout}
-        return {name: value for name, value in limits.items() if value is not None}
 
 
 def format_size(size: int) -> str:

@@ -7,8 +7,8 @@ timeout with a stack dump, the cgroup's counters, and the end of the sandbox.
 
 The pipe reaches EOF when every process of the test is gone; P goes on as soon as the test sent
 "done" (it killed what it left). The sandbox's processes then exit while the namespaces are
-torn down; P reaps them and releases the cgroup at the next test (``Supervisor.reap``), off the
-test's critical path, unless their status is needed now.
+torn down; P reaps them and releases the cgroup while the next test runs (``Supervisor.reap``),
+off the test's critical path, unless their status is needed now.
 """
 
 from __future__ import annotations
@@ -141,7 +141,6 @@ class Supervisor:
         *timeout* seconds the test's stack is dumped and the sandbox killed. *while_running* is
         called in P right after the fork: work that need not wait for the test.
         """
-        self.reap()
         spawn: Spawn = ForkedSpawn() if prebuilt is None else PrebuiltSpawn(prebuilt, self._switch)
         read_fd, write_fd = os.pipe()
         stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
@@ -199,6 +198,7 @@ class Supervisor:
         test_exit = spawn.watch(child_pid)
         watched = [read_fd] if test_exit is None else [read_fd, test_exit]
         try:
+            self.reap()  # earlier sandboxes, while this test runs
             if while_running is not None:
                 while_running()
             while True:

@@ -60,10 +60,6 @@ def test_bad_marker_values_name_test_and_value(args: tuple[object, ...], kwargs:
     assert str(exc.value).startswith(message)
 
 
-def test_requested_limits() -> None:
-    assert SandboxSpec().requested_limits() == {}
-    assert SandboxSpec(memory=1, timeout=2.0).requested_limits() == {"memory": 1, "timeout": 2.0}
-
 
 def test_decorator_matches_marker() -> None:
     mark = nsbox(image="busybox", memory="256M").mark
