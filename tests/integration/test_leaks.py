@@ -38,6 +38,7 @@ def pytest_sessionfinish(session):
 """
 
 
+@pytest.mark.slow
 def test_500_sandboxed_tests_leave_nothing_behind(run_inner, pytester: pytest.Pytester) -> None:
     token = f"nsbox-leak-{uuid.uuid4().hex}"
     mounts_before = Path("/proc/self/mountinfo").read_text()
