@@ -11,7 +11,8 @@ from pytest_nsbox import probe
 
 pytest_plugins = ["pytester"]
 
-TINY_IMAGE = Path(__file__).parent / "images" / "tiny"
+TESTS_DIR = Path(__file__).resolve().parent
+TINY_IMAGE = TESTS_DIR / "images" / "tiny"
 
 REQUIRE_KEY = {
     "needs_userns": "userns",
@@ -63,8 +64,10 @@ def build_mode() -> str:
 
 
 @pytest.fixture
-def run_inner(pytester: pytest.Pytester, build_mode: str):
-    """Run pytest in a subprocess (it forks and unshares) on the given test source."""
+def run_inner(pytester: pytest.Pytester, build_mode: str, monkeypatch: pytest.MonkeyPatch):
+    """Run pytest in a subprocess (it forks and unshares) on the given test source; the inner
+    pytest (and its sandboxes) can import ``helpers``."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
 
     def run(source: str, *args: str, conftest: str | None = None, timeout: float = 300) -> pytest.RunResult:
         pytester.makepyfile(test_inner=source)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Set up and run pytest-nsbox on a fresh Debian/Ubuntu machine.
 #   tools/dev.sh demo    install, then run the demo suite in examples/
-#   tools/dev.sh test    install, then run lint, type checks and the test suite
+#   tools/dev.sh test    install, then run lint, type checks and the test suite, then the suite
+#                        without the slow tests on the oldest pytest pyproject.toml admits
 #                        (as root also the rootless sub-suite, as an unprivileged user)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 VENV=${NSBOX_VENV:-$REPO/.venv}
+OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
 
 apt_install() {
@@ -24,6 +26,36 @@ make_venv() {  # make_venv PYTHON DIR
   local python=$1 dir=$2
   [ -x "$dir/bin/python" ] || "$python" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[dev]"
+}
+
+oldest_pins() {
+  # pyproject.toml's lower bounds of pytest, pluggy (dependencies) and pytest-xdist (dev), as exact pins
+  "$VENV/bin/python" - <<'EOF'
+import re, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = {}
+for requirement in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+    match = re.fullmatch(r"(pytest|pluggy|pytest-xdist)>=([0-9.]+)", requirement.replace(" ", ""))
+    if match:
+        pins[match[1]] = f"{match[1]}=={match[2]}"
+if len(pins) != 3:
+    sys.exit(f"pyproject.toml: expected 'NAME>=VERSION' for pytest, pluggy and pytest-xdist, found {sorted(pins)}")
+print(" ".join(pins.values()))
+EOF
+}
+
+run_oldest() {
+  # The private API pytest-nsbox uses (compat.py) must work on the oldest pytest it admits too.
+  local pins
+  pins=$(oldest_pins)
+  echo "== the suite without the slow tests, on the oldest admitted versions: $pins"
+  if [ ! -x "$OLDEST_VENV/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$OLDEST_VENV"
+    echo "*" > "$OLDEST_VENV/.gitignore"
+  fi
+  # shellcheck disable=SC2086  # $pins: one word per pin
+  "$OLDEST_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO" $pins
+  "$OLDEST_VENV/bin/python" -m pytest -p no:cacheprovider -n 2 -m "not slow" tests
 }
 
 add_subids() {  # add_subids FILE --add-subuids|--add-subgids: give the user 65536 subordinate ids once
@@ -92,6 +124,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
     "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 tests
+    run_oldest
     if [ "$(id -u)" -eq 0 ]; then
       [ "${NSBOX_SKIP_UML:-}" = 1 ] || run_uml_limits
       run_rootless

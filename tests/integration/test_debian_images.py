@@ -50,6 +50,7 @@ def _use_cache(pytester: pytest.Pytester, cache: Path) -> None:
 
 
 @needs_mmdebstrap
+@pytest.mark.slow
 @pytest.mark.needs_subuid
 def test_debian_bookworm_is_debian_and_root_may_change_it(run_inner, pytester: pytest.Pytester, debian_cache: Path) -> None:
     _use_cache(pytester, debian_cache)
@@ -70,6 +71,7 @@ def test_debian_bookworm_is_debian_and_root_may_change_it(run_inner, pytester: p
 
 
 @needs_mmdebstrap
+@pytest.mark.slow
 @pytest.mark.needs_subuid
 def test_debian_bookworm_curl_runs_curl(run_inner, pytester: pytest.Pytester, debian_cache: Path) -> None:
     _use_cache(pytester, debian_cache)
@@ -98,6 +100,7 @@ def _foreign_entries(tree: Path) -> list[str]:
 
 
 @needs_mmdebstrap
+@pytest.mark.slow
 @pytest.mark.needs_nonroot
 @pytest.mark.needs_subuid
 def test_rootless_debian_layers_are_the_callers(debian_cache: Path) -> None:
@@ -108,6 +111,7 @@ def test_rootless_debian_layers_are_the_callers(debian_cache: Path) -> None:
 
 
 @needs_mmdebstrap
+@pytest.mark.slow
 @pytest.mark.needs_subuid
 def test_run_step_switches_users_and_changes_owners(
     run_inner, pytester: pytest.Pytester, debian_cache: Path, tmp_path: Path

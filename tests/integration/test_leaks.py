@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers import orphaned_scratch_dirs, processes_with
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
 FD_PROBE_CONFTEST = """
 import os
-import re
+from helpers import open_descriptors
 
 def _count(config):
     from pytest_nsbox.plugin import RUNNER_KEY
 
     config.stash[RUNNER_KEY].supervisor.reap(block=True)  # a sandbox still exiting holds a pidfd until it is reaped
-    return len(os.listdir("/proc/self/fd"))
-
-def pytest_sessionstart(session):
-    session.config._fds = None
+    return open_descriptors()
 
 def pytest_configure(config):
     global CONFIG
@@ -43,28 +38,7 @@ def pytest_sessionfinish(session):
 """
 
 
-def _orphaned_scratch_dirs() -> list[str]:
-    """Scratch mount points (pytest-nsbox-<pid>-*) whose pytest process is gone."""
-    found = []
-    for name in os.listdir(tempfile.gettempdir()):
-        match = re.match(r"pytest-nsbox-(\d+)-", name)
-        if match and not os.path.exists(f"/proc/{match.group(1)}"):
-            found.append(name)
-    return found
-
-
-def _processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if token.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
+@pytest.mark.slow
 def test_500_sandboxed_tests_leave_nothing_behind(run_inner, pytester: pytest.Pytester) -> None:
     token = f"nsbox-leak-{uuid.uuid4().hex}"
     mounts_before = Path("/proc/self/mountinfo").read_text()
@@ -88,8 +62,8 @@ def test_500_sandboxed_tests_leave_nothing_behind(run_inner, pytester: pytest.Py
     result.assert_outcomes(passed=500)
     assert Path("/proc/self/mountinfo").read_text() == mounts_before
     inner_pid = (pytester.path / "pid").read_text()
-    assert [d for d in _orphaned_scratch_dirs() if d.startswith(f"pytest-nsbox-{inner_pid}-")] == []
-    assert _processes_with(token) == []
+    assert [d for d in orphaned_scratch_dirs() if d.startswith(f"pytest-nsbox-{inner_pid}-")] == []
+    assert processes_with(token) == []
     assert int((pytester.path / "fds.after").read_text()) == int((pytester.path / "fds.before").read_text())
 
 
@@ -123,19 +97,15 @@ def test_a_forged_end_record_cannot_keep_the_sandbox_alive(run_inner) -> None:
     start = time.monotonic()
     result = run_inner(
         f"""
-        import os, stat, subprocess, sys, time, pytest
+        import os, subprocess, sys, time, pytest
+        from helpers import fifos
         from pytest_nsbox.box import wire
 
         @pytest.mark.nsbox
         def test_forge():
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", {token!r}])
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                try:
-                    if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
-                        os.write(fd, wire.encode({{"kind": "done"}}))
-                except OSError:
-                    pass
+            for fd in fifos():
+                os.write(fd, wire.encode({{"kind": "done"}}))
             time.sleep(300)
 
         def test_after():
@@ -144,4 +114,4 @@ def test_a_forged_end_record_cannot_keep_the_sandbox_alive(run_inner) -> None:
     )
     result.assert_outcomes(passed=1, failed=1)
     assert time.monotonic() - start < 60
-    assert _processes_with(token) == []
+    assert processes_with(token) == []

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import sandbox_cgroups
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.needs_cgroup_limits]
 
@@ -229,7 +230,7 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hang.py"], cwd=pytester.path)
 
     def leftover() -> set[Path]:  # only this pytest's cgroups
-        return {p for p in _our_cgroups(private_cgroup_root) if p.name.startswith(f"nsbox-{proc.pid}-")}
+        return {p for p in sandbox_cgroups(private_cgroup_root) if p.name.startswith(f"nsbox-{proc.pid}-")}
 
     try:
         deadline = time.monotonic() + 30
@@ -246,19 +247,7 @@ def test_pytest_killed_mid_test_leaves_cgroups_that_the_next_run_sweeps(
     pytester.makepyfile(test_ok="import pytest\n\n@pytest.mark.nsbox(memory='64M')\ndef test_ok(): pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_ok.py")
     result.assert_outcomes(passed=1)
-    assert not (_our_cgroups(private_cgroup_root) & left)
-
-
-def _our_cgroups(root_setting: str) -> set[Path]:
-    from pytest_nsbox.box import cgroups
-
-    manager = cgroups.detect(root_setting)
-    assert manager is not None
-    found = set()
-    for root in manager.roots():
-        if root.is_dir():
-            found.update(p for p in root.iterdir() if cgroups.NAME_RE.match(p.name))
-    return found
+    assert not (sandbox_cgroups(private_cgroup_root) & left)
 
 
 def test_limits_under_xdist_use_one_cgroup_per_sandbox(run_inner) -> None:

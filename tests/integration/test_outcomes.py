@@ -299,25 +299,17 @@ def test_garbage_on_the_result_pipe_is_a_failure_not_a_crash_of_pytest(run_inner
     """The test holds the pipe's write end; whatever it writes there, P stays safe and says so."""
     result = run_inner(
         """
-        import os, stat, pytest
-
-        def pipes():
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                try:
-                    if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
-                        yield fd
-                except OSError:
-                    pass
+        import os, pytest
+        from helpers import fifos
 
         @pytest.mark.nsbox
         def test_garbage():
-            for fd in pipes():
+            for fd in fifos():
                 os.write(fd, b"\\x00\\x00\\x00\\x05not{json")
 
         @pytest.mark.nsbox
         def test_huge_frame():
-            for fd in pipes():
+            for fd in fifos():
                 os.write(fd, (2**31).to_bytes(4, "big"))
 
         def test_after():

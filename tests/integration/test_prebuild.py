@@ -2,68 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from helpers import PID_FILE_CONFTEST, builders_of, cgroups_of
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
-
-BUILDER_TOKEN = "pytest_nsbox.box.builder import serve"
-
-# In the inner pytest (P, unsandboxed): the builder processes whose parent is P.
-INNER_HELPERS = f"""
-import os
-from pathlib import Path
-
-TOKEN = {BUILDER_TOKEN.encode()!r}
-
-def builders():
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{{entry}}/stat").read_text()
-            cmdline = Path(f"/proc/{{entry}}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and TOKEN in cmdline:
-            found.append(int(entry))
-    return found
-
-def pytest_sessionfinish(session):
-    Path("pid").write_text(str(os.getpid()))
-"""
-
-
-def _builders_of(pid: str) -> list[int]:
-    """Builder processes started by the (finished) pytest process *pid*: argv ends with its pid."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(BUILDER_TOKEN.encode() in a for a in argv) and argv[-2:-1] == [pid.encode()]:
-                found.append(int(entry))
-    return found
-
-
-def _cgroups_of(pid: str) -> list[str]:
-    """Sandbox cgroups (nsbox-<pid>-<n>) of pytest process *pid*, anywhere under /sys/fs/cgroup."""
-    found = []
-    for dirpath, dirnames, _ in os.walk("/sys/fs/cgroup"):
-        found += [f"{dirpath}/{d}" for d in dirnames if d.startswith(f"nsbox-{pid}-")]
-    return found
 
 
 def test_one_builder_per_session_and_none_after_it(run_inner, pytester: pytest.Pytester) -> None:
     result = run_inner(
         """
         import pytest
-        from conftest import builders
+        from helpers import child_builders
         from pytest_nsbox import require_sandbox
 
         @pytest.mark.nsbox
@@ -72,14 +21,14 @@ def test_one_builder_per_session_and_none_after_it(run_inner, pytester: pytest.P
             require_sandbox()
 
         def test_one_builder():
-            assert len(builders()) == 1
+            assert len(child_builders()) == 1
         """,
-        conftest=INNER_HELPERS,
+        conftest=PID_FILE_CONFTEST,
     )
     result.assert_outcomes(passed=6)
     pid = (pytester.path / "pid").read_text()
-    assert _builders_of(pid) == []
-    assert _cgroups_of(pid) == []
+    assert builders_of(pid) == []
+    assert cgroups_of(pid) == []
 
 
 def test_sandbox_built_for_a_test_that_never_runs_is_removed(run_inner, pytester: pytest.Pytester) -> None:
@@ -97,12 +46,12 @@ def test_sandbox_built_for_a_test_that_never_runs_is_removed(run_inner, pytester
             pass
         """,
         "-x",
-        conftest=INNER_HELPERS,
+        conftest=PID_FILE_CONFTEST,
     )
     result.assert_outcomes(failed=1)
     pid = (pytester.path / "pid").read_text()
-    assert _builders_of(pid) == []
-    assert _cgroups_of(pid) == []
+    assert builders_of(pid) == []
+    assert cgroups_of(pid) == []
 
 
 def test_prebuilt_sandbox_is_dropped_when_the_next_item_changes(run_inner) -> None:
@@ -135,7 +84,7 @@ def test_losing_the_builder_falls_back_to_forked_builds(run_inner) -> None:
         """
         import os, signal, time
         import pytest
-        from conftest import builders
+        from helpers import child_builders
         from pytest_nsbox import require_sandbox
 
         @pytest.mark.nsbox
@@ -143,7 +92,7 @@ def test_losing_the_builder_falls_back_to_forked_builds(run_inner) -> None:
             require_sandbox()
 
         def test_kill_the_builder():
-            (builder,) = builders()
+            (builder,) = child_builders()
             os.kill(builder, signal.SIGKILL)
             time.sleep(0.2)
 
@@ -154,7 +103,6 @@ def test_losing_the_builder_falls_back_to_forked_builds(run_inner) -> None:
         """,
         "-p",
         "no:randomly",
-        conftest=INNER_HELPERS,
     )
     result.assert_outcomes(passed=5)
     result.stdout.fnmatch_lines(["*NsboxWarning: nsbox: the sandbox builder*built when each test starts from now on*"])
@@ -164,7 +112,7 @@ def test_forked_builds_start_no_builder(run_inner) -> None:
     result = run_inner(
         """
         import pytest
-        from conftest import builders
+        from helpers import child_builders
         from pytest_nsbox import require_sandbox
 
         @pytest.mark.nsbox
@@ -172,10 +120,9 @@ def test_forked_builds_start_no_builder(run_inner) -> None:
             require_sandbox()
 
         def test_no_builder():
-            assert builders() == []
+            assert child_builders() == []
         """,
         "-o",
         "nsbox_prebuild=false",
-        conftest=INNER_HELPERS,
     )
     result.assert_outcomes(passed=2)
