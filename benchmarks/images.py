@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pytest_nsbox.images import cache, oci, recipes  # noqa: E402
+from pytest_nsbox.images import cache as layer_cache  # noqa: E402
+from pytest_nsbox.images import oci, recipes  # noqa: E402
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -38,7 +39,7 @@ def cold_build(work: Path) -> float:
     recipe = recipes.find("debian-bookworm", dirs)
     assert recipe is not None
     seconds = timed(lambda: recipes.RecipeBuilder(cache, dirs, progress=lambda _line: None).build(recipe))
-    cache.remove_tree(cache)
+    layer_cache.remove_tree(cache)
     return seconds
 
 
@@ -46,7 +47,7 @@ def plain_mmdebstrap(work: Path) -> float:
     target = work / "rootfs"
     command = recipes.debian_command("bookworm", target)
     seconds = timed(lambda: subprocess.run(command, check=True, capture_output=True))
-    cache.remove_tree(target)
+    layer_cache.remove_tree(target)
     return seconds
 
 
@@ -59,7 +60,7 @@ def make_layer_tar(work: Path) -> Path:
     layer = work / "layer.tar"
     with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as archive:
         archive.add(rootfs, arcname=".")
-    cache.remove_tree(rootfs)
+    layer_cache.remove_tree(rootfs)
     return layer
 
 
@@ -70,7 +71,7 @@ def import_layer(layer: Path, work: Path) -> float:
     digest = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
     entry = oci.Layer(digest, lambda: open(layer, "rb"))
     seconds = timed(lambda: oci.ensure_layer(cache, entry, "benchmark"))
-    cache.remove_tree(cache)
+    layer_cache.remove_tree(cache)
     return seconds
 
 
@@ -78,7 +79,7 @@ def tar_extract(layer: Path, work: Path) -> float:
     target = work / "tar-x"
     target.mkdir()
     seconds = timed(lambda: subprocess.run(["tar", "-xf", str(layer), "-C", str(target)], check=True))
-    cache.remove_tree(target)
+    layer_cache.remove_tree(target)
     return seconds
 
 

@@ -153,6 +153,8 @@ class Preparer:
         args: tuple[object, ...] = marker.args if marker else ()
         kwargs: dict[str, object] = dict(marker.kwargs) if marker else {}
         spec = spec_from_marker(args, kwargs, item.nodeid, self.defaults)
+        if not self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():
+            return spec  # item.ihook costs a conftest lookup per item
         changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
         return changed if changed is not None else spec
 

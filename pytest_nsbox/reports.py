@@ -41,7 +41,8 @@ STACK_SECTION: Final = "nsbox: stack at timeout"
 LIMIT_SECTION: Final = "nsbox: limit"
 OUTSIDE_TEARDOWN_SECTION: Final = "nsbox: teardown outside the sandbox"
 CAPTURED_SECTION: Final = "Captured {name} before the crash"
-PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep  # frames below the test in a stack dump
+# Where the sandbox's machinery enters pytest's protocol: in a stack dump, every frame from here down is ours.
+PROTOCOL_ENTRY_FRAMES: Final = ('/pytest_nsbox/compat.py"', '/pytest_nsbox/runtest.py"')
 
 
 def signal_name(signum: int) -> str:
@@ -163,7 +164,7 @@ def trim_stack(dump: str) -> str:
     for line in dump.splitlines():
         if line.startswith(("Thread ", "Current thread ")):
             skipping = False  # a new thread's stack
-        elif f'"{PACKAGE_DIR}' in line:
+        elif any(entry in line for entry in PROTOCOL_ENTRY_FRAMES):
             skipping = True  # every frame below is the sandbox's own machinery
         if not skipping:
             kept.append(line)
@@ -225,17 +226,20 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
         elif kind == "interrupt":
             out.pending = KeyboardInterrupt()
         elif kind == "setup_error":
-            return SandboxReports([setup_error_report(item, record, require=require)])
+            out.reports = [setup_error_report(item, record, require=require)]  # no test ran: nothing else to report
+            out.pending = None
+            break
         elif kind == "internal_error":
             text = INTERNAL_ERROR.format(process=record.get("process"), traceback=record.get("traceback"))
             out.reports.append(failure_report(item, "call", text))
-    cause = limit_violation(spec, result)
-    if cause is None and result.wire_error:
-        cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error))
-    if out.pending is None:
-        out.reports.extend(missing_phases(item, out.reports, result.test_status, cause))
-    if cause is not None:
-        out.reports = [with_cause(item, r, cause) for r in out.reports]
+    if result.setup_error is None:
+        cause = limit_violation(spec, result)
+        if cause is None and result.wire_error:
+            cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error))
+        if out.pending is None:
+            out.reports.extend(missing_phases(item, out.reports, result.test_status, cause))
+        if cause is not None:
+            out.reports = [with_cause(item, r, cause) for r in out.reports]
     properties = limit_properties(spec, result.usage)
     for report in out.reports:
         report.user_properties.extend(properties)

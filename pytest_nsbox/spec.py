@@ -40,6 +40,11 @@ class SandboxSpec:
     timeout: float | None = None  # seconds, whole test (setup + call + teardown)
     network: Network = "none"
 
+    def requested_limits(self) -> dict[str, object]:
+        """The resource limits this spec asks for, by marker argument name (public: hooks use it)."""
+        limits = {"memory": self.memory, "pids": self.pids, "cpus": self.cpus, "timeout": self.timeout}
+        return {name: value for name, value in limits.items() if value is not None}
+
 
 def format_size(size: int) -> str:
     """Render bytes in the largest binary unit that keeps one decimal: ``256 MiB``."""

@@ -13,8 +13,8 @@ test while the current one runs:
                      user, mount, network, UTS, IPC and cgroup namespaces, runs the mount plan,
                      sends P a pidfd of itself ("ready"), then reaps orphans until it is killed
 
-When the test starts, P forks it straight into B's PID namespace (as root) or forks a joiner J
-that enters B's namespaces and forks the test (rootless); see prebuilt.py. P kills B' when the
+When the test starts, P forks it straight into the PID namespace of B' (as root) or forks a
+joiner J that enters its namespaces and forks the test (rootless); see prebuilt.py. P kills B' when the
 test is over; the PID namespace takes every process inside with it. Nothing of the test ever
 runs in S, W or B'.
 
@@ -31,7 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +44,6 @@ from .prebuilt import Prebuilt, build_ahead
 from .steps import enter_user_namespace, fork_into_pid_namespace, open_own_pid_namespace
 
 MAX_MESSAGE: Final = 1 << 20
-EMPTY_PLAN: Final = MountPlan(scratch="", root="", steps=())
 _SERVE: Final = "import sys; sys.path.insert(0, sys.argv[1]); from pytest_nsbox.box.builder import serve; serve()"
 STOP_GRACE: Final = 5.0  # seconds the builder gets to exit after P closed its socket
 
@@ -122,8 +121,10 @@ class Builder:
         plan_id = id(config.plan)
         plan = None if self._plans_sent.get(plan_id) is config.plan else config.plan
         self._plans_sent[plan_id] = config.plan
+        # B' needs the plan, the namespaces (network), the cgroup and the capability count only
+        request = (ticket, plan_id, plan, config.network, config.cgroup_files, config.cap_last_cap)
         try:
-            sock.send(pickle.dumps((ticket, plan_id, plan, replace(config, plan=EMPTY_PLAN))))
+            sock.send(pickle.dumps(request))
         except OSError as exc:
             raise BuilderError(f"the sandbox builder is gone: {exc}") from None
         return ticket
@@ -158,7 +159,8 @@ class Builder:
         ticket = int(record.get("ticket", -1))
         answer: Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
-            answer = Prebuilt(fds[0])
+            root_dev = record.get("root_dev")
+            answer = Prebuilt(fds[0], root_dev if isinstance(root_dev, int) else None)
         else:
             for fd in fds:
                 os.close(fd)
@@ -229,10 +231,11 @@ def _work(sock: socket.socket) -> None:
             return
         if not message:
             return  # P closed its end: P's pidfds keep its sandboxes; the B' processes die with S
-        ticket, plan_id, plan, config = pickle.loads(message)
+        ticket, plan_id, plan, network, cgroup_files, cap_last_cap = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        answer, fds = _build(replace(config, plan=plans[plan_id]), sock.fileno(), own_pid_namespace)
+        config = SandboxConfig(plans[plan_id], network, 0, 0, {}, "/", cap_last_cap, cgroup_files)
+        answer, fds = _build(config, sock.fileno(), own_pid_namespace)
         try:
             socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
         except OSError:

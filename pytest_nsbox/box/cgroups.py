@@ -1,8 +1,8 @@
 """One object owns a sandbox's cgroup for its whole life; v1 and v2 backends differ in file names.
 
 P has the manager create it and write the limits before the fork (``CgroupManager.create``);
-the sandbox's first process moves itself in (``join``: writing "0" to ``tasks``/``cgroup.procs``
-moves the writer) before it unshares the cgroup namespace, so P stays outside. P kills what is
+each process that enters the sandbox from outside (A, or B' and then C or J) moves itself in
+(``join``: writing "0" to ``tasks``/``cgroup.procs`` moves the writer), so P stays outside. P kills what is
 in it on a timeout (``Cgroup.kill``), reads the counters once the test is over (``usage``), and
 releases it once every process is gone (``release``). Every cgroup is named
 ``nsbox-<pid>-<seq>`` under a root we own; cgroups of dead pytest processes are swept at start,

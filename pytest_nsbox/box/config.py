@@ -14,7 +14,7 @@ from .mounts import MountPlan
 from .wire import Channel
 
 EXIT_SETUP_FAILED: Final = 125  # a step of building the sandbox failed (a setup_error record says which)
-EXIT_INTERNAL_ERROR: Final = 126  # an exception escaped a child's body (an internal_error record says which)
+EXIT_INTERNAL_ERROR: Final = 126  # an exception escaped a child's body (the test's: an internal_error record says which)
 NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
 Target = Callable[[Channel], None]
 """The test's body, run by the test process (C) inside the sandbox; records go out on the channel."""
@@ -35,8 +35,7 @@ def read_cap_last_cap() -> int:
         return L.CAP_LAST_CAP
 
 
-_host_namespaces: dict[str, int] | None = None
-_cap_last_cap: int | None = None
+_process_facts: tuple[int, dict[str, int], int] | None = None  # (pid, namespaces, cap_last_cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +53,7 @@ class SandboxConfig:
     stack_fd: int | None = None  # the test's faulthandler dumps its stack here on SIGUSR1 (timeouts)
     oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
     id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
+    root_dev: int | None = None  # st_dev of the sandbox's "/", read by its PID 1 after pivot_root; the test checks it
 
     @classmethod
     def create(
@@ -66,18 +66,20 @@ class SandboxConfig:
         oom_first: bool = False,
         id_mapping: subids.IdMapping | None = None,
     ) -> SandboxConfig:
-        """A config for the calling process (its ids and namespaces, read once per process)."""
-        global _host_namespaces, _cap_last_cap
-        if _host_namespaces is None or _cap_last_cap is None:
-            _host_namespaces, _cap_last_cap = namespace_ids(), read_cap_last_cap()
+        """A config for the calling process (its ids and namespaces, read once per process: a test
+        that runs pytest in-process, inside a sandbox, reads its own)."""
+        global _process_facts
+        if _process_facts is None or _process_facts[0] != os.getpid():
+            _process_facts = (os.getpid(), namespace_ids(), read_cap_last_cap())
+        _, host_namespaces, cap_last_cap = _process_facts
         return cls(
             plan=plan,
             network=network,
             uid=os.getuid(),
             gid=os.getgid(),
-            host_namespaces=_host_namespaces,
+            host_namespaces=host_namespaces,
             cwd=cwd,
-            cap_last_cap=_cap_last_cap,
+            cap_last_cap=cap_last_cap,
             cgroup_files=cgroup_files,
             oom_first=oom_first,
             id_mapping=id_mapping,

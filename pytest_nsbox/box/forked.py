@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+from dataclasses import replace
 from typing import NoReturn
 
 from . import cgroups
@@ -104,6 +105,7 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Targ
     # getppid() is 0 in a new PID namespace whether A lives or not: ask the host's /proc
     guard_parent(channel, "B", lambda: parent_is(a_pid))
     run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
+    config = replace(config, root_dev=os.stat("/").st_dev)  # after pivot_root: the sandbox's root
     c_pid = os.fork()
     if c_pid == 0:
         run_test(config, channel, target)

@@ -4,9 +4,9 @@
                               mounts a /proc of its PID namespace, unshares the sandbox's other
                               namespaces, runs the mount plan, gives up its capabilities, sends a
                               pidfd of itself ("ready"), then reaps orphans until P kills it
-    C  the test               as root, forked by P straight into B's PID namespace; it joins the
-                              other namespaces through B's pidfd (steps.run_test then)
-    J  the joiner             rootless, P may not enter B's PID namespace (that needs
+    C  the test               as root, forked by P straight into the PID namespace of B'; it joins
+                              the other namespaces through a pidfd of B' (steps.run_test then)
+    J  the joiner             rootless, P may not enter the PID namespace of B' (that needs
                               CAP_SYS_ADMIN in P's own user namespace): P forks J, which joins
                               every namespace and forks C; J sends C's status
 
@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+from dataclasses import replace
 from typing import NoReturn
 
 from . import _linux as L
@@ -32,7 +33,6 @@ from .steps import Step as NamedStep
 from .steps import (
     children,
     close_all_but,
-    close_inherited_fds,
     fail,
     fork_into_pid_namespace,
     guard_parent,
@@ -51,8 +51,9 @@ from .wire import Channel
 class Prebuilt:
     """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
 
-    def __init__(self, pidfd: int) -> None:
+    def __init__(self, pidfd: int, root_dev: int | None) -> None:
         self.pidfd = pidfd
+        self.root_dev = root_dev  # st_dev of the sandbox's "/" (see steps.verify_inside)
 
     def kill(self) -> None:
         """SIGKILL B': the PID namespace dies with it and takes every process inside along."""
@@ -103,6 +104,11 @@ class PidNamespaceSwitch:
                 self.usable = False
             return None  # the joiner enters the namespaces and reports what fails there
 
+    def close(self) -> None:
+        if self._own is not None:
+            os.close(self._own)
+            self._own = None
+
 
 class PrebuiltSpawn:
     """P starts the test in *prebuilt*: straight into its PID namespace (C), or through J."""
@@ -128,6 +134,7 @@ class PrebuiltSpawn:
     def child(self, config: SandboxConfig, write_fd: int, kept: set[int], p_pid: int, target: Target) -> NoReturn:
         """Body of P's child (C or J); never returns into the caller's (pytest's) code."""
         gc.disable()  # C turns it back on for the test
+        config = replace(config, root_dev=self.prebuilt.root_dev)
         try:
             if self.direct:
                 _process_c(config, Channel(write_fd), self.prebuilt, kept, target)
@@ -169,7 +176,7 @@ def _join_steps(config: SandboxConfig, kept: set[int], prebuilt: Prebuilt, flags
 
 
 def _process_c(config: SandboxConfig, channel: Channel, prebuilt: Prebuilt, kept: set[int], target: Target) -> None:
-    """C forked by P into B's PID namespace: P is outside it (getppid() 0 while P lives, 1 after)."""
+    """C forked by P into the PID namespace of B': P is outside it (getppid() 0 while P lives, 1 after)."""
     guard_parent(channel, "C", lambda: os.getppid() == 0)
     ignore_signals_of_p()
     run_steps(channel, "C", _join_steps(config, kept, prebuilt, config.clone_flags & ~L.CLONE_NEWPID))
@@ -180,12 +187,12 @@ def _process_c(config: SandboxConfig, channel: Channel, prebuilt: Prebuilt, kept
 def _process_j(
     config: SandboxConfig, channel: Channel, p_pid: int, prebuilt: Prebuilt, kept: set[int], target: Target
 ) -> None:
-    """J: enter B's namespaces, fork the test process there, send its status."""
+    """J: enter the namespaces of B', fork the test process there, send its status."""
     guard_parent(channel, "J", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
     run_steps(channel, "J", _join_steps(config, kept, prebuilt, config.clone_flags))
     prebuilt.close()
-    test_pid = os.fork()  # the first process of this test inside B's PID namespace
+    test_pid = os.fork()  # the first process of this test inside the PID namespace of B'
     if test_pid == 0:
         try:
             L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)  # P kills J on a timeout or ^C
@@ -220,7 +227,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
         channel = Channel(fd)
         guard_parent(channel, "B", lambda: os.getppid() == 0)  # the worker is outside this PID namespace
         steps: list[NamedStep] = [
-            ("close_inherited_fds", lambda: close_inherited_fds({0, 1, 2, fd})),
+            ("close_inherited_fds", lambda: _keep_only(fd)),
             ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
             ("mount_proc_for_pid_namespace", _mount_own_proc),
             ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),
@@ -233,12 +240,23 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
             pidfd = os.pidfd_open(os.getpid())
         except OSError as exc:
             fail(channel, "B", "open_pidfd", exc)
+        ready = {"kind": "ready", "root_dev": os.stat("/").st_dev}
         with socket.socket(fileno=channel.fd) as sock:
-            socket.send_fds(sock, [wire.encode({"kind": "ready"})], [pidfd])
+            socket.send_fds(sock, [wire.encode(ready)], [pidfd])
         os.close(pidfd)
         reap_forever()
     finally:
         os._exit(EXIT_INTERNAL_ERROR)
+
+
+def _keep_only(fd: int) -> None:
+    """B' needs nothing of the builder but its socket: no sorting of descriptors (P's stdio is not
+    kept either: the sandbox's PID 1 gets /dev/null, so /proc/1/fd cannot reach pytest's stderr)."""
+    close_all_but({fd})
+    null = os.open("/dev/null", os.O_RDWR)  # the lowest free descriptor: 0
+    for std in (0, 1, 2):
+        if std != null:
+            os.dup2(null, std, inheritable=False)
 
 
 def _mount_own_proc() -> None:

@@ -21,7 +21,6 @@ from typing import Final
 from . import _linux as L
 from . import subids
 from .config import EXIT_INTERNAL_ERROR, EXIT_SETUP_FAILED, SandboxConfig, namespace_ids
-from .mounts import ROOT_SOURCE
 from .wire import Channel
 
 MAX_FD: Final = 1 << 20  # fs.nr_open's default; close_range(2) takes any upper bound
@@ -185,20 +184,24 @@ def root_mount_source(mountinfo: str) -> str | None:
     return source
 
 
-def sandbox_problems(host: dict[str, int], inside: dict[str, int], network: str, root_source: str | None) -> list[str]:
-    """Why the current process is NOT a sandbox built by us (empty list: it is)."""
+def sandbox_problems(
+    host: dict[str, int], inside: dict[str, int], network: str, root_dev: int, sandbox_root_dev: int | None
+) -> list[str]:
+    """Why the current process is NOT a sandbox built by us (empty list: it is).
+
+    *root_dev* is the device of the caller's "/", *sandbox_root_dev* that of the sandbox's root
+    as its PID 1 saw it after pivot_root (a tmpfs or overlay: a device of its own).
+    """
     required = ["mnt", "pid", "user", "uts", "ipc"] + (["net"] if network == "none" else [])
     problems = [f"{ns} namespace is the host's" for ns in required if inside.get(ns) == host.get(ns)]
-    if root_source != ROOT_SOURCE:
-        problems.append(f"root filesystem is {root_source!r}, not the sandbox's overlay ({ROOT_SOURCE!r})")
+    if sandbox_root_dev is None or root_dev != sandbox_root_dev:
+        problems.append(f"the root filesystem (device {root_dev}) is not the sandbox's (device {sandbox_root_dev})")
     return problems
 
 
 def verify_inside(config: SandboxConfig) -> None:
     """Fail closed: refuse to run the test unless this process is really inside the sandbox."""
-    with open("/proc/self/mountinfo") as handle:
-        source = root_mount_source(handle.read())
-    problems = sandbox_problems(config.host_namespaces, namespace_ids(), config.network, source)
+    problems = sandbox_problems(config.host_namespaces, namespace_ids(), config.network, os.stat("/").st_dev, config.root_dev)
     if problems:
         raise RuntimeError("not inside a sandbox: " + "; ".join(problems))
 

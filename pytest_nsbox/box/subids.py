@@ -57,6 +57,9 @@ class SubordinateIdError(NsboxError):
         self.hint = hint
         super().__init__(MISSING.format(problems="; ".join(problems)), fix=hint)
 
+    def __reduce__(self) -> tuple[type[SubordinateIdError], tuple[list[str], str]]:
+        return type(self), (self.problems, self.hint)
+
 
 @dataclass(frozen=True, slots=True)
 class Range:

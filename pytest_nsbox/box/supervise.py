@@ -42,7 +42,7 @@ class Spawn(Protocol):
 
     @property
     def process(self) -> str:
-        """P's child in the diagram of DESIGN.md (A, C or J)."""
+        """P's child in the process model's diagram (A, C or J; see forked.py, prebuilt.py)."""
 
     def keep(self) -> set[int]:
         """Descriptors P's child keeps besides the pipes, sorted in P before the fork."""
@@ -100,10 +100,7 @@ class _Ending:
     def finish(self) -> None:
         self.spawn.close()
         if self.cgroup is not None:
-            try:
-                self.cgroup.release()
-            except CgroupError as exc:
-                log.warning("%s", exc)
+            _release(self.cgroup)
 
     def finish_now(self, grace: float = KILL_GRACE) -> None:
         """Wait until the processes are gone (killing them after *grace* seconds), then finish."""
@@ -114,6 +111,13 @@ class _Ending:
                 deadline = float("inf")
             time.sleep(0.001)
         self.finish()
+
+
+def _release(cgroup: Cgroup) -> None:
+    try:
+        cgroup.release()
+    except CgroupError as exc:
+        log.warning("%s", exc)
 
 
 class Supervisor:
@@ -142,26 +146,32 @@ class Supervisor:
         called in P right after the fork: work that need not wait for the test.
         """
         spawn: Spawn = ForkedSpawn() if prebuilt is None else PrebuiltSpawn(prebuilt, self._switch)
-        read_fd, write_fd = os.pipe()
-        stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
-        config = replace(config, stack_fd=stack_write)
-        pipes = {fd for fd in (read_fd, write_fd, stack_read, stack_write) if fd is not None}
-        kept = (spawn.keep() - pipes) | {write_fd} | ({stack_write} if stack_write is not None else set())
         p_pid = os.getpid()
-        # Frozen, the inherited heap is never traversed by the children's garbage collector: a
-        # collection in a child would otherwise touch (and copy) every page of pytest's heap.
-        gc.freeze()
+        pipes: set[int] = set()
         try:
-            child_pid = spawn.fork()
+            read_fd, write_fd = os.pipe()
+            pipes |= {read_fd, write_fd}
+            stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
+            pipes |= {fd for fd in (stack_read, stack_write) if fd is not None}
+            config = replace(config, stack_fd=stack_write)
+            kept = (spawn.keep() - pipes) | {write_fd} | ({stack_write} if stack_write is not None else set())
+            # Frozen, the inherited heap is never traversed by the children's garbage collector: a
+            # collection in a child would otherwise touch (and copy) every page of pytest's heap.
+            gc.freeze()
+            try:
+                child_pid = spawn.fork()
+            finally:
+                if os.getpid() == p_pid:
+                    gc.unfreeze()
         except BaseException:
             for fd in pipes:
                 os.close(fd)
             spawn.kill()
             spawn.close()
+            if cgroup is not None:
+                cgroup.kill()
+                _release(cgroup)
             raise
-        finally:
-            if os.getpid() == p_pid:
-                gc.unfreeze()
         if child_pid == 0:
             os.close(read_fd)
             if stack_read is not None:
@@ -198,9 +208,9 @@ class Supervisor:
         test_exit = spawn.watch(child_pid)
         watched = [read_fd] if test_exit is None else [read_fd, test_exit]
         try:
-            self.reap()  # earlier sandboxes, while this test runs
             if while_running is not None:
                 while_running()
+            self.reap()  # earlier sandboxes, while this test runs
             while True:
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
                 ready = select.select(watched, [], [], remaining)[0]
@@ -282,6 +292,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.reap(block=True)
+        self._switch.close()
 
 
 def run_once(config: SandboxConfig, target: Target, *, cgroup: Cgroup | None = None) -> SandboxResult:

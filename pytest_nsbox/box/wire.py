@@ -87,7 +87,8 @@ class Reader:
 
 
 class Channel:
-    """The write end of the result pipe, usable only by the process that owns it (the test, C).
+    """The write end of the result pipe (or the builder's socket), usable only by the process
+    that owns it: setup errors of every process of a sandbox, the test's reports from C.
 
     A process the test forks inherits the object; its records are dropped so a forked child
     that returns into pytest's code cannot report twice.

@@ -174,7 +174,7 @@ def ensure_layer(cache_dir: Path, layer: Layer, name: str) -> Path:
         log.warning("nsbox: layer %s of image %r: a previous import was interrupted; importing it again", layer.digest, name)
 
     def build(tmp: Path) -> None:
-        (tmp / cache.LAYER_SUBDIR).mkdir()
+        (tmp / cache.LAYER_SUBDIR).mkdir(mode=0o700)  # the image's own root entry decides what a sandbox sees
         _extract_in_child(layer, tmp / cache.LAYER_SUBDIR, name)
 
     return cache.publish_layer(cache.layer_dir(cache_dir, layer.digest), build, interrupted=interrupted)
@@ -200,7 +200,7 @@ def _extract_in_child(layer: Layer, dest: Path, name: str) -> None:
     def describe(exc: BaseException) -> str:
         if isinstance(exc, RefusedMember):
             return f"refused: {exc}"
-        if isinstance(exc, DecompressionError):
+        if isinstance(exc, DecompressionError | ImageImportError):
             return str(exc)
         return describe_exception(exc)
 

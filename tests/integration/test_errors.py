@@ -103,3 +103,30 @@ def test_plugin_can_be_disabled(run_inner) -> None:
         "no:nsbox",
     )
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.needs_userns
+@pytest.mark.needs_overlay_userns
+def test_a_test_process_outside_its_sandbox_refuses_to_run(run_inner, tmp_path) -> None:
+    """Fail closed: a bug that leaves the test process outside the sandbox's namespaces (here the
+    joining steps are dropped) is an ERROR "refusing to run the test", and the body never runs."""
+    canary = tmp_path / "canary"
+    result = run_inner(
+        f"""
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_outside():
+            open({str(canary)!r}, "w").write({BODY_RAN!r})
+        """,
+        conftest="""
+        from pytest_nsbox.box import prebuilt
+
+        prebuilt._join_steps = lambda config, kept, sandbox, flags: []  # the bug: never enter the sandbox
+        """,
+    )
+    result.assert_outcomes(errors=1)
+    refusal = reports.NOT_INSIDE.format(message="*not inside a sandbox: mnt namespace is the host's*")
+    result.stdout.fnmatch_lines([f"*{refusal}*"])
+    result.stdout.fnmatch_lines(["*the root filesystem (device *) is not the sandbox's (device *)*"])
+    assert not canary.exists()

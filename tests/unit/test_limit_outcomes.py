@@ -6,20 +6,20 @@ from pathlib import Path
 
 from pytest_nsbox.box import cgroups
 from pytest_nsbox.box.config import SandboxResult
-from pytest_nsbox.reports import PACKAGE_DIR, limit_violation, trim_stack
+from pytest_nsbox.reports import limit_violation, trim_stack
 from pytest_nsbox.spec import SandboxSpec
 
-DUMP = f"""\
+DUMP = """\
 Thread 0x00007f1 (most recent call first):
   File "/usr/lib/python3.11/threading.py", line 320 in wait
-  File "{PACKAGE_DIR}runtest.py", line 9 in run_protocol_in_child
+  File "/x/pytest_nsbox/runtest.py", line 9 in run_protocol_in_child
   File "/x/_pytest/main.py", line 1 in main
 
 Current thread 0x00007f2 (most recent call first):
   File "/t/test_a.py", line 29 in test_sleep
   File "/x/_pytest/python.py", line 187 in pytest_pyfunc_call
-  File "{PACKAGE_DIR}compat.py", line 502 in run_protocol_in_child
-  File "{PACKAGE_DIR}box/steps.py", line 245 in run_test
+  File "/x/pytest_nsbox/compat.py", line 502 in run_protocol_in_child
+  File "/x/pytest_nsbox/box/steps.py", line 245 in run_test
 """
 
 
@@ -104,3 +104,16 @@ def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
         path.mkdir()
     assert manager.sweep() == [str(dead)]
     assert alive.exists() and foreign.exists()
+
+
+def test_trim_stack_keeps_a_test_blocked_in_package_code() -> None:
+    dump = (
+        "Current thread 0x1 (most recent call first):\n"
+        '  File "/x/pytest_nsbox/box/wire.py", line 60 in send\n'
+        '  File "/t/test_a.py", line 3 in test_report_hook\n'
+        '  File "/x/pytest_nsbox/compat.py", line 70 in run_protocol\n'
+    )
+    assert trim_stack(dump).splitlines()[1:] == [
+        '  File "/x/pytest_nsbox/box/wire.py", line 60 in send',
+        '  File "/t/test_a.py", line 3 in test_report_hook',
+    ]

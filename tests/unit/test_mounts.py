@@ -74,6 +74,7 @@ def _plan(tmp_path: Path, image: str, network: str = "none") -> mounts.MountPlan
         scratch=str(tmp_path / "s"),
         host_paths=[mounts.HostPath(str(tmp_path / "venv"), True), mounts.HostPath(str(tmp_path / "bt"), False)],
         mounts=table,
+        host_resolv_conf="nameserver 192.0.2.53\n",
     )
 
 
@@ -112,8 +113,10 @@ def test_root_mount_source_takes_the_top_of_the_stack() -> None:
 def test_sandbox_problems_fail_closed() -> None:
     host = {"mnt": 1, "pid": 2, "net": 3, "user": 4, "uts": 5, "ipc": 6, "cgroup": 7}
     inside = {"mnt": 11, "pid": 12, "net": 13, "user": 14, "uts": 15, "ipc": 16, "cgroup": 17}
-    assert sandbox_problems(host, inside, "none", "nsbox-root") == []
-    assert sandbox_problems(host, {**inside, "net": 3}, "host", "nsbox-root") == []
-    problems = sandbox_problems(host, host, "none", "/dev/vda")
+    assert sandbox_problems(host, inside, "none", 42, 42) == []
+    assert sandbox_problems(host, {**inside, "net": 3}, "host", 42, 42) == []
+    problems = sandbox_problems(host, host, "none", 2049, 42)
     assert "mnt namespace is the host's" in problems and "net namespace is the host's" in problems
-    assert any("root filesystem is '/dev/vda'" in p for p in problems)
+    assert "the root filesystem (device 2049) is not the sandbox's (device 42)" in problems
+    unknown = sandbox_problems(host, inside, "none", 42, None)
+    assert unknown == ["the root filesystem (device 42) is not the sandbox's (device None)"]

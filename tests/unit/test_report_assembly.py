@@ -192,7 +192,7 @@ def test_oom_killed_mid_call_fails_the_call_with_the_memory_message(item: pytest
 
 
 def test_timeout_during_call_fails_it_with_the_stack(item: pytest.Item) -> None:
-    stack = STACK + f'  File "{reports.PACKAGE_DIR}box/steps.py", line 245 in run_test\n'
+    stack = STACK + '  File "/x/pytest_nsbox/compat.py", line 70 in run_protocol\n'
     result = SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGKILL), timed_out=True, stack=stack)
     out = assemble(item, result, SandboxSpec(timeout=2))
     assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]

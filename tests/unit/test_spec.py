@@ -71,3 +71,8 @@ def test_decorator_matches_marker() -> None:
     assert [m.name for m in test_bare.pytestmark] == ["nsbox"]  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
         nsbox(memroy="1G")  # type: ignore[call-arg]
+
+
+def test_requested_limits() -> None:
+    assert SandboxSpec().requested_limits() == {}
+    assert SandboxSpec(memory=1, timeout=2.0).requested_limits() == {"memory": 1, "timeout": 2.0}
