@@ -122,8 +122,8 @@ class Preparer:
 
     # --- one item -----------------------------------------------------------------------------
 
-    def prepare(self, item: pytest.Item, *, ahead: bool = False) -> Prepared | Refused | None:
-        """The item's sandbox, or why it gets none.
+    def prepare(self, item: pytest.Item, *, ahead: bool = False, spare: Prepared | None = None) -> Prepared | Refused | None:
+        """The item's sandbox, or why it gets none; *spare* itself if it has the item's spec.
 
         *ahead* (while another test runs): None instead of resolving an image not resolved yet,
         which may mean a long build that must not delay the running test's timeout.
@@ -132,6 +132,8 @@ class Preparer:
             spec = self.spec_for(item)
         except SpecError as exc:
             return Refused(str(exc), unavailable=False)
+        if spare is not None and spare.spec == spec:
+            return spare
         if ahead and spec.image != images.HOST and spec.image not in self._images:
             return None
         if not probe.linux().ok:
@@ -147,6 +149,13 @@ class Preparer:
         except LimitsUnavailable as exc:
             return Refused(str(exc), unavailable=True)
         return Prepared(spec, plan, cgroup)
+
+    def another(self, prepared: Prepared) -> Prepared | None:
+        """A second sandbox like *prepared* (a cgroup of its own), or None if none can be had."""
+        try:
+            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec))
+        except LimitsUnavailable:
+            return None
 
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
         marker = item.get_closest_marker(MARKER)

@@ -31,12 +31,20 @@ class NsboxWarning(pytest.PytestWarning):
 
 class Lookahead:
     """The builder's pipeline: the next item is prepared, and its sandbox built, while the
-    current test runs. A sandbox built for an item that does not run next is discarded."""
+    current test runs. A sandbox built for an item that does not run next is discarded.
+
+    In a run of items with one spec (the common case: --nsbox-all, or a module of alike tests)
+    the builder works one more item ahead: with the next item's sandbox it builds a spare with
+    the same spec, which becomes the sandbox of the item after if that has the same spec too.
+    So each sandbox has a whole test's time to be built, and the test never waits for it.
+    """
 
     def __init__(self, preparer: Preparer, builder: Builder | None) -> None:
         self.preparer = preparer
         self.builder = builder
         self._next: tuple[pytest.Item, Prepared | Refused, int | None] | None = None
+        self._spare: tuple[Prepared, int | None] | None = None
+        self._current: Prepared | Refused | None = None  # what the running item got
 
     def take(self, item: pytest.Item) -> tuple[Prepared | Refused, int | None]:
         """The item's preparation and the builder's ticket for its sandbox (None: none asked)."""
@@ -44,24 +52,43 @@ class Lookahead:
             next_item, prepared, ticket = self._next
             self._next = None
             if next_item is item:
+                self._current = prepared
                 return prepared, ticket
             self.discard(prepared, ticket)
         prepared_now = self.preparer.prepare(item)
         assert prepared_now is not None
+        self._current = prepared_now
         return prepared_now, None
 
     def prepare_next(self, nextitem: pytest.Item | None, wanted: bool) -> None:
         """Prepare *nextitem* now and have its sandbox built while the current test runs."""
         if self.builder is None or nextitem is None or not wanted:
             return
+        spare, self._spare = self._spare, None
         try:
-            prepared = self.preparer.prepare(nextitem, ahead=True)
+            prepared = self.preparer.prepare(nextitem, ahead=True, spare=spare[0] if spare else None)
         except Exception:  # noqa: BLE001 - it surfaces again when the item runs
-            return
+            prepared = None
+        ticket = None
+        if spare is not None:
+            if prepared is spare[0]:
+                ticket = spare[1]
+            else:
+                self.discard(*spare)
         if prepared is None:
             return
-        ticket = self.submit(prepared) if isinstance(prepared, Prepared) else None
+        if isinstance(prepared, Prepared):
+            if ticket is None:
+                ticket = self.submit(prepared)
+            current = self._current
+            if isinstance(current, Prepared) and current.spec == prepared.spec:
+                self._build_spare(prepared)
         self._next = (nextitem, prepared, ticket)
+
+    def _build_spare(self, like: Prepared) -> None:
+        spare = self.preparer.another(like)
+        if spare is not None:
+            self._spare = (spare, self.submit(spare))
 
     def submit(self, prepared: Prepared) -> int | None:
         """Have the builder build *prepared*'s sandbox; None: it is built when the test starts."""
@@ -103,6 +130,9 @@ class Lookahead:
         if self._next is not None:
             self.discard(*self._next[1:])
             self._next = None
+        if self._spare is not None:
+            self.discard(*self._spare)
+            self._spare = None
         if self.builder is not None:
             self.builder.close()
 
