@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import functools
 import os
 import re
 import signal
@@ -69,33 +70,70 @@ def _write(path: Path, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror} ({name})") from None
 
 
-def _read_keyed(path: Path) -> dict[str, int]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return {}
+def _keyed(text: str | None) -> dict[str, int]:
     out: dict[str, int] = {}
-    for line in lines:
+    for line in (text or "").splitlines():
         key, _, value = line.partition(" ")
         if value.strip().lstrip("-").isdigit():
             out[key] = int(value)
     return out
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
+def _integer(text: str | None) -> int | None:
+    text = (text or "").strip()
     return int(text) if text.isdigit() else None
+
+
+@functools.cache
+def control_devices() -> frozenset[int]:
+    """The devices of the cgroup filesystems: a descriptor on one of them is never handed to a
+    sandbox (through /proc/self/fd it could reopen the file for writing, e.g. oom_control)."""
+    devices: set[int] = set()
+    try:
+        devices.add(CGROUP_MOUNT.stat().st_dev)
+        for entry in os.scandir(CGROUP_MOUNT):
+            if entry.is_dir(follow_symlinks=False):
+                devices.add(entry.stat(follow_symlinks=False).st_dev)
+    except OSError:
+        pass
+    return frozenset(devices)
 
 
 class Cgroup(abc.ABC):
     """One sandbox's cgroup: one directory (v2) or one per controller (v1)."""
 
+    _counters: tuple[tuple[str, str], ...] = ()  # (controller, file) that usage() reads
+
     def __init__(self, name: str, dirs: dict[str, Path]) -> None:
         self.name = name
         self.dirs = dirs  # controller (or "" for v2) -> directory
+        self._counter_fds: dict[str, int] = {}
+
+    def open_counters(self) -> None:
+        """Open the counter files now: P reads them right after the test, on its critical path."""
+        for controller, name in self._counters:
+            if controller in self.dirs and name not in self._counter_fds:
+                try:
+                    self._counter_fds[name] = os.open(self.dirs[controller] / name, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    pass  # read by path, or not at all, later
+
+    def _read(self, controller: str, name: str) -> str | None:
+        """A counter file's text (None if the controller is not there or it cannot be read)."""
+        fd = self._counter_fds.get(name)
+        try:
+            if fd is not None:
+                return os.pread(fd, 4096, 0).decode()
+            if controller in self.dirs:
+                return (self.dirs[controller] / name).read_text()
+        except OSError:
+            pass
+        return None
+
+    def _close_counters(self) -> None:
+        for fd in self._counter_fds.values():
+            os.close(fd)
+        self._counter_fds.clear()
 
     @property
     def join_files(self) -> tuple[bytes, ...]:
@@ -137,6 +175,7 @@ class Cgroup(abc.ABC):
         self.remove()
 
     def remove(self) -> None:
+        self._close_counters()
         for d in self.dirs.values():
             try:
                 d.rmdir()
@@ -160,6 +199,7 @@ def join(files: Iterable[bytes]) -> None:
 
 class CgroupV1(Cgroup):
     _procs_file = "tasks"  # writing "0" here moves the writer (the joining process is single-threaded)
+    _counters = (("memory", "memory.max_usage_in_bytes"), ("memory", "memory.oom_control"), ("pids", "pids.events"))
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:
@@ -177,16 +217,16 @@ class CgroupV1(Cgroup):
             _write(cpu / "cpu.cfs_quota_us", str(max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))))
 
     def usage(self) -> Usage:
-        memory = self.dirs.get("memory")
-        pids = self.dirs.get("pids")
         return Usage(
-            memory_peak=_read_int(memory / "memory.max_usage_in_bytes") if memory else None,
-            oom_kills=_read_keyed(memory / "memory.oom_control").get("oom_kill", 0) if memory else 0,
-            pids_limit_hits=_read_keyed(pids / "pids.events").get("max", 0) if pids else 0,
+            memory_peak=_integer(self._read("memory", "memory.max_usage_in_bytes")),
+            oom_kills=_keyed(self._read("memory", "memory.oom_control")).get("oom_kill", 0),
+            pids_limit_hits=_keyed(self._read("pids", "pids.events")).get("max", 0),
         )
 
 
 class CgroupV2(Cgroup):
+    _counters = (("", "memory.peak"), ("", "memory.events"), ("", "pids.events"))
+
     def apply(self, limits: Limits) -> None:
         path = self.dirs[""]
         if limits.memory is not None:
@@ -200,11 +240,10 @@ class CgroupV2(Cgroup):
             _write(path / "cpu.max", f"{max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}")
 
     def usage(self) -> Usage:
-        path = self.dirs[""]
         return Usage(
-            memory_peak=_read_int(path / "memory.peak"),
-            oom_kills=_read_keyed(path / "memory.events").get("oom_kill", 0),
-            pids_limit_hits=_read_keyed(path / "pids.events").get("max", 0),
+            memory_peak=_integer(self._read("", "memory.peak")),
+            oom_kills=_keyed(self._read("", "memory.events")).get("oom_kill", 0),
+            pids_limit_hits=_keyed(self._read("", "pids.events")).get("max", 0),
         )
 
     def kill(self, timeout: float = KILL_TIMEOUT) -> None:
@@ -315,6 +354,7 @@ class ManagerV1(CgroupManager):
                 dirs[ctrl] = root / name
             cgroup = CgroupV1(name, dirs)
             cgroup.apply(limits)
+            cgroup.open_counters()
         except OSError as exc:
             CgroupV1(name, dirs).remove()
             raise CgroupError(f"cannot create cgroup {name}: {exc}") from None
@@ -369,6 +409,7 @@ class ManagerV2(CgroupManager):
         cgroup = CgroupV2(name, {"": path})
         try:
             cgroup.apply(limits)
+            cgroup.open_counters()
         except CgroupError:
             cgroup.remove()
             raise

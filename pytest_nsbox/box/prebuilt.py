@@ -124,7 +124,7 @@ class PrebuiltSpawn:
 
     def keep(self) -> set[int]:
         # Sorted here, in P: in the child every page this touches would be copied.
-        return kept_descriptors({0, 1, 2, self.prebuilt.pidfd})
+        return kept_descriptors({0, 1, 2, self.prebuilt.pidfd}, cgroups.control_devices())
 
     def fork(self) -> int:
         pid = self.switch.fork_into(self.prebuilt)

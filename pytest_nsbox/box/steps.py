@@ -62,13 +62,13 @@ def run_steps(channel: Channel, process: str, steps: Iterable[Step]) -> None:
 # --- descriptors -----------------------------------------------------------------------------
 
 
-def kept_descriptors(keep: Iterable[int]) -> set[int]:
+def kept_descriptors(keep: Iterable[int], excluded_devices: frozenset[int] = frozenset()) -> set[int]:
     """The descriptors a sandbox keeps; every other one could reach outside.
 
     Kept: *keep*, regular files and character devices (pytest's capture files, /dev/null, a
     tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). Directories,
-    sockets, pipes, anonymous inodes and namespace files (regular files of nsfs) are not:
-    xdist's channel is a pair of pipes.
+    sockets, pipes, anonymous inodes, namespace files (regular files of nsfs) and files on
+    *excluded_devices* (the cgroup filesystems) are not: xdist's channel is a pair of pipes.
     """
     kept = set(keep)
     nsfs = os.stat("/proc/self/ns/net").st_dev
@@ -85,7 +85,7 @@ def kept_descriptors(keep: Iterable[int]) -> set[int]:
             st = os.fstat(fd)
         except OSError:
             continue
-        if st.st_dev == nsfs:
+        if st.st_dev == nsfs or st.st_dev in excluded_devices:
             continue
         if stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or (st.st_dev, st.st_ino) in std_files:
             kept.add(fd)
@@ -102,9 +102,9 @@ def close_all_but(kept: Iterable[int]) -> None:
     os.closerange(low, MAX_FD)
 
 
-def close_inherited_fds(keep: Iterable[int]) -> None:
+def close_inherited_fds(keep: Iterable[int], excluded_devices: frozenset[int] = frozenset()) -> None:
     """Close descriptors that could reach outside (see kept_descriptors)."""
-    close_all_but(kept_descriptors(keep))
+    close_all_but(kept_descriptors(keep, excluded_devices))
 
 
 # --- ids and capabilities ----------------------------------------------------------------------

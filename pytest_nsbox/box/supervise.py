@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import NoReturn, Protocol
 
 from . import wire
-from .cgroups import Cgroup, CgroupError
+from .cgroups import Cgroup, CgroupError, control_devices
 from .config import KILL_GRACE, SandboxConfig, SandboxResult, Target
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
@@ -126,6 +126,7 @@ class Supervisor:
     def __init__(self) -> None:
         self._ending: list[_Ending] = []
         self._switch = PidNamespaceSwitch()
+        control_devices()  # read once in P, before any fork
 
     def run(
         self,

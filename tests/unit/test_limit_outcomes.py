@@ -117,3 +117,13 @@ def test_trim_stack_keeps_a_test_blocked_in_package_code() -> None:
         '  File "/x/pytest_nsbox/box/wire.py", line 60 in send',
         '  File "/t/test_a.py", line 3 in test_report_hook',
     ]
+
+
+def test_usage_reads_counters_opened_ahead(tmp_path: Path) -> None:
+    cgroup = _fake_v2(tmp_path, {"memory.peak": "4096\n", "memory.events": "oom_kill 0\n", "pids.events": "max 0\n"})
+    cgroup.open_counters()
+    (tmp_path / "memory.peak").write_text("8192\n")  # same file, rewritten in place: the kept fd sees it
+    (tmp_path / "memory.events").write_text("oom_kill 3\n")
+    assert cgroup.usage() == cgroups.Usage(memory_peak=8192, oom_kills=3, pids_limit_hits=0)
+    cgroup._close_counters()
+    assert cgroup._counter_fds == {}

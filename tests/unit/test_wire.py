@@ -61,3 +61,18 @@ def test_send_writes_whole_records_through_a_pipe() -> None:
         assert _decode(data) == [{"kind": "small"}]
     finally:
         os.close(read_fd)
+
+
+def test_kept_descriptors_never_include_files_of_excluded_devices(tmp_path) -> None:
+    import os
+
+    from pytest_nsbox.box.steps import kept_descriptors
+
+    path = tmp_path / "counter"
+    path.write_text("0\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert fd in kept_descriptors({0, 1, 2})  # a regular file: pytest's capture files are such
+        assert fd not in kept_descriptors({0, 1, 2}, frozenset({os.fstat(fd).st_dev}))
+    finally:
+        os.close(fd)
