@@ -44,6 +44,7 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
@@ -143,6 +144,7 @@ def _check(rc: int, describe: Callable[[], str]) -> int:
     return rc
 
 
+@functools.cache
 def _syscall_number(name: str) -> int:
     machine = os.uname().machine
     try:
@@ -200,8 +202,11 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def capset(effective: int, permitted: int, inheritable: int) -> None:
-    """Set the calling thread's capability sets (64-bit masks)."""
+@functools.cache
+def _capset_arguments(
+    effective: int, permitted: int, inheritable: int
+) -> tuple[ctypes.c_long, _CapHeader, ctypes.Array[_CapData]]:
+    # Built once (in P, before the forks that use them): a child only makes the call.
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for index in range(2):
@@ -209,7 +214,18 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[index].effective = (effective >> shift) & 0xFFFFFFFF
         data[index].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[index].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    rc = _libc().syscall(ctypes.c_long(_syscall_number("capset")), ctypes.byref(header), data)
+    return ctypes.c_long(_syscall_number("capset")), header, data
+
+
+def capset_prepare(effective: int, permitted: int, inheritable: int) -> None:
+    """Build capset's arguments for these masks now (cached), not in a forked child."""
+    _capset_arguments(effective, permitted, inheritable)
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set the calling thread's capability sets (64-bit masks)."""
+    number, header, data = _capset_arguments(effective, permitted, inheritable)
+    rc = _libc().syscall(number, ctypes.byref(header), data)
     _check(rc, lambda: f"capset(effective={effective:#x})")
 
 

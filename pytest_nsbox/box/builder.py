@@ -222,6 +222,7 @@ def _work(sock: socket.socket) -> None:
     if os.getppid() != 0:  # S is outside this PID namespace
         return
     own_pid_namespace = open_own_pid_namespace()
+    L.capset_prepare(0, 0, 0)  # B''s harden_init only calls (see steps.prepare_capability_drop)
     gc.freeze()  # what is imported now is never traversed (and copied) by a collection in B'
     plans: dict[int, MountPlan] = {}
     while True:

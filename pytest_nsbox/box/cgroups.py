@@ -12,6 +12,7 @@ and nothing else is ever written to.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import functools
 import os
@@ -60,9 +61,14 @@ class Usage:
     pids_limit_hits: int = 0
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: Path | str, value: str) -> None:
+    # os-level: P writes these for every sandbox, and pathlib's overhead was most of the cost
     try:
-        path.write_text(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         raise CgroupError(f"cannot write {value!r} to {path}: no such file (controller not enabled there?)") from None
     except OSError as exc:
@@ -203,18 +209,18 @@ class CgroupV1(Cgroup):
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:
-            memory = self.dirs["memory"]
-            _write(memory / "memory.limit_in_bytes", str(limits.memory))
-            if (memory / "memory.memsw.limit_in_bytes").exists():  # swap is no way around the limit
-                _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory))
+            memory = str(self.dirs["memory"])
+            _write(f"{memory}/memory.limit_in_bytes", str(limits.memory))
+            if os.path.exists(f"{memory}/memory.memsw.limit_in_bytes"):  # swap is no way around the limit
+                _write(f"{memory}/memory.memsw.limit_in_bytes", str(limits.memory))
             else:
-                _write(memory / "memory.swappiness", "0")
+                _write(f"{memory}/memory.swappiness", "0")
         if limits.pids is not None:
-            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+            _write(f"{self.dirs['pids']}/pids.max", str(limits.pids))
         if limits.cpus is not None:
-            cpu = self.dirs["cpu"]
-            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(cpu / "cpu.cfs_quota_us", str(max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))))
+            cpu = str(self.dirs["cpu"])
+            _write(f"{cpu}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(f"{cpu}/cpu.cfs_quota_us", str(max(MIN_CPU_QUOTA_US, round(limits.cpus * CPU_PERIOD_US))))
 
     def usage(self) -> Usage:
         return Usage(
@@ -342,16 +348,17 @@ class ManagerV1(CgroupManager):
         dirs: dict[str, Path] = {}
         try:
             for ctrl in limits.controllers():
-                root = CGROUP_MOUNT / ctrl / self.root_name
+                path = f"{CGROUP_MOUNT}/{ctrl}/{self.root_name}/{name}"
                 for attempt in range(3):  # another run may remove an empty root between the two mkdirs
-                    root.mkdir(exist_ok=True)
                     try:
-                        (root / name).mkdir()
+                        os.mkdir(path)
                         break
                     except FileNotFoundError:
                         if attempt == 2:
                             raise
-                dirs[ctrl] = root / name
+                        with contextlib.suppress(FileExistsError):
+                            os.mkdir(os.path.dirname(path))  # the root only: never its parents
+                dirs[ctrl] = Path(path)
             cgroup = CgroupV1(name, dirs)
             cgroup.apply(limits)
             cgroup.open_counters()

@@ -24,7 +24,11 @@ KILL_GRACE: Final = 5.0  # seconds P waits for a killed sandbox's processes to b
 
 def namespace_ids() -> dict[str, int]:
     """Inode numbers of the caller's namespaces (equal inode = same namespace)."""
-    return {ns: os.stat(f"/proc/self/ns/{ns}").st_ino for ns in NAMESPACES}
+    directory = os.open("/proc/self/ns", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return {ns: os.stat(ns, dir_fd=directory).st_ino for ns in NAMESPACES}
+    finally:
+        os.close(directory)
 
 
 def read_cap_last_cap() -> int:

@@ -145,13 +145,23 @@ def unshare_steps(config: SandboxConfig) -> list[Step]:
     return [("start_id_mapper", mapper.start), unshare, ("map_subordinate_ids", mapper.finish)]
 
 
+def kept_capability_mask(cap_last_cap: int) -> int:
+    return sum(1 << cap for cap in KEPT_CAPABILITIES if cap <= cap_last_cap)
+
+
+def prepare_capability_drop(cap_last_cap: int) -> None:
+    """In P, before the forks: build what drop_capabilities' calls need, so the child only calls."""
+    L.prctl(L.PR_GET_NO_NEW_PRIVS)  # loads libc and its argument types
+    L.capset_prepare(kept_capability_mask(cap_last_cap), kept_capability_mask(cap_last_cap), 0)
+
+
 def drop_capabilities(cap_last_cap: int) -> None:
     """Docker's default set only, no ambient capabilities, and no_new_privs (bubblewrap)."""
     for cap in range(cap_last_cap + 1):
         if cap not in KEPT_CAPABILITIES:
             L.prctl(L.PR_CAPBSET_DROP, cap)
     L.prctl(L.PR_CAP_AMBIENT, L.PR_CAP_AMBIENT_CLEAR_ALL)
-    kept = sum(1 << cap for cap in KEPT_CAPABILITIES if cap <= cap_last_cap)
+    kept = kept_capability_mask(cap_last_cap)
     L.capset(kept, kept, 0)
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
 

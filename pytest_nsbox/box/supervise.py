@@ -28,6 +28,7 @@ from .cgroups import Cgroup, CgroupError, control_devices
 from .config import KILL_GRACE, SandboxConfig, SandboxResult, Target
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
+from .steps import prepare_capability_drop
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Supervisor:
         self._ending: list[_Ending] = []
         self._switch = PidNamespaceSwitch()
         control_devices()  # read once in P, before any fork
+        self._prepared_capabilities: int | None = None
 
     def run(
         self,
@@ -146,6 +148,9 @@ class Supervisor:
         *timeout* seconds the test's stack is dumped and the sandbox killed. *while_running* is
         called in P right after the fork: work that need not wait for the test.
         """
+        if self._prepared_capabilities != config.cap_last_cap:
+            prepare_capability_drop(config.cap_last_cap)
+            self._prepared_capabilities = config.cap_last_cap
         spawn: Spawn = ForkedSpawn() if prebuilt is None else PrebuiltSpawn(prebuilt, self._switch)
         p_pid = os.getpid()
         pipes: set[int] = set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pytest_nsbox import reports
@@ -57,6 +59,7 @@ def test_unenforceable_limits_are_never_dropped(run_inner, arguments: str) -> No
     result = run_inner(source, *args, "--nsbox-require")
     result.assert_outcomes(errors=1)
     result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
+    assert list(Path("/sys/fs/cgroup").glob("*/no-such-parent")) == []  # nothing made on the way
 
 
 def test_bad_ini_value_is_a_usage_error(run_inner, pytester: pytest.Pytester) -> None:
