@@ -334,8 +334,9 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
     gc.enable()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     steps: list[Step] = [
-        ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
+        # first: outside its sandbox the test process refuses to run, whatever else would fail there
         ("verify_sandbox", lambda: verify_inside(config)),
+        ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
     ]
     if config.oom_first:
         steps.append(("prefer_test_for_oom", _prefer_for_oom))
