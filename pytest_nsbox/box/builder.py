@@ -29,11 +29,13 @@ import os
 import pickle
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import subprocess
 
 from ..errors import NsboxError
 from . import _linux as L
@@ -92,6 +94,8 @@ class Builder:
         if self._sock is not None:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        import subprocess  # P's side only: the builder never starts processes (a smaller heap to fork)
+
         package_parent = str(Path(__file__).resolve().parents[2])
         try:
             self._process = subprocess.Popen(
@@ -181,6 +185,8 @@ class Builder:
             self._sock.close()
             self._sock = None
         if self._process is not None:
+            import subprocess  # imported already: _start used it
+
             try:
                 self._process.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:

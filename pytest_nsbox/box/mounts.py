@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +48,8 @@ def _b(path: str | Path) -> bytes:
 def make_scratch_dir() -> str:
     """An empty directory for the scratch tmpfs of this process's sandboxes (each mounts its own
     there, in its own mount namespace); empty ones left by killed processes are removed first."""
+    import tempfile  # lazy, like every import the builder's sandboxes do not need: it forks them
+
     tmpdir = tempfile.gettempdir()
     sweep_stale_scratch_dirs(tmpdir)
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=tmpdir)
@@ -462,6 +461,10 @@ def short_lowers(lowers: Sequence[str], links_root: str) -> tuple[str | None, tu
     """(cwd, lowers) whose option string fits one page: a directory of numbered symlinks when needed."""
     if sum(len(escape_overlay_path(p)) + 1 for p in lowers) < MAX_OPTIONS - OPTIONS_RESERVE:
         return None, tuple(lowers)
+    import hashlib
+    import shutil
+    import tempfile
+
     key = hashlib.sha256("\0".join(lowers).encode()).hexdigest()[:32]
     farm = os.path.join(links_root, key)
     if not os.path.isdir(farm):

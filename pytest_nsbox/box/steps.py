@@ -24,6 +24,7 @@ from .config import EXIT_INTERNAL_ERROR, EXIT_SETUP_FAILED, SandboxConfig, names
 from .wire import Channel
 
 MAX_FD: Final = 1 << 20  # fs.nr_open's default; close_range(2) takes any upper bound
+OOM_SCORE_ADJ_MAX: Final = 1000  # <linux/oom.h>: the OOM killer picks this process first
 
 # Docker's default capability set. CAP_SYS_ADMIN is not in it: without it the test cannot
 # re-mount the read-only binds (rootdir, interpreter) read-write or undo any other mount.
@@ -368,4 +369,4 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
 
 def _prefer_for_oom() -> None:
     with open("/proc/self/oom_score_adj", "w") as handle:
-        handle.write("1000")
+        handle.write(str(OOM_SCORE_ADJ_MAX))

@@ -19,9 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import pwd
-import shutil
 import stat
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +190,7 @@ def find_mapping(
     gid: int | None = None,
     subuid_file: Path = SUBUID_FILE,
     subgid_file: Path = SUBGID_FILE,
-    which: Callable[[str], str | None] = shutil.which,
+    which: Callable[[str], str | None] | None = None,
 ) -> IdMapping:
     """The caller's full id mapping, or SubordinateIdError naming everything that is missing.
 
@@ -200,6 +198,10 @@ def find_mapping(
     is not privileged, no_new_privs, no range for the user, and a range smaller than MAPPED_IDS
     are each reported, with the command that fixes it.
     """
+    if which is None:
+        import shutil
+
+        which = shutil.which
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
     user = _user_name(uid)
@@ -280,6 +282,8 @@ def _write_maps(mapping: IdMapping, pid: int) -> str:
                 return f"writing /proc/{pid}/{name} failed: {exc}"
         return ""
     for command in mapping.commands(pid):
+        import subprocess  # lazy: the builder never runs it (a smaller heap to fork)
+
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             return f"{' '.join(command)} failed ({proc.returncode}): {proc.stderr.strip()}"
