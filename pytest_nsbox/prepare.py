@@ -56,11 +56,7 @@ class Prepared:
     def discard(self) -> None:
         """The sandbox will not run: empty and release its cgroup."""
         if self.cgroup is not None:
-            self.cgroup.kill()  # the processes of a sandbox built for it may still be on their way out
-            try:
-                self.cgroup.release()
-            except cgroups.CgroupError as exc:
-                log.warning("%s", exc)
+            self.cgroup.discard()  # the processes of a sandbox built for it may still be on their way out
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import abc
 import contextlib
 import errno
 import functools
+import logging
 import os
 import re
 import signal
@@ -32,6 +33,8 @@ DEFAULT_ROOT_NAME: Final = "pytest-nsbox"
 NAME_RE: Final = re.compile(r"^nsbox-(\d+)-\d+$")
 CPU_PERIOD_US: Final = 100_000
 MIN_CPU_QUOTA_US: Final = 1000  # the kernel refuses a smaller quota
+log = logging.getLogger(__name__)
+
 KILL_TIMEOUT: Final = 5.0  # seconds kill() waits for the cgroup to be empty
 
 
@@ -177,8 +180,17 @@ class Cgroup(abc.ABC):
             time.sleep(0.001)  # a killed process stays listed until its exit is complete
 
     def release(self) -> None:
-        """The sandbox is gone: remove the cgroup. Raises CgroupError (the caller warns)."""
-        self.remove()
+        """The sandbox is gone: remove the cgroup (a failure is logged as a warning: the test's
+        outcome is decided already, and a leftover is swept by a later run)."""
+        try:
+            self.remove()
+        except CgroupError as exc:
+            log.warning("%s", exc)
+
+    def discard(self) -> None:
+        """The sandbox will not run, or ended abnormally: kill what is in the cgroup, release it."""
+        self.kill()
+        self.release()
 
     def remove(self) -> None:
         self._close_counters()

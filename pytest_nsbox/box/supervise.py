@@ -14,7 +14,6 @@ off the test's critical path, unless their status is needed now.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import select
 import signal
@@ -24,13 +23,12 @@ from dataclasses import dataclass, replace
 from typing import NoReturn, Protocol
 
 from . import wire
-from .cgroups import Cgroup, CgroupError, control_devices
+from .cgroups import Cgroup, control_devices
 from .config import KILL_GRACE, SandboxConfig, SandboxResult, Target
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
 
-log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
 STACK_DUMP_WAIT = 2.0  # seconds the test gets to write its stack on a timeout
@@ -101,7 +99,7 @@ class _Ending:
     def finish(self) -> None:
         self.spawn.close()
         if self.cgroup is not None:
-            _release(self.cgroup)
+            self.cgroup.release()
 
     def finish_now(self, grace: float = KILL_GRACE) -> None:
         """Wait until the processes are gone (killing them after *grace* seconds), then finish."""
@@ -112,13 +110,6 @@ class _Ending:
                 deadline = float("inf")
             time.sleep(0.001)
         self.finish()
-
-
-def _release(cgroup: Cgroup) -> None:
-    try:
-        cgroup.release()
-    except CgroupError as exc:
-        log.warning("%s", exc)
 
 
 class Supervisor:
@@ -175,8 +166,7 @@ class Supervisor:
             spawn.kill()
             spawn.close()
             if cgroup is not None:
-                cgroup.kill()
-                _release(cgroup)
+                cgroup.discard()
             raise
         if child_pid == 0:
             os.close(read_fd)
