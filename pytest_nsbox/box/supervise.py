@@ -29,7 +29,6 @@ from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
 
-
 READ_CHUNK = 1 << 16
 STACK_DUMP_WAIT = 2.0  # seconds the test gets to write its stack on a timeout
 STACK_DUMP_QUIET = 0.2  # the dump is complete when the writer is quiet this long
