@@ -35,6 +35,7 @@ TIMED_OUT: Final = "nsbox: test timed out after {seconds:.1f}s; every process of
 INTERNAL_ERROR: Final = "nsbox: internal error in the sandbox ({process}):\n{traceback}"
 CORRUPT_STREAM: Final = "nsbox: the result stream from the sandbox was corrupt ({detail})"
 UNUSABLE_REPORT: Final = "nsbox: a report from the sandbox could not be read ({detail})"
+NOT_CARRIED: Final = "nsbox: {nodeid}: state from the sandbox was not carried back: {problem}"
 SKIP_HINT: Final = " Hint: {hint}"
 REQUIRE_NOTE: Final = " (an error, not a skip, because of --nsbox-require)"
 STACK_SECTION: Final = "nsbox: stack at timeout"

@@ -21,6 +21,7 @@ from .box.config import KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
+from .carry import Carriers
 from .prepare import MARKER, Prepared, Preparer, Refused
 from .spec import Defaults
 
@@ -165,6 +166,7 @@ class SandboxRunner:
         builder = Builder() if prebuild_ahead and probe.prebuild_supported() else None
         self.lookahead = Lookahead(self.preparer, builder)
         self.supervisor = Supervisor()
+        self.carriers = Carriers(config)
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -194,6 +196,8 @@ class SandboxRunner:
                 yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
             else:
                 result = self._run(item, nextitem, prepared, ticket)
+                for problem in self.carriers.apply(item, result.records):
+                    warnings.warn(NsboxWarning(reports.NOT_CARRIED.format(nodeid=item.nodeid, problem=problem)), stacklevel=1)
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=prepared.spec, result=result)
                 outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
                 for record in outcome.warnings:
@@ -212,7 +216,7 @@ class SandboxRunner:
             return SandboxResult(records=[built.record])
         return self.supervisor.run(
             config,
-            lambda channel: run_protocol_in_child(item, channel),
+            lambda channel: run_protocol_in_child(item, channel, self.carriers),
             prebuilt=built,
             timeout=prepared.spec.timeout,
             cgroup=prepared.cgroup,
@@ -245,9 +249,12 @@ class ChildState:
 CHILD = ChildState()
 
 
-def run_protocol_in_child(item: pytest.Item, channel: Channel) -> None:
-    """In C: pytest's runtest protocol for the item; reports go out through the makereport hook."""
+def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers) -> None:
+    """In C: pytest's runtest protocol for the item; reports go out through the makereport hook,
+    then what the carriers collected."""
     CHILD.channel = channel
+    for record in carriers.before(item):
+        channel.send(**record)
     with warnings.catch_warnings(record=True) as caught:
         try:
             compat.run_protocol(item)
@@ -263,6 +270,8 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel) -> None:
             filename=w.filename,
             lineno=w.lineno,
         )
+    for record in carriers.collect(item):
+        channel.send(**record)
 
 
 def send_report(config: pytest.Config, report: pytest.TestReport) -> None:

@@ -4,11 +4,13 @@
 #   tools/dev.sh test    install, then run lint, type checks and the test suite, then the suite
 #                        without the slow tests on the oldest pytest pyproject.toml admits
 #                        (as root also the rootless sub-suite, as an unprivileged user)
+#   tools/dev.sh compat  run tests/compat in a venv with the pinned plugins of the compat extra
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 VENV=${NSBOX_VENV:-$REPO/.venv}
 OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
+COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
 
 apt_install() {
@@ -55,7 +57,18 @@ run_oldest() {
   fi
   # shellcheck disable=SC2086  # $pins: one word per pin
   "$OLDEST_VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO" $pins
-  "$OLDEST_VENV/bin/python" -m pytest -p no:cacheprovider -n 2 -m "not slow" tests
+  "$OLDEST_VENV/bin/python" -m pytest -p no:cacheprovider -n 2 -m "not slow" --ignore=tests/compat tests
+}
+
+run_compat() {  # run_compat [VENV]: tests/compat against the pinned plugins of the compat extra
+  local venv=${1:-$COMPAT_VENV}
+  echo "== tests/compat: pytest-nsbox with the plugins people combine it with (pyproject.toml's compat extra)"
+  if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+    echo "*" > "$venv/.gitignore"
+  fi
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[dev,compat]"
+  "$venv/bin/python" -m pytest -p no:cacheprovider -p no:randomly -n 2 tests/compat
 }
 
 add_subids() {  # add_subids FILE --add-subuids|--add-subgids: give the user 65536 subordinate ids once
@@ -92,7 +105,8 @@ run_rootless() {
                   PYTEST_NSBOX_REQUIRE="${PYTEST_NSBOX_REQUIRE:-}" PYTEST_NSBOX_CGROUP_ROOT="$cgroup_root")
   runuser -u "$ROOTLESS_USER" -- "${user_env[@]}" \
     bash -c "cd '$work' && /usr/bin/python3 -m venv .venv && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' \
-             && .venv/bin/python -m pytest -p no:cacheprovider -n 2 -m 'not needs_root' tests"
+             && .venv/bin/python -m pytest -p no:cacheprovider -n 2 -m 'not needs_root' --ignore=tests/compat tests \
+             && NSBOX_COMPAT_VENV=\$PWD/.venv-compat PYTHON=/usr/bin/python3 bash tools/dev.sh compat"
   if [ "${NSBOX_SKIP_UML:-}" != 1 ]; then
     # cgroup v2, rootless: root delegates a subtree (chown), the user's pytest runs beside it.
     echo "== limits tests on cgroup v2 (User-Mode Linux), as $ROOTLESS_USER"
@@ -123,15 +137,19 @@ case "${1:-}" in
     make_venv "${PYTHON:-python3}" "$VENV"
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
-    "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 tests
+    "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 --ignore=tests/compat tests
+    run_compat
     run_oldest
     if [ "$(id -u)" -eq 0 ]; then
       [ "${NSBOX_SKIP_UML:-}" = 1 ] || run_uml_limits
       run_rootless
     fi
     ;;
+  compat)
+    run_compat
+    ;;
   *)
-    echo "usage: tools/dev.sh demo|test" >&2
+    echo "usage: tools/dev.sh demo|test|compat" >&2
     exit 2
     ;;
 esac
