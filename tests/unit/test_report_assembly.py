@@ -271,7 +271,7 @@ def test_a_phase_never_reported_lasts_from_the_last_report_to_the_end_of_the_tes
     records = sent(item, "setup")
     setup_stop = records[0]["data"]["stop"]
     result = SandboxResult(records=records, test_status=signaled(signal.SIGKILL), started=setup_stop - 1, ended=setup_stop + 7.5)
-    setup, call, teardown = assemble(item, result, MEMORY_SPEC).reports
+    _, call, teardown = assemble(item, result, MEMORY_SPEC).reports
     assert (call.start, call.stop, call.duration) == (setup_stop, setup_stop + 7.5, 7.5)
     assert (teardown.start, teardown.stop, teardown.duration) == (setup_stop + 7.5, setup_stop + 7.5, 0.0)
 
@@ -280,6 +280,7 @@ def test_a_test_that_never_reported_lasts_from_its_start(item: pytest.Item) -> N
     result = SandboxResult(records=[], test_status=signaled(signal.SIGSEGV), started=1000.0, ended=1003.0)
     setup, teardown = assemble(item, result).reports
     assert (setup.when, setup.start, setup.duration) == ("setup", 1000.0, 3.0)
+    assert (teardown.start, teardown.duration) == (1003.0, 0.0)
 
 
 def test_a_limit_failing_a_passed_call_keeps_its_duration(item: pytest.Item) -> None:
