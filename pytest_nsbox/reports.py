@@ -3,8 +3,12 @@
 Reports are built with ``item.ihook.pytest_runtest_makereport`` from a ``CallInfo``, so every
 plugin's report hooks (pytest's xfail handling among them) see them as for a normal test. P adds
 reports for the phases the test never reported (it crashed, exited, was killed), the cause of a
-limit violation, and the sandbox's setup errors. The user-visible strings are constants; tests
-import them.
+limit violation, and the sandbox's setup errors. A report P makes for a phase the test ran in
+lasts from the end of the last phase the test reported to the end of the test, as P timed it:
+durations (``--durations``, junit's ``time``) are the time the test really ran. The cause of an
+outcome P decides comes first in the report's message (the short summary line, junit's failure
+message) and is named in the junit property ``nsbox_cause``. The user-visible strings are
+constants; tests import them.
 """
 
 from __future__ import annotations
@@ -39,9 +43,19 @@ NOT_CARRIED: Final = "nsbox: {nodeid}: state from the sandbox was not carried ba
 SKIP_HINT: Final = " Hint: {hint}"
 REQUIRE_NOTE: Final = " (an error, not a skip, because of --nsbox-require)"
 STACK_SECTION: Final = "nsbox: stack at timeout"
+CRASH_STACK_SECTION: Final = "nsbox: stack at crash"
 LIMIT_SECTION: Final = "nsbox: limit"
+INTERNAL_SECTION: Final = "nsbox: internal error"
 OUTSIDE_TEARDOWN_SECTION: Final = "nsbox: teardown outside the sandbox"
 CAPTURED_SECTION: Final = "Captured {name} before the crash"
+# junit-xml properties (user_properties): the limits the test asked for, and why P failed it.
+LIMIT_PROPERTIES: Final = {
+    "memory": "nsbox_memory_limit",  # bytes
+    "pids": "nsbox_pids_limit",
+    "cpus": "nsbox_cpus_limit",
+    "timeout": "nsbox_timeout_limit",  # seconds
+}
+CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, timeout, signal:SIGSEGV, exit, stream, internal
 # Where the sandbox's machinery enters pytest's protocol: in a stack dump, every frame from here down is ours.
 PROTOCOL_ENTRY_FRAMES: Final = ('/pytest_nsbox/compat.py"', '/pytest_nsbox/runtest.py"')
 
@@ -51,6 +65,13 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def early_end_cause(status: int | None) -> str:
+    """``nsbox_cause`` of a test that ended without reporting: ``signal:NAME`` or ``exit``."""
+    if status is not None and os.WIFSIGNALED(status):
+        return f"signal:{signal_name(os.WTERMSIG(status))}"
+    return "exit"
 
 
 def early_end_message(status: int | None, phase: str) -> str:
@@ -66,14 +87,28 @@ def early_end_message(status: int | None, phase: str) -> str:
 # --- reports P makes itself -----------------------------------------------------------------------
 
 
-def failure_report(item: pytest.Item, when: str, message: str, sections: Iterable[tuple[str, str]] = ()) -> pytest.TestReport:
-    """A failed *when* report (FAILED for call, ERROR for setup/teardown) with *message*."""
+Span = tuple[float, float]
+"""When a phase started and stopped (time.time()); its duration is the difference."""
+
+
+def _timed(call: pytest.CallInfo[None], span: Span | None) -> pytest.CallInfo[None]:
+    """*call* as if it had lasted *span* (a phase the test ran in, timed by P)."""
+    if span is not None:
+        call.start, call.stop = span
+        call.duration = max(span[1] - span[0], 0.0)
+    return call
+
+
+def failure_report(
+    item: pytest.Item, when: str, message: str, sections: Iterable[tuple[str, str]] = (), span: Span | None = None
+) -> pytest.TestReport:
+    """A failed *when* report (FAILED for call, ERROR for setup/teardown) with *message*, lasting *span*."""
     compat.evaluate_xfail(item)
 
     def fail() -> None:
         pytest.fail(message, pytrace=False)
 
-    call = pytest.CallInfo.from_call(fail, when=when)  # type: ignore[arg-type]
+    call = _timed(pytest.CallInfo.from_call(fail, when=when), span)  # type: ignore[arg-type]
     report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
     report.sections.extend(sections)
     return report
@@ -90,9 +125,9 @@ def skip_report(item: pytest.Item, message: str) -> pytest.TestReport:
     return report
 
 
-def passed_report(item: pytest.Item, when: str) -> pytest.TestReport:
+def passed_report(item: pytest.Item, when: str, span: Span | None = None) -> pytest.TestReport:
     """An empty passed report for a phase that produced none (keeps junitxml and xdist whole)."""
-    call = pytest.CallInfo.from_call(lambda: None, when=when)  # type: ignore[arg-type]
+    call = _timed(pytest.CallInfo.from_call(lambda: None, when=when), span)  # type: ignore[arg-type]
     report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
     return report
 
@@ -126,6 +161,8 @@ def merge_teardown(item: pytest.Item, in_sandbox: pytest.TestReport | None, outs
     if in_sandbox is None or in_sandbox.passed:
         if in_sandbox is not None:
             report.sections[:0] = in_sandbox.sections
+            report.user_properties[:0] = [p for p in in_sandbox.user_properties if p not in report.user_properties]
+            report.start, report.duration = in_sandbox.start, in_sandbox.duration + report.duration
         return report
     in_sandbox.sections.append((OUTSIDE_TEARDOWN_SECTION, str(report.longrepr)))
     return in_sandbox
@@ -139,6 +176,7 @@ class Cause:
     """A limit the sandbox hit: the failure message and extra report sections."""
 
     message: str
+    name: str  # nsbox_cause: memory, pids, timeout, stream
     sections: list[tuple[str, str]] = field(default_factory=list)
     reported: bool = False
 
@@ -149,13 +187,15 @@ def limit_violation(spec: SandboxSpec, result: SandboxResult) -> Cause | None:
     if result.timed_out:
         stack = trim_stack(result.stack)
         sections = [(STACK_SECTION, stack)] if stack else []
-        return Cause(TIMED_OUT.format(seconds=spec.timeout or 0.0), sections)
+        return Cause(TIMED_OUT.format(seconds=spec.timeout or 0.0), "timeout", sections)
     if usage.oom_kills and spec.memory is not None:
         peak = format_size(usage.memory_peak) if usage.memory_peak is not None else "unknown"
         plural = "es" if usage.oom_kills != 1 else ""
-        return Cause(MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural))
+        return Cause(
+            MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural), "memory"
+        )
     if usage.pids_limit_hits:
-        return Cause(PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits))
+        return Cause(PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits), "pids")
     return None
 
 
@@ -172,24 +212,47 @@ def trim_stack(dump: str) -> str:
     return "\n".join(kept).strip()
 
 
-def with_cause(item: pytest.Item, report: pytest.TestReport, cause: Cause) -> pytest.TestReport:
-    """Make the call report fail with *cause* (once); other reports pass through."""
-    if cause.reported or report.when != "call":
-        return report
+def with_cause(item: pytest.Item, got: list[pytest.TestReport], cause: Cause) -> list[pytest.TestReport]:
+    """Fail the test with *cause* (once): the first failed report gets it first in its message
+    (the test's own traceback stays); if none failed, the call fails with it."""
+    if cause.reported:
+        return got
+    target = next((i for i, r in enumerate(got) if r.failed), None)
+    if target is None:
+        target = next((i for i, r in enumerate(got) if r.when == "call"), None)
+    if target is None:
+        return got
     cause.reported = True
+    report = got[target]
     if report.failed:
-        report.sections.append((LIMIT_SECTION, cause.message))
-        return report
-    return failure_report(item, "call", cause.message, [*report.sections, *cause.sections])
+        put_first(report, cause.message)
+        report.sections.extend([(LIMIT_SECTION, cause.message), *cause.sections])
+        return got
+    span = (report.start, report.stop)
+    replaced = failure_report(item, report.when, cause.message, [*report.sections, *cause.sections], span)
+    replaced.duration = report.duration
+    return [*got[:target], replaced, *got[target + 1 :]]
+
+
+def put_first(report: pytest.TestReport, message: str) -> None:
+    """Put *message* before the failed *report*'s own: the short summary line and junit's
+    failure message show it first (its first line), the full text follows."""
+    longrepr = report.longrepr
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        crash.message = f"{message}\n{crash.message}"
+    elif isinstance(longrepr, str):
+        report.longrepr = f"{message}\n{longrepr}"
 
 
 def limit_properties(spec: SandboxSpec, usage: Usage) -> list[tuple[str, object]]:
-    """user_properties for junit-xml and the memory summary."""
+    """user_properties for junit-xml and the memory summary: the peak, and each limit the test
+    asked for (see LIMIT_PROPERTIES)."""
     properties: list[tuple[str, object]] = []
     if usage.memory_peak is not None:
         properties.append(("nsbox_memory_peak", usage.memory_peak))
-    if spec.memory is not None:
-        properties.append(("nsbox_memory_limit", spec.memory))
+    for name, value in spec.requested_limits().items():
+        properties.append((LIMIT_PROPERTIES[name], value))
     return properties
 
 
@@ -213,13 +276,14 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
     of a limit violation."""
     config = item.config
     out = SandboxReports()
+    internal = False
     for record in result.records:
         kind = record["kind"]
         if kind == "report":
             try:
                 out.reports.append(config.hook.pytest_report_from_serializable(config=config, data=record["data"]))
             except Exception as exc:  # noqa: BLE001 - the stream comes from untrusted code
-                out.reports.append(failure_report(item, "call", UNUSABLE_REPORT.format(detail=exc)))
+                out.reports = with_failure(item, out.reports, UNUSABLE_REPORT.format(detail=exc), result)
         elif kind == "warning":
             out.warnings.append(record)
         elif kind == "exit":
@@ -232,47 +296,101 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
             break
         elif kind == "internal_error":
             text = INTERNAL_ERROR.format(process=record.get("process"), traceback=record.get("traceback"))
-            out.reports.append(failure_report(item, "call", text))
+            out.reports = with_failure(item, out.reports, text, result)
+            internal = True
+    properties = limit_properties(spec, result.usage)
     if result.setup_error is None:
         cause = limit_violation(spec, result)
         if cause is None and result.wire_error:
-            cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error))
+            cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error), "stream")
+        early = []
         if out.pending is None:
-            out.reports.extend(missing_phases(item, out.reports, result.test_status, cause))
+            early = missing_phases(item, out.reports, result, cause, after_internal_error=internal)
+            out.reports.extend(early)
         if cause is not None:
-            out.reports = [with_cause(item, r, cause) for r in out.reports]
-    properties = limit_properties(spec, result.usage)
+            out.reports = with_cause(item, out.reports, cause)
+        if cause is not None and cause.reported:
+            properties.append((CAUSE_PROPERTY, cause.name))
+        elif any(r.failed for r in early):
+            properties.append((CAUSE_PROPERTY, early_end_cause(result.test_status)))
+        elif internal:
+            properties.append((CAUSE_PROPERTY, "internal"))
     for report in out.reports:
         report.user_properties.extend(properties)
     return out
 
 
-def missing_phases(
-    item: pytest.Item, got: list[pytest.TestReport], status: int | None, cause: Cause | None
-) -> list[pytest.TestReport]:
-    """Reports for phases the test never reported: it crashed, exited or was killed before."""
+def next_phase(item: pytest.Item, got: list[pytest.TestReport]) -> str | None:
+    """The first phase the test should have reported and did not (None: it reported all)."""
     phases = {r.when: r for r in got}
-    complete = status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    if complete and "teardown" in phases and cause is None:
-        return []
     setup = phases.get("setup")
     if setup is None:
-        missing = "setup"
-    elif setup.passed and "call" not in phases and not item.config.getoption("setuponly", False):
-        missing = "call"
-    elif "teardown" not in phases:
-        missing = "teardown"
-    else:
+        return "setup"
+    if setup.passed and "call" not in phases and not item.config.getoption("setuponly", False):
+        return "call"
+    if "teardown" not in phases:
+        return "teardown"
+    return None
+
+
+def span_after(got: list[pytest.TestReport], result: SandboxResult) -> Span | None:
+    """From the end of the last phase reported (or the start of the test) to the end of the test."""
+    if result.ended is None:
+        return None
+    start = max((r.stop for r in got), default=result.started if result.started is not None else result.ended)
+    return min(start, result.ended), result.ended
+
+
+def with_failure(item: pytest.Item, got: list[pytest.TestReport], message: str, result: SandboxResult) -> list[pytest.TestReport]:
+    """Fail the first phase not reported yet with *message*; after the last, fail the teardown:
+    never a phase reported twice."""
+    missing = next_phase(item, got)
+    if missing is not None:
+        return [*got, failure_report(item, missing, message, (), span_after(got, result))]
+    index = max(i for i, r in enumerate(got) if r.when == "teardown")
+    teardown = got[index]
+    if teardown.failed:
+        teardown.sections.append((INTERNAL_SECTION, message))
+        return got
+    failed = failure_report(item, "teardown", message, teardown.sections, (teardown.start, teardown.stop))
+    return [*got[:index], failed, *got[index + 1 :]]
+
+
+def missing_phases(
+    item: pytest.Item,
+    got: list[pytest.TestReport],
+    result: SandboxResult,
+    cause: Cause | None,
+    *,
+    after_internal_error: bool = False,
+) -> list[pytest.TestReport]:
+    """Reports for phases the test never reported: it crashed, exited or was killed before.
+    After an internal error (a failed report already says why the test ended) they pass."""
+    status = result.test_status
+    complete = status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    if complete and any(r.when == "teardown" for r in got) and cause is None:
         return []
-    captured = _captured_sections(item.config)
-    if cause is not None:
-        message, sections = cause.message, [*captured, *cause.sections]
-        cause.reported = True
+    missing = next_phase(item, got)
+    if missing is None:
+        return []
+    span = span_after(got, result)
+    end: Span | None = (span[1], span[1]) if span is not None else None
+    if cause is None and after_internal_error:
+        first = passed_report(item, missing, span)
     else:
-        message, sections = early_end_message(status, missing), captured
-    out = [failure_report(item, missing, message, sections)]
+        captured = _captured_sections(item.config)
+        crashed = status is not None and os.WIFSIGNALED(status) and not result.timed_out
+        stack = trim_stack(result.stack) if crashed else ""
+        crash_sections = [(CRASH_STACK_SECTION, stack)] if stack else []
+        if cause is not None:
+            message, sections = cause.message, [*captured, *cause.sections, *crash_sections]
+            cause.reported = True
+        else:
+            message, sections = early_end_message(status, missing), [*captured, *crash_sections]
+        first = failure_report(item, missing, message, sections, span)
+    out = [first]
     if missing != "teardown":
-        out.append(passed_report(item, "teardown"))
+        out.append(passed_report(item, "teardown", end))
     return out
 
 

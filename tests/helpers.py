@@ -117,3 +117,33 @@ def fifos() -> list[int]:
         except OSError:  # the directory's own descriptor, closed by now
             pass
     return found
+
+
+@dataclass(frozen=True)
+class JunitCase:
+    """One testcase of a junit-xml file: its time, its failure's or error's message, its properties."""
+
+    time: float
+    message: str | None
+    properties: dict[str, str]
+
+
+def junit_cases(path: Path) -> dict[str, JunitCase]:
+    """The testcases of the junit-xml file *path*, by test name."""
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
+        properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        message = problem.get("message") if problem is not None else None
+        cases[case.get("name", "")] = JunitCase(float(case.get("time", "0")), message, properties)
+    return cases
+
+
+def phase_durations(output: str, phase: str) -> dict[str, float]:
+    """Seconds per test of *phase* in the ``--durations`` table of pytest's *output*."""
+    pattern = re.compile(rf"^([0-9.]+)s {phase}\s+\S+::(\S+)$", re.MULTILINE)
+    return {name: float(seconds) for seconds, name in pattern.findall(output)}

@@ -55,6 +55,7 @@ class SandboxConfig:
     cap_last_cap: int
     cgroup_files: tuple[bytes, ...] = ()  # each process that joins writes "0" to each (see cgroups.join)
     stack_fd: int | None = None  # the test's faulthandler dumps its stack here on SIGUSR1 (timeouts)
+    crash_fd: int | None = None  # ... and here on a fatal signal, if faulthandler is enabled (pytest enables it)
     oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
     id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
     root_dev: int | None = None  # st_dev of the sandbox's "/", read by its PID 1 after pivot_root; the test checks it
@@ -106,9 +107,11 @@ class SandboxResult:
     sandbox_status: int = 0
     wire_error: str | None = None
     timed_out: bool = False
-    stack: str = ""  # the test's Python stack at the timeout, if it could be dumped
+    stack: str = ""  # what the test's faulthandler wrote: its stack at the timeout, or at a crash
     usage: Usage = field(default_factory=Usage)  # read once every process of the test is gone
     done: bool = False  # the test sent its last record: it ran to its end
+    started: float | None = None  # time.time() when P started the test process
+    ended: float | None = None  # time.time() when the test ended: exited, sent "done", or reached its timeout
 
     @property
     def setup_error(self) -> dict[str, Any] | None:

@@ -344,6 +344,10 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
     if config.stack_fd is not None:
         stack_fd = config.stack_fd
         steps.append(("register_stack_dump", lambda: faulthandler.register(signal.SIGUSR1, stack_fd, all_threads=True)))
+    if config.crash_fd is not None and faulthandler.is_enabled():
+        # pytest's faulthandler plugin writes to a copy of the terminal's stderr; P puts the dump in the report
+        crash_fd = config.crash_fd
+        steps.append(("redirect_crash_dump", lambda: faulthandler.enable(crash_fd, all_threads=True)))
     run_steps(channel, "C", steps)
     try:
         os.chdir(config.cwd)

@@ -147,13 +147,15 @@ class Supervisor:
         try:
             read_fd, write_fd = os.pipe()
             pipes |= {read_fd, write_fd}
-            stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
-            pipes |= {fd for fd in (stack_read, stack_write) if fd is not None}
-            config = replace(config, stack_fd=stack_write)
-            kept = (spawn.keep() - pipes) | {write_fd} | ({stack_write} if stack_write is not None else set())
+            # faulthandler's pipe: the stack on a timeout (SIGUSR1), the dump of a crash
+            stack_read, stack_write = os.pipe()
+            pipes |= {stack_read, stack_write}
+            config = replace(config, stack_fd=stack_write if timeout is not None else None, crash_fd=stack_write)
+            kept = (spawn.keep() - pipes) | {write_fd, stack_write}
             # Frozen, the inherited heap is never traversed by the children's garbage collector: a
             # collection in a child would otherwise touch (and copy) every page of pytest's heap.
             gc.freeze()
+            started = time.time()
             try:
                 child_pid = spawn.fork()
             finally:
@@ -169,12 +171,10 @@ class Supervisor:
             raise
         if child_pid == 0:
             os.close(read_fd)
-            if stack_read is not None:
-                os.close(stack_read)
+            os.close(stack_read)
             spawn.child(config, write_fd, kept, p_pid, target)
         os.close(write_fd)
-        if stack_write is not None:
-            os.close(stack_write)
+        os.close(stack_write)
         ending = _Ending(child_pid, spawn, cgroup)
         try:
             result = self._watch(ending, read_fd, stack_read, timeout, while_running)
@@ -184,24 +184,25 @@ class Supervisor:
             raise
         finally:
             os.close(read_fd)
-            if stack_read is not None:
-                os.close(stack_read)
+            os.close(stack_read)
+        result.started = started
         return result
 
     def _watch(
         self,
         ending: _Ending,
         read_fd: int,
-        stack_read: int | None,
+        stack_read: int,
         timeout: float | None,
         while_running: Callable[[], None] | None,
     ) -> SandboxResult:
         spawn, child_pid, cgroup = ending.spawn, ending.pid, ending.cgroup
         result = SandboxResult()
         reader = wire.Reader()
+        stack = bytearray()  # read as it comes: a writer never blocks on a full pipe
         deadline = None if timeout is None else time.monotonic() + timeout
         test_exit = spawn.watch(child_pid)
-        watched = [read_fd] if test_exit is None else [read_fd, test_exit]
+        watched = [read_fd, stack_read] if test_exit is None else [read_fd, stack_read, test_exit]
         try:
             if while_running is not None:
                 while_running()
@@ -211,21 +212,28 @@ class Supervisor:
                 ready = select.select(watched, [], [], remaining)[0]
                 if not ready:
                     result.timed_out = True
-                    result.stack = _dump_stack(spawn.test_pid(child_pid), stack_read)
+                    result.ended = time.time()  # the test ran until now; the dump is P's work
+                    stack += _dump_stack(spawn.test_pid(child_pid), stack_read)
                     if cgroup is not None:
                         cgroup.kill()
                     ending.kill()
                     deadline = None
                     continue  # read what is left until EOF
+                if stack_read in ready and not _read_into(stack_read, stack):
+                    watched.remove(stack_read)
                 if test_exit is not None and test_exit in ready and read_fd not in ready:
                     _, status = os.waitpid(child_pid, 0)
                     ending.reaped = True
                     result.test_status = result.sandbox_status = status
+                    _note_end(result)
                     watched.remove(test_exit)
                     spawn.test_finished()
                     continue
+                if read_fd not in ready:
+                    continue
                 chunk = os.read(read_fd, READ_CHUNK)
                 if not chunk:
+                    _note_end(result)
                     break
                 if result.wire_error is None:  # else drain, so no writer blocks
                     self._take_records(reader, chunk, result, spawn)
@@ -233,11 +241,15 @@ class Supervisor:
                     # The test ran to its end and killed what it left; it exits with 0 right
                     # after. The namespaces' teardown need not delay the next test.
                     result.test_status = 0
+                    _note_end(result)
                     spawn.test_finished()
                     break
         finally:
             if test_exit is not None:
                 os.close(test_exit)
+        while select.select([stack_read], [], [], 0)[0] and _read_into(stack_read, stack):
+            pass  # what the test wrote before it ended (other processes may hold the pipe: no EOF)
+        result.stack = stack.decode(errors="replace")
         if reader.pending and result.wire_error is None and not result.timed_out and not result.done:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
         if cgroup is not None:
@@ -260,6 +272,7 @@ class Supervisor:
             for record in reader.feed(chunk):
                 if record["kind"] == "test_status":
                     result.test_status = int(record.get("status", 0))
+                    _note_end(result)
                     spawn.test_finished()
                 elif record["kind"] == "done":
                     result.done = True
@@ -299,14 +312,27 @@ def run_once(config: SandboxConfig, target: Target, *, cgroup: Cgroup | None = N
         supervisor.close()
 
 
-def _dump_stack(test_pid: int | None, stack_fd: int | None, wait: float = STACK_DUMP_WAIT) -> str:
+def _note_end(result: SandboxResult) -> None:
+    """The test is over now, unless it was over already."""
+    if result.ended is None:
+        result.ended = time.time()
+
+
+def _read_into(fd: int, buffer: bytearray) -> bool:
+    """Read what is there (*fd* is readable); False at EOF."""
+    chunk = os.read(fd, READ_CHUNK)
+    buffer += chunk
+    return bool(chunk)
+
+
+def _dump_stack(test_pid: int | None, stack_fd: int, wait: float = STACK_DUMP_WAIT) -> bytes:
     """Ask the test process for its Python stack; what faulthandler wrote."""
-    if stack_fd is None or test_pid is None:
-        return ""
+    if test_pid is None:
+        return b""
     try:
         os.kill(test_pid, signal.SIGUSR1)
     except ProcessLookupError:
-        return ""
+        return b""
     data = b""
     deadline = time.monotonic() + wait
     while (remaining := deadline - time.monotonic()) > 0:
@@ -319,4 +345,4 @@ def _dump_stack(test_pid: int | None, stack_fd: int | None, wait: float = STACK_
         if not chunk:
             break
         data += chunk
-    return data.decode(errors="replace")
+    return data

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import sandbox_cgroups
+from helpers import junit_cases, phase_durations, sandbox_cgroups
+
+from pytest_nsbox import reports
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.needs_cgroup_limits]
 
@@ -101,6 +103,75 @@ def test_fork_bomb_hits_the_pids_limit(run_inner) -> None:
     )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*pids limit 32 reached*"])
+
+
+def test_limit_cause_leads_the_summary_line_and_junit_even_when_the_test_failed_by_itself(
+    run_inner, pytester: pytest.Pytester
+) -> None:
+    """The test fails on its own (fork refused, a child OOM-killed); the limit still comes first."""
+    result = run_inner(
+        """
+        import subprocess, sys, pytest
+
+        @pytest.mark.nsbox(pids=20)
+        def test_fork_bomb():
+            children = []
+            while True:
+                children.append(subprocess.Popen(["sleep", "60"]))
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_child_oom():
+            subprocess.run([sys.executable, "-c", "bytearray(2**30)"], check=True)
+        """,
+        "--junitxml=junit.xml",
+    )
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*BlockingIOError*", "*nsbox: limit*", "*pids limit 20 reached*"])  # traceback kept
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_inner.py::test_fork_bomb - nsbox: pids limit 20 reached*",
+            "FAILED test_inner.py::test_child_oom - nsbox: test exceeded its memory limit*",  # 80 columns
+        ]
+    )
+    cases = junit_cases(pytester.path / "junit.xml")
+    bomb, oom = cases["test_fork_bomb"], cases["test_child_oom"]
+    assert str(bomb.message).startswith("nsbox: pids limit 20 reached") and "BlockingIOError" in str(bomb.message)
+    assert str(oom.message).startswith("nsbox: test exceeded its memory limit of 64 MiB")
+    assert "CalledProcessError" in str(oom.message)
+    assert bomb.properties["nsbox_pids_limit"] == "20" and bomb.properties[reports.CAUSE_PROPERTY] == "pids"
+    assert oom.properties["nsbox_memory_limit"] == str(64 * 2**20) and oom.properties[reports.CAUSE_PROPERTY] == "memory"
+
+
+def test_killed_tests_report_the_time_they_ran(run_inner, pytester: pytest.Pytester) -> None:
+    """Timed out and OOM-killed: the call lasted at least what the test spent before (lower bounds
+    only, well below: the timeout counts from the fork, the call from the end of the setup)."""
+    result = run_inner(
+        """
+        import time, pytest
+
+        @pytest.mark.nsbox(timeout=2, cpus=1)
+        def test_hangs():
+            time.sleep(600)
+
+        @pytest.mark.nsbox(memory="64M")
+        def test_oom_after_a_second():
+            time.sleep(1)
+            data = bytearray(2**30)
+        """,
+        "--junitxml=junit.xml",
+        "--durations=0",
+    )
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_hangs - *timed out after 2.0s*"])
+    cases = junit_cases(pytester.path / "junit.xml")
+    calls = phase_durations(result.stdout.str(), "call")
+    assert cases["test_hangs"].time >= 1.0 and calls["test_hangs"] >= 1.0, (cases, calls)
+    assert cases["test_oom_after_a_second"].time >= 1.0 and calls["test_oom_after_a_second"] >= 1.0, (cases, calls)
+    hangs = cases["test_hangs"].properties
+    assert hangs["nsbox_timeout_limit"] == "2.0" and hangs["nsbox_cpus_limit"] == "1.0"
+    assert hangs[reports.CAUSE_PROPERTY] == "timeout"
+    assert str(cases["test_hangs"].message).startswith("Failed: nsbox: test timed out after 2.0s")
+    assert cases["test_oom_after_a_second"].properties[reports.CAUSE_PROPERTY] == "memory"
 
 
 def test_cpu_bandwidth(run_inner) -> None:

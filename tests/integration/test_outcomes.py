@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import junit_cases, phase_durations
 
 from pytest_nsbox import reports
 
@@ -53,6 +54,90 @@ def test_crash_by_signal_is_failed_with_its_name(run_inner, body: str, signame: 
     )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([f"*crashed with signal {signame}*during call*", "*written before the crash*"])
+
+
+def test_crash_and_early_exit_report_the_time_the_test_ran(run_inner, pytester: pytest.Pytester) -> None:
+    """Each test runs at least one second before it ends unreported: its call lasted that long
+    (a lower bound only: contention can make it longer, never shorter)."""
+    result = run_inner(
+        """
+        import os, signal, time, pytest
+
+        @pytest.mark.nsbox
+        def test_segfault():
+            time.sleep(1)
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        @pytest.mark.nsbox
+        def test_killed():
+            time.sleep(1)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        @pytest.mark.nsbox
+        def test_exits():
+            time.sleep(1)
+            os._exit(0)
+        """,
+        "--junitxml=junit.xml",
+        "--durations=0",
+    )
+    result.assert_outcomes(failed=3)
+    cases = junit_cases(pytester.path / "junit.xml")
+    calls = phase_durations(result.stdout.str(), "call")
+    for name, cause in (("test_segfault", "signal:SIGSEGV"), ("test_killed", "signal:SIGKILL"), ("test_exits", "exit")):
+        assert cases[name].time >= 1.0 and calls[name] >= 1.0, (name, cases[name], calls.get(name))
+        assert cases[name].properties[reports.CAUSE_PROPERTY] == cause
+    assert "signal SIGSEGV" in str(cases["test_segfault"].message)
+
+
+@pytest.mark.parametrize("crash", ["ctypes.string_at(0)", "faulthandler._sigsegv()"])
+def test_crash_dump_is_a_report_section_not_raw_on_the_terminal(run_inner, crash: str) -> None:
+    result = run_inner(
+        f"""
+        import ctypes, faulthandler, pytest
+
+        @pytest.mark.nsbox
+        def test_segv():
+            {crash}
+        """
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*crashed with signal SIGSEGV*during call*",
+            f"*{reports.CRASH_STACK_SECTION}*",
+            "Fatal Python error: Segmentation fault",
+            "*test_inner.py*in test_segv",
+        ]
+    )
+    section = result.stdout.str().split(reports.CRASH_STACK_SECTION, 1)[1].split("short test summary info", 1)[0]
+    assert "/pytest_nsbox/" not in section  # our own frames trimmed
+    assert "Fatal Python error" not in result.stderr.str() + result.stdout.str().split(reports.CRASH_STACK_SECTION)[0]
+
+
+def test_internal_error_after_the_call_report_never_reports_the_call_twice(run_inner, pytester: pytest.Pytester) -> None:
+    """As --pdb did: the failed call was sent, then pytest_exception_interact raised in the sandbox."""
+    result = run_inner(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_fails():
+            assert 0, "the test's own failure"
+        """,
+        "--junitxml=junit.xml",
+        conftest="""
+        def pytest_exception_interact(node, call, report):
+            raise OSError(9, "Bad file descriptor")
+        """,
+    )
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_fails*", "*internal error in the sandbox (C)*", "*OSError: [[]Errno 9[]] Bad file*"]
+    )
+    result.stdout.no_fnmatch_line("*exited with status*")
+    assert result.stdout.str().count("FAILED test_inner.py::test_fails") == 1
+    assert junit_cases(pytester.path / "junit.xml")["test_fails"].properties[reports.CAUSE_PROPERTY] == "internal"
 
 
 def test_exit_before_reporting_is_failed_never_passed(run_inner) -> None:

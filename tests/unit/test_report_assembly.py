@@ -174,8 +174,18 @@ def test_limit_hit_is_a_section_of_a_failed_call(item: pytest.Item, spec: Sandbo
     out = assemble(item, SandboxResult(records=records, test_status=exited(0), usage=usage), spec)
     assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
     call = out.reports[1]
-    assert TEST_FAILURE in text(call)  # the test's own failure stays the message
+    assert TEST_FAILURE in text(call)  # the test's own failure stays
     assert (reports.LIMIT_SECTION, message) in call.sections
+    crash_message = call.longrepr.reprcrash.message  # the short summary line's and junit's message
+    assert crash_message.startswith(message + "\n") and TEST_FAILURE in crash_message
+
+
+def test_limit_cause_goes_to_a_failed_setup(item: pytest.Item) -> None:
+    """A fixture that hit the pids limit: the setup error carries the cause, nothing else fails."""
+    records = [record(item, reports.failure_report(item, "setup", "BlockingIOError: [Errno 11]")), *sent(item, "teardown")]
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), usage=PIDS_USAGE), PIDS_SPEC)
+    assert outcomes(out) == [("setup", "failed"), ("teardown", "passed")]
+    assert out.reports[0].longrepr.reprcrash.message.startswith(PIDS_TEXT)
 
 
 def test_pids_limit_hit_without_an_explicit_limit_names_the_default(item: pytest.Item) -> None:
@@ -228,6 +238,65 @@ def test_memory_peak_and_limit_are_user_properties_of_every_report(item: pytest.
         assert report.user_properties == [("nsbox_memory_peak", 10 * MiB), ("nsbox_memory_limit", 64 * MiB)]
 
 
+def test_each_requested_limit_and_the_cause_are_user_properties(item: pytest.Item) -> None:
+    spec = SandboxSpec(memory=64 * MiB, pids=32, cpus=0.5, timeout=2)
+    result = SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGKILL), timed_out=True)
+    properties = dict(assemble(item, result, spec).reports[-1].user_properties)
+    assert properties == {
+        "nsbox_memory_limit": 64 * MiB,
+        "nsbox_pids_limit": 32,
+        "nsbox_cpus_limit": 0.5,
+        "nsbox_timeout_limit": 2,
+        reports.CAUSE_PROPERTY: "timeout",
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "cause"), [(signaled(signal.SIGSEGV), "signal:SIGSEGV"), (exited(0), "exit"), (None, "exit")]
+)
+def test_cause_of_an_early_end(item: pytest.Item, status: int | None, cause: str) -> None:
+    out = assemble(item, SandboxResult(records=sent(item, "setup"), test_status=status))
+    assert all(dict(r.user_properties)[reports.CAUSE_PROPERTY] == cause for r in out.reports)
+
+
+def test_a_passed_test_has_no_cause(item: pytest.Item) -> None:
+    out = assemble(item, SandboxResult(records=sent(item, "setup", "call", "teardown"), test_status=exited(0), done=True))
+    assert all(reports.CAUSE_PROPERTY not in dict(r.user_properties) for r in out.reports)
+
+
+# --- durations ------------------------------------------------------------------------------------
+
+
+def test_a_phase_never_reported_lasts_from_the_last_report_to_the_end_of_the_test(item: pytest.Item) -> None:
+    records = sent(item, "setup")
+    setup_stop = records[0]["data"]["stop"]
+    result = SandboxResult(records=records, test_status=signaled(signal.SIGKILL), started=setup_stop - 1, ended=setup_stop + 7.5)
+    _, call, teardown = assemble(item, result, MEMORY_SPEC).reports
+    assert (call.start, call.stop, call.duration) == (setup_stop, setup_stop + 7.5, 7.5)
+    assert (teardown.start, teardown.stop, teardown.duration) == (setup_stop + 7.5, setup_stop + 7.5, 0.0)
+
+
+def test_a_test_that_never_reported_lasts_from_its_start(item: pytest.Item) -> None:
+    result = SandboxResult(records=[], test_status=signaled(signal.SIGSEGV), started=1000.0, ended=1003.0)
+    setup, teardown = assemble(item, result).reports
+    assert (setup.when, setup.start, setup.duration) == ("setup", 1000.0, 3.0)
+    assert (teardown.start, teardown.duration) == (1003.0, 0.0)
+
+
+def test_a_limit_failing_a_passed_call_keeps_its_duration(item: pytest.Item) -> None:
+    records = sent(item, "setup", "call", "teardown")
+    records[1]["data"].update(start=100.0, stop=104.0, duration=4.0)
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), usage=PIDS_USAGE), PIDS_SPEC)
+    call = out.reports[1]
+    assert call.failed and (call.start, call.stop, call.duration) == (100.0, 104.0, 4.0)
+
+
+def test_crash_dump_is_a_section_without_our_frames(item: pytest.Item) -> None:
+    dump = "Fatal Python error: Segmentation fault\n\n" + STACK + '  File "/x/pytest_nsbox/runtest.py", line 9 in run\n'
+    out = assemble(item, SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGSEGV), stack=dump))
+    assert (reports.CRASH_STACK_SECTION, "Fatal Python error: Segmentation fault\n\n" + STACK.strip()) in out.reports[1].sections
+
+
 # --- what went wrong in the sandbox -------------------------------------------------------------------
 
 
@@ -276,12 +345,29 @@ def test_failed_verification_is_an_error_never_a_skip(item: pytest.Item) -> None
     assert text(out.reports[0]) == reports.NOT_INSIDE.format(message="hostname is 'host'")
 
 
-def test_internal_error_is_a_failed_call(item: pytest.Item) -> None:
-    broken = {"kind": "internal_error", "process": "C", "traceback": "Traceback: ValueError"}
-    out = assemble(item, SandboxResult(records=[*sent(item, "setup", "call", "teardown"), broken], test_status=exited(0)))
-    failed = [r for r in out.reports if r.failed]
-    assert [r.when for r in failed] == ["call"]
-    assert text(failed[0]) == reports.INTERNAL_ERROR.format(process="C", traceback="Traceback: ValueError")
+BROKEN = {"kind": "internal_error", "process": "C", "traceback": "Traceback: ValueError"}
+BROKEN_TEXT = reports.INTERNAL_ERROR.format(process="C", traceback="Traceback: ValueError")
+
+
+def test_internal_error_before_the_call_report_fails_the_call(item: pytest.Item) -> None:
+    out = assemble(item, SandboxResult(records=[*sent(item, "setup"), BROKEN], test_status=exited(126)))
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
+    assert text(out.reports[1]) == BROKEN_TEXT
+
+
+def test_internal_error_after_the_call_report_is_an_error_at_teardown_never_a_second_call(item: pytest.Item) -> None:
+    """As with --pdb: C sent the failed call, then pytest_exception_interact raised."""
+    records = [*sent(item, "setup", "call", failed_call=True), BROKEN]
+    out = assemble(item, SandboxResult(records=records, test_status=exited(126)))
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "failed")]
+    assert TEST_FAILURE in text(out.reports[1]) and text(out.reports[2]) == BROKEN_TEXT
+    assert dict(out.reports[2].user_properties)[reports.CAUSE_PROPERTY] == "internal"
+
+
+def test_internal_error_after_every_phase_fails_the_teardown(item: pytest.Item) -> None:
+    out = assemble(item, SandboxResult(records=[*sent(item, "setup", "call", "teardown"), BROKEN], test_status=exited(0)))
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "failed")]
+    assert text(out.reports[2]) == BROKEN_TEXT
 
 
 def test_unusable_report_is_a_failed_call(item: pytest.Item) -> None:
