@@ -32,6 +32,8 @@ from .steps import prepare_capability_drop
 READ_CHUNK = 1 << 16
 STACK_DUMP_WAIT = 2.0  # seconds the test gets to write its stack on a timeout
 STACK_DUMP_QUIET = 0.2  # the dump is complete when the writer is quiet this long
+MAX_STACK_BYTES = 1 << 20  # of faulthandler's output kept for the report
+STACK_DRAIN_READS = 64  # reads of faulthandler's pipe once the test is over (a full pipe is 1 to 16)
 REAP_POLL = 0.005  # seconds between polls of sandboxes that are still exiting
 
 
@@ -247,8 +249,11 @@ class Supervisor:
         finally:
             if test_exit is not None:
                 os.close(test_exit)
-        while select.select([stack_read], [], [], 0)[0] and _read_into(stack_read, stack):
-            pass  # what the test wrote before it ended (other processes may hold the pipe: no EOF)
+        # What the test wrote before it ended. A process it forked may hold the pipe (no EOF) and
+        # write on: the drain is bounded.
+        for _ in range(STACK_DRAIN_READS):
+            if not (select.select([stack_read], [], [], 0)[0] and _read_into(stack_read, stack)):
+                break
         result.stack = stack.decode(errors="replace")
         if reader.pending and result.wire_error is None and not result.timed_out and not result.done:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
@@ -319,9 +324,9 @@ def _note_end(result: SandboxResult) -> None:
 
 
 def _read_into(fd: int, buffer: bytearray) -> bool:
-    """Read what is there (*fd* is readable); False at EOF."""
+    """Read what is there (*fd* is readable), keeping at most MAX_STACK_BYTES; False at EOF."""
     chunk = os.read(fd, READ_CHUNK)
-    buffer += chunk
+    buffer += chunk[: max(MAX_STACK_BYTES - len(buffer), 0)]  # the test holds the write end: bounded
     return bool(chunk)
 
 
