@@ -90,6 +90,28 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp()) if factory is not None else None
 
 
+def stdio_copies(config: pytest.Config) -> tuple[int, ...]:
+    """The descriptors pytest holds of the user's stdin/stdout/stderr: the originals its global
+    capture saved (fd method) and faulthandler's copy of stderr. The debugger, pytest-timeout's
+    dump and faulthandler's write there, past the capture."""
+    fds: list[int] = []
+    capman: Any = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    for name in ("in_", "out", "err"):
+        saved = getattr(getattr(capturing, name, None), "targetfd_save", None)
+        if isinstance(saved, int):
+            fds.append(saved)
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+    except ImportError:  # pragma: no cover - private API moved
+        pass
+    else:
+        stderr_copy = config.stash.get(fault_handler_stderr_fd_key, None)
+        if isinstance(stderr_copy, int):
+            fds.append(stderr_copy)
+    return tuple(fds)
+
+
 def captured_so_far(config: pytest.Config) -> tuple[str, str] | None:
     """What the test wrote to pytest's global capture (stdout, stderr) so far, if capturing."""
     capman: Any = config.pluginmanager.getplugin("capturemanager")

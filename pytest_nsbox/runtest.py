@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import Any
 
@@ -208,7 +209,8 @@ class SandboxRunner:
         yield self._teardown_outside(item, nextitem, outcome.teardown())
 
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
-        config = prepared.config()  # now: the cwd the wider fixtures left
+        # now: the cwd the wider fixtures left
+        config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         built = self.lookahead.built(ticket)
         if isinstance(built, Failed):
             prepared.discard()  # its processes are exiting: empty the cgroup, release it

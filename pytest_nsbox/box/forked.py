@@ -84,7 +84,7 @@ class ForkedSpawn:
 def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Target) -> None:
     guard_parent(channel, "A", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
-    keep = {0, 1, 2, channel.fd} | ({config.stack_fd} if config.stack_fd is not None else set())
+    keep = {0, 1, 2, channel.fd, *config.stdio_copies} | ({config.stack_fd} if config.stack_fd is not None else set())
     steps: list[Step] = [
         ("close_inherited_fds", lambda: close_inherited_fds(keep, cgroups.control_devices())),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),

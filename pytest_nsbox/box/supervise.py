@@ -150,7 +150,8 @@ class Supervisor:
             stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
             pipes |= {fd for fd in (stack_read, stack_write) if fd is not None}
             config = replace(config, stack_fd=stack_write)
-            kept = (spawn.keep() - pipes) | {write_fd} | ({stack_write} if stack_write is not None else set())
+            kept = (spawn.keep() - pipes) | {write_fd} | set(config.stdio_copies)
+            kept |= {stack_write} if stack_write is not None else set()
             # Frozen, the inherited heap is never traversed by the children's garbage collector: a
             # collection in a child would otherwise touch (and copy) every page of pytest's heap.
             gc.freeze()
