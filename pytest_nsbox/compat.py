@@ -122,3 +122,12 @@ def captured_so_far(config: pytest.Config) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - the capture files belong to a process that died
         return None
     return str(out), str(err)
+
+
+def pdb_shown(report: pytest.TestReport) -> bool:
+    """Whether pytest's --pdb showed this failure already (the terminal's FAILURES section skips it)."""
+    return bool(getattr(report, "_pdbshown", False))
+
+
+def mark_pdb_shown(report: pytest.TestReport) -> None:
+    report._pdbshown = True  # type: ignore[attr-defined]

@@ -42,6 +42,7 @@ STACK_SECTION: Final = "nsbox: stack at timeout"
 LIMIT_SECTION: Final = "nsbox: limit"
 OUTSIDE_TEARDOWN_SECTION: Final = "nsbox: teardown outside the sandbox"
 CAPTURED_SECTION: Final = "Captured {name} before the crash"
+PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
 # Where the sandbox's machinery enters pytest's protocol: in a stack dump, every frame from here down is ours.
 PROTOCOL_ENTRY_FRAMES: Final = ('/pytest_nsbox/compat.py"', '/pytest_nsbox/runtest.py"')
 
@@ -222,6 +223,10 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
                 out.reports.append(failure_report(item, "call", UNUSABLE_REPORT.format(detail=exc)))
         elif kind == "warning":
             out.warnings.append(record)
+        elif kind == PDB_SHOWN:
+            for report in out.reports:
+                if report.when == record.get("when"):
+                    compat.mark_pdb_shown(report)
         elif kind == "exit":
             out.pending = pytest.exit.Exception(str(record.get("msg", "")), returncode=record.get("returncode"))
         elif kind == "interrupt":

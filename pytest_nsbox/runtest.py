@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from . import compat, probe, reports
 from .box.builder import Builder, BuilderError, Failed
-from .box.config import KILL_GRACE, SandboxResult
+from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
@@ -243,9 +243,17 @@ class SandboxRunner:
 
 
 class ChildState:
-    """Set in C only: where the report hook sends reports."""
+    """Set in C only: where the report hook sends reports; whether the test is in the debugger."""
 
     channel: Channel | None = None
+    interactive: bool = False
+
+
+def set_interactive(active: bool) -> None:
+    """In C: tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
+    if CHILD.channel is not None and CHILD.interactive != active:
+        CHILD.interactive = active
+        CHILD.channel.send(INTERACTIVE, active=active)
 
 
 CHILD = ChildState()
@@ -264,6 +272,8 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
             channel.send("exit", msg=exc.msg, returncode=exc.returncode)
         except KeyboardInterrupt:
             channel.send("interrupt")
+        finally:
+            set_interactive(False)  # "q" at pdb's prompt leaves without pytest_leave_pdb
     for w in caught:
         channel.send(
             "warning",
@@ -281,6 +291,12 @@ def send_report(config: pytest.Config, report: pytest.TestReport) -> None:
     if CHILD.channel is not None:
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
         CHILD.channel.send("report", data=data)
+
+
+def send_pdb_shown(report: pytest.TestReport) -> None:
+    """In C: --pdb showed this report's failure (see compat.pdb_shown)."""
+    if CHILD.channel is not None and compat.pdb_shown(report):
+        CHILD.channel.send(reports.PDB_SHOWN, when=report.when)
 
 
 def replay_warning(record: dict[str, Any]) -> None:

@@ -19,6 +19,11 @@ NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
 Target = Callable[[Channel], None]
 """The test's body, run by the test process (C) inside the sandbox; records go out on the channel."""
 
+INTERACTIVE: Final = "interactive"
+"""Record kind the test sends with ``active=True`` when it waits for the user (a debugger's prompt)
+and ``active=False`` when it goes on: meanwhile the timeout's clock stops, and once the test has
+been interactive, ^C on the terminal is the test's (pdb handles it) until the test ends."""
+
 KILL_GRACE: Final = 5.0  # seconds P waits for a killed sandbox's processes to be gone before it kills again
 
 
