@@ -101,14 +101,9 @@ def stdio_copies(config: pytest.Config) -> tuple[int, ...]:
         saved = getattr(getattr(capturing, name, None), "targetfd_save", None)
         if isinstance(saved, int):
             fds.append(saved)
-    try:
-        from _pytest.faulthandler import fault_handler_stderr_fd_key
-    except ImportError:  # pragma: no cover - private API moved
-        pass
-    else:
-        stderr_copy = config.stash.get(fault_handler_stderr_fd_key, None)
-        if isinstance(stderr_copy, int):
-            fds.append(stderr_copy)
+    stderr_copy = faulthandler_stderr(config)
+    if stderr_copy is not None:
+        fds.append(stderr_copy)
     return tuple(fds)
 
 
@@ -131,3 +126,13 @@ def pdb_shown(report: pytest.TestReport) -> bool:
 
 def mark_pdb_shown(report: pytest.TestReport) -> None:
     report._pdbshown = True  # type: ignore[attr-defined]
+
+
+def faulthandler_stderr(config: pytest.Config) -> int | None:
+    """The copy of stderr pytest's faulthandler plugin writes its dumps to (None: plugin off)."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    fd = config.stash.get(fault_handler_stderr_fd_key, None)
+    return fd if isinstance(fd, int) else None

@@ -8,7 +8,7 @@ from typing import Final
 
 import pytest
 
-from . import runtest
+from . import runtest, timers
 from .errors import NsboxError
 from .spec import defaults_from_ini
 
@@ -88,6 +88,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
     config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
+    if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
+        config.pluginmanager.register(timers.TimeoutPluginHooks(runner.wants), "nsbox-timeout-plugin")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

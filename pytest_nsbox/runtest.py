@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from . import compat, probe, reports
+from . import compat, probe, reports, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
@@ -216,6 +216,7 @@ class SandboxRunner:
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record])
+        timers.before_fork(item)
         return self.supervisor.run(
             config,
             lambda channel: run_protocol_in_child(item, channel, self.carriers),
@@ -267,7 +268,9 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
         channel.send(**record)
     with warnings.catch_warnings(record=True) as caught:
         try:
+            timers.arm_in_child(item)
             compat.run_protocol(item)
+            timers.disarm_in_child(item)
         except pytest.exit.Exception as exc:
             channel.send("exit", msg=exc.msg, returncode=exc.returncode)
         except KeyboardInterrupt:
