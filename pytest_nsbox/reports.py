@@ -42,6 +42,8 @@ STACK_SECTION: Final = "nsbox: stack at timeout"
 LIMIT_SECTION: Final = "nsbox: limit"
 OUTSIDE_TEARDOWN_SECTION: Final = "nsbox: teardown outside the sandbox"
 CAPTURED_SECTION: Final = "Captured {name} before the crash"
+PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
+PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
 PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
 # Where the sandbox's machinery enters pytest's protocol: in a stack dump, every frame from here down is ours.
 PROTOCOL_ENTRY_FRAMES: Final = ('/pytest_nsbox/compat.py"', '/pytest_nsbox/runtest.py"')
@@ -242,6 +244,8 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
         cause = limit_violation(spec, result)
         if cause is None and result.wire_error:
             cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error))
+        if cause is None:
+            cause = plugin_timeout(result.records)
         if out.pending is None:
             out.reports.extend(missing_phases(item, out.reports, result.test_status, cause))
         if cause is not None:
@@ -250,6 +254,15 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
     for report in out.reports:
         report.user_properties.extend(properties)
     return out
+
+
+def plugin_timeout(records: list[dict[str, Any]]) -> Cause | None:
+    """pytest-timeout's thread method fired in the sandbox: its message, and the stacks."""
+    record = next((r for r in records if r["kind"] == PLUGIN_TIMEOUT), None)
+    if record is None:
+        return None
+    stack = str(record.get("stack") or "")
+    return Cause(str(record.get("message")), [(PLUGIN_TIMEOUT_SECTION, stack)] if stack else [])
 
 
 def missing_phases(

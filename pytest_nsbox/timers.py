@@ -20,11 +20,14 @@ Wider-scoped fixtures set up in P are not timed (their setup happens before the 
 from __future__ import annotations
 
 import faulthandler
+import sys
+import threading
+import traceback
 from typing import Any, Final
 
 import pytest
 
-from . import compat
+from . import compat, reports
 
 TIMEOUT_PLUGIN: Final = "timeout"  # pytest-timeout's plugin name
 SETTINGS_KEY: Final = pytest.StashKey[Any]()  # pytest-timeout's settings, noted in P, armed in C
@@ -90,6 +93,11 @@ class TimeoutPluginHooks:
         if self._in_p(item):
             item.stash[SETTINGS_KEY] = settings
             return True
+        from .runtest import CHILD
+
+        if CHILD.channel is not None and settings.method == "thread":
+            _arm_reporting_thread(item, settings)
+            return True
         return None
 
     @pytest.hookimpl(optionalhook=True)
@@ -100,3 +108,39 @@ class TimeoutPluginHooks:
         from .runtest import CHILD
 
         return CHILD.channel is None and bool(self.sandboxed(item))
+
+
+def _arm_reporting_thread(item: pytest.Item, settings: Any) -> None:
+    """In C: pytest-timeout's thread method, which first sends P its message and the stacks (it
+    then prints them and ``os._exit``s C, before the test can report)."""
+    import pytest_timeout  # type: ignore[import-untyped]
+
+    def fire() -> None:
+        if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
+            return
+        from .runtest import CHILD
+
+        if CHILD.channel is not None:
+            message = pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout
+            CHILD.channel.send(reports.PLUGIN_TIMEOUT, message=message, stack=_stacks())
+        pytest_timeout.timeout_timer(item, settings)
+
+    timer = threading.Timer(settings.timeout, fire)
+    timer.name = f"{pytest_timeout.__name__} {item.nodeid}"
+
+    def cancel() -> None:
+        timer.cancel()
+        timer.join()
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel_timer calls it
+    timer.start()
+
+
+def _stacks() -> str:
+    """The stack of every thread but the caller's (the timer's)."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident != threading.get_ident():
+            out.append(f"Stack of {names.get(ident, '<unknown>')} ({ident}):\n" + "".join(traceback.format_stack(frame)))
+    return "\n".join(out)
