@@ -113,7 +113,7 @@ class TimeoutPluginHooks:
 def _arm_reporting_thread(item: pytest.Item, settings: Any) -> None:
     """In C: pytest-timeout's thread method, which first sends P its message and the stacks (it
     then prints them and ``os._exit``s C, before the test can report)."""
-    import pytest_timeout  # type: ignore[import-untyped]
+    pytest_timeout: Any = item.config.pluginmanager.getplugin(TIMEOUT_PLUGIN)  # the module
 
     def fire() -> None:
         if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
