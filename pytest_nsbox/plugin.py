@@ -89,7 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _peaks.clear()
     config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
-        config.pluginmanager.register(timers.TimeoutPluginHooks(runner.wants), "nsbox-timeout-plugin")
+        hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.CHILD.channel)
+        config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -23,11 +23,13 @@ import faulthandler
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any, Final
 
 import pytest
 
 from . import compat, reports
+from .box.wire import Channel
 
 TIMEOUT_PLUGIN: Final = "timeout"  # pytest-timeout's plugin name
 SETTINGS_KEY: Final = pytest.StashKey[Any]()  # pytest-timeout's settings, noted in P, armed in C
@@ -85,18 +87,18 @@ class TimeoutPluginHooks:
     itself): return None, so pytest-timeout's own implementation arms and cancels its timer.
     """
 
-    def __init__(self, sandboxed: Any) -> None:
-        self.sandboxed = sandboxed  # item -> bool: whether P runs the item in a sandbox
+    def __init__(self, sandboxed: Callable[[pytest.Item], bool], child_channel: Callable[[], Channel | None]) -> None:
+        self.sandboxed = sandboxed  # whether P runs the item in a sandbox
+        self.child_channel = child_channel  # in C: the channel to P; None in P
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
         if self._in_p(item):
             item.stash[SETTINGS_KEY] = settings
             return True
-        from .runtest import CHILD
-
-        if CHILD.channel is not None and settings.method == "thread":
-            _arm_reporting_thread(item, settings)
+        channel = self.child_channel()
+        if channel is not None and settings.method == "thread":
+            _arm_reporting_thread(item, settings, channel)
             return True
         return None
 
@@ -105,12 +107,10 @@ class TimeoutPluginHooks:
         return True if self._in_p(item) else None
 
     def _in_p(self, item: pytest.Item) -> bool:
-        from .runtest import CHILD
-
-        return CHILD.channel is None and bool(self.sandboxed(item))
+        return self.child_channel() is None and self.sandboxed(item)
 
 
-def _arm_reporting_thread(item: pytest.Item, settings: Any) -> None:
+def _arm_reporting_thread(item: pytest.Item, settings: Any, channel: Channel) -> None:
     """In C: pytest-timeout's thread method, which first sends P its message and the stacks (it
     then prints them and ``os._exit``s C, before the test can report)."""
     pytest_timeout: Any = item.config.pluginmanager.getplugin(TIMEOUT_PLUGIN)  # the module
@@ -118,11 +118,8 @@ def _arm_reporting_thread(item: pytest.Item, settings: Any) -> None:
     def fire() -> None:
         if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
             return
-        from .runtest import CHILD
-
-        if CHILD.channel is not None:
-            message = pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout
-            CHILD.channel.send(reports.PLUGIN_TIMEOUT, message=message, stack=_stacks())
+        message = pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout
+        channel.send(reports.PLUGIN_TIMEOUT, message=message, stack=_stacks())
         pytest_timeout.timeout_timer(item, settings)
 
     timer = threading.Timer(settings.timeout, fire)
