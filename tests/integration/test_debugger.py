@@ -128,7 +128,7 @@ def test_pdb_post_mortem_on_the_terminal(terminal, capture: tuple[str, ...]) -> 
     assert "= FAILURES =" not in output, output  # --pdb showed the failure already, as without sandboxing
 
 
-@pytest.mark.both_build_modes
+@pytest.mark.parametrize("build_mode", ["prebuilt", "forked"])
 def test_pdb_with_stdin_not_a_terminal_reads_it(pytester: pytest.Pytester, build_mode: str) -> None:
     """The issue's case: stdin and stdout are pipes (pytest's capture saved them; the sandbox closed them)."""
     pytester.makepyfile(test_inner=FAILING)
