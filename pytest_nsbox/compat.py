@@ -90,6 +90,23 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp()) if factory is not None else None
 
 
+def stdio_copies(config: pytest.Config) -> tuple[int, ...]:
+    """The descriptors pytest holds of the user's stdin/stdout/stderr: the originals its global
+    capture saved (fd method) and faulthandler's copy of stderr. The debugger, pytest-timeout's
+    dump and faulthandler's write there, past the capture."""
+    fds: list[int] = []
+    capman: Any = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    for name in ("in_", "out", "err"):
+        saved = getattr(getattr(capturing, name, None), "targetfd_save", None)
+        if isinstance(saved, int):
+            fds.append(saved)
+    stderr_copy = faulthandler_stderr(config)
+    if stderr_copy is not None:
+        fds.append(stderr_copy)
+    return tuple(fds)
+
+
 def captured_so_far(config: pytest.Config) -> tuple[str, str] | None:
     """What the test wrote to pytest's global capture (stdout, stderr) so far, if capturing."""
     capman: Any = config.pluginmanager.getplugin("capturemanager")
@@ -100,3 +117,22 @@ def captured_so_far(config: pytest.Config) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - the capture files belong to a process that died
         return None
     return str(out), str(err)
+
+
+def pdb_shown(report: pytest.TestReport) -> bool:
+    """Whether pytest's --pdb showed this failure already (the terminal's FAILURES section skips it)."""
+    return bool(getattr(report, "_pdbshown", False))
+
+
+def mark_pdb_shown(report: pytest.TestReport) -> None:
+    report._pdbshown = True  # type: ignore[attr-defined]
+
+
+def faulthandler_stderr(config: pytest.Config) -> int | None:
+    """The copy of stderr pytest's faulthandler plugin writes its dumps to (None: plugin off)."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    fd = config.stash.get(fault_handler_stderr_fd_key, None)
+    return fd if isinstance(fd, int) else None

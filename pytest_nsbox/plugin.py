@@ -8,7 +8,7 @@ from typing import Final
 
 import pytest
 
-from . import runtest
+from . import runtest, timers
 from .errors import NsboxError
 from .spec import defaults_from_ini
 
@@ -88,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
     config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
+    if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
+        hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.CHILD.channel)
+        config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -134,7 +137,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 class _ChildReporter:
-    """In C, sends each finished report to P. Outermost wrapper: it sees the final report."""
+    """In C, sends each finished report to P (outermost wrapper: it sees the final report), and
+    tells P when the test enters and leaves the debugger."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -146,3 +150,16 @@ class _ChildReporter:
         report = yield
         runtest.send_report(self.config, report)
         return report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_exception_interact(self, report: pytest.TestReport) -> Generator[None, None, None]:
+        try:
+            return (yield)
+        finally:
+            runtest.send_pdb_shown(report)  # set after the report was sent; also on "q"
+
+    def pytest_enter_pdb(self) -> None:
+        runtest.set_interactive(True)
+
+    def pytest_leave_pdb(self) -> None:
+        runtest.set_interactive(False)

@@ -56,6 +56,9 @@ LIMIT_PROPERTIES: Final = {
     "timeout": "nsbox_timeout_limit",  # seconds
 }
 CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, timeout, signal:SIGSEGV, exit, stream, internal
+PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
+PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
+PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
 # Where the sandbox's machinery enters pytest's protocol: in a stack dump, every frame from here down is ours.
 PROTOCOL_ENTRY_FRAMES: Final = ('/pytest_nsbox/compat.py"', '/pytest_nsbox/runtest.py"')
 
@@ -286,6 +289,10 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
                 out.reports = with_failure(item, out.reports, UNUSABLE_REPORT.format(detail=exc), result)
         elif kind == "warning":
             out.warnings.append(record)
+        elif kind == PDB_SHOWN:
+            for report in out.reports:
+                if report.when == record.get("when"):
+                    compat.mark_pdb_shown(report)
         elif kind == "exit":
             out.pending = pytest.exit.Exception(str(record.get("msg", "")), returncode=record.get("returncode"))
         elif kind == "interrupt":
@@ -303,6 +310,8 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
         cause = limit_violation(spec, result)
         if cause is None and result.wire_error:
             cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error), "stream")
+        if cause is None:
+            cause = plugin_timeout(result.records)
         early = []
         if out.pending is None:
             early = missing_phases(item, out.reports, result, cause, after_internal_error=internal)
@@ -318,6 +327,15 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
     for report in out.reports:
         report.user_properties.extend(properties)
     return out
+
+
+def plugin_timeout(records: list[dict[str, Any]]) -> Cause | None:
+    """pytest-timeout's thread method fired in the sandbox: its message, and the stacks."""
+    record = next((r for r in records if r["kind"] == PLUGIN_TIMEOUT), None)
+    if record is None:
+        return None
+    stack = str(record.get("stack") or "")
+    return Cause(str(record.get("message")), "timeout", [(PLUGIN_TIMEOUT_SECTION, stack)] if stack else [])
 
 
 def next_phase(item: pytest.Item, got: list[pytest.TestReport]) -> str | None:

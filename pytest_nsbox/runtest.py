@@ -11,13 +11,14 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from . import compat, probe, reports
+from . import compat, probe, reports, timers
 from .box.builder import Builder, BuilderError, Failed
-from .box.config import KILL_GRACE, SandboxResult
+from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
@@ -208,12 +209,14 @@ class SandboxRunner:
         yield self._teardown_outside(item, nextitem, outcome.teardown())
 
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
-        config = prepared.config()  # now: the cwd the wider fixtures left
+        # now: the cwd the wider fixtures left
+        config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         built = self.lookahead.built(ticket)
         if isinstance(built, Failed):
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record])
+        timers.before_fork(item)
         return self.supervisor.run(
             config,
             lambda channel: run_protocol_in_child(item, channel, self.carriers),
@@ -241,9 +244,17 @@ class SandboxRunner:
 
 
 class ChildState:
-    """Set in C only: where the report hook sends reports."""
+    """Set in C only: where the report hook sends reports; whether the test is in the debugger."""
 
     channel: Channel | None = None
+    interactive: bool = False
+
+
+def set_interactive(active: bool) -> None:
+    """In C: tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
+    if CHILD.channel is not None and CHILD.interactive != active:
+        CHILD.interactive = active
+        CHILD.channel.send(INTERACTIVE, active=active)
 
 
 CHILD = ChildState()
@@ -257,11 +268,15 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
         channel.send(**record)
     with warnings.catch_warnings(record=True) as caught:
         try:
+            timers.arm_in_child(item)
             compat.run_protocol(item)
+            timers.disarm_in_child(item)
         except pytest.exit.Exception as exc:
             channel.send("exit", msg=exc.msg, returncode=exc.returncode)
         except KeyboardInterrupt:
             channel.send("interrupt")
+        finally:
+            set_interactive(False)  # "q" at pdb's prompt leaves without pytest_leave_pdb
     for w in caught:
         channel.send(
             "warning",
@@ -279,6 +294,12 @@ def send_report(config: pytest.Config, report: pytest.TestReport) -> None:
     if CHILD.channel is not None:
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
         CHILD.channel.send("report", data=data)
+
+
+def send_pdb_shown(report: pytest.TestReport) -> None:
+    """In C: --pdb showed this report's failure (see compat.pdb_shown)."""
+    if CHILD.channel is not None and compat.pdb_shown(report):
+        CHILD.channel.send(reports.PDB_SHOWN, when=report.when)
 
 
 def replay_warning(record: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ unless its directory is on sys.path.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -107,13 +108,15 @@ def open_descriptors() -> int:
 
 
 def fifos() -> list[int]:
-    """This process's pipe descriptors other than 0-2 (in a sandboxed test: the result pipe)."""
+    """This process's pipe descriptors open for writing, other than 0-2 (in a sandboxed test: the
+    result pipe; pytest's saved copy of a piped stdin is kept too, but read-only)."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
             if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
-                found.append(fd)
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                    found.append(fd)
         except OSError:  # the directory's own descriptor, closed by now
             pass
     return found

@@ -19,6 +19,11 @@ NAMESPACES: Final = ("mnt", "pid", "net", "user", "uts", "ipc", "cgroup")
 Target = Callable[[Channel], None]
 """The test's body, run by the test process (C) inside the sandbox; records go out on the channel."""
 
+INTERACTIVE: Final = "interactive"
+"""Record kind the test sends with ``active=True`` when it waits for the user (a debugger's prompt)
+and ``active=False`` when it goes on: meanwhile the timeout's clock stops, and once the test has
+been interactive, ^C on the terminal is the test's (pdb handles it) until the test ends."""
+
 KILL_GRACE: Final = 5.0  # seconds P waits for a killed sandbox's processes to be gone before it kills again
 
 
@@ -59,6 +64,9 @@ class SandboxConfig:
     oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
     id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
     root_dev: int | None = None  # st_dev of the sandbox's "/", read by its PID 1 after pivot_root; the test checks it
+    # P's copies of the user's stdin/stdout/stderr (pytest's capture saves them, faulthandler writes to
+    # one): kept like fds 0-2, whatever they are (a pipe too), so the debugger reaches the user's terminal
+    stdio_copies: tuple[int, ...] = ()
 
     @classmethod
     def create(

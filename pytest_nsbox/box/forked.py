@@ -84,7 +84,7 @@ class ForkedSpawn:
 def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Target) -> None:
     guard_parent(channel, "A", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
-    keep = {0, 1, 2, channel.fd} | {fd for fd in (config.stack_fd, config.crash_fd) if fd is not None}
+    keep = {0, 1, 2, channel.fd, *config.stdio_copies} | {fd for fd in (config.stack_fd, config.crash_fd) if fd is not None}
     steps: list[Step] = [
         ("close_inherited_fds", lambda: close_inherited_fds(keep, cgroups.control_devices())),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),

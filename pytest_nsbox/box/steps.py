@@ -66,8 +66,9 @@ def run_steps(channel: Channel, process: str, steps: Iterable[Step]) -> None:
 def kept_descriptors(keep: Iterable[int], excluded_devices: frozenset[int] = frozenset()) -> set[int]:
     """The descriptors a sandbox keeps; every other one could reach outside.
 
-    Kept: *keep*, regular files and character devices (pytest's capture files, /dev/null, a
-    tty), and duplicates of stdin/stdout/stderr (pytest's capture saves them). Directories,
+    Kept: *keep* (the caller adds pytest's copies of the user's stdin/stdout/stderr, see
+    SandboxConfig.stdio_copies), regular files and character devices (pytest's capture files,
+    /dev/null, a tty), and duplicates of the current stdin/stdout/stderr. Directories,
     sockets, pipes, anonymous inodes, namespace files (regular files of nsfs) and files on
     *excluded_devices* (the cgroup filesystems) are not: xdist's channel is a pair of pipes.
     """

@@ -20,11 +20,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from . import wire
 from .cgroups import Cgroup, control_devices
-from .config import KILL_GRACE, SandboxConfig, SandboxResult, Target
+from .config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult, Target
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
@@ -70,6 +70,56 @@ class Spawn(Protocol):
 
     def close(self) -> None:
         """Release what the spawn holds (a pidfd)."""
+
+
+class _Deadline:
+    """The test's timeout. The clock stops while the test waits for the user in a debugger."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.left = timeout  # seconds of the test's own time; None: no timeout
+        self.since: float | None = time.monotonic()  # None: stopped
+
+    def remaining(self) -> float | None:
+        """Seconds until the timeout (0: it is over); None while there is none or the clock stops."""
+        if self.left is None or self.since is None:
+            return None
+        return max(self.left - (time.monotonic() - self.since), 0)
+
+    def stop(self) -> None:
+        if self.left is not None and self.since is not None:
+            self.left -= time.monotonic() - self.since
+            self.since = None
+
+    def start(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def clear(self) -> None:
+        self.left = None
+
+
+class _TerminalInterrupt:
+    """^C on the terminal reaches P and the test alike (one process group). Once the test has been
+    in a debugger, it is the debugger's (pdb prints ``--KeyboardInterrupt--`` at its prompt, or stops
+    the running test): P ignores SIGINT until the test ends, instead of killing the sandbox."""
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self.handed_over = False
+
+    def hand_to_test(self) -> None:
+        if self.handed_over:
+            return
+        try:
+            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:
+            return  # not the main thread: P gets no SIGINT here anyway
+        self.handed_over = True
+
+    def take_back(self) -> None:
+        if self.handed_over:
+            signal.signal(signal.SIGINT, self._previous)
+            self.handed_over = False
 
 
 @dataclass
@@ -153,7 +203,7 @@ class Supervisor:
             stack_read, stack_write = os.pipe()
             pipes |= {stack_read, stack_write}
             config = replace(config, stack_fd=stack_write if timeout is not None else None, crash_fd=stack_write)
-            kept = (spawn.keep() - pipes) | {write_fd, stack_write}
+            kept = (spawn.keep() - pipes) | {write_fd, stack_write} | set(config.stdio_copies)
             # Frozen, the inherited heap is never traversed by the children's garbage collector: a
             # collection in a child would otherwise touch (and copy) every page of pytest's heap.
             gc.freeze()
@@ -202,7 +252,8 @@ class Supervisor:
         result = SandboxResult()
         reader = wire.Reader()
         stack = bytearray()  # read as it comes: a writer never blocks on a full pipe
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _Deadline(timeout)
+        interrupt = _TerminalInterrupt()
         test_exit = spawn.watch(child_pid)
         watched = [read_fd, stack_read] if test_exit is None else [read_fd, stack_read, test_exit]
         try:
@@ -210,8 +261,7 @@ class Supervisor:
                 while_running()
             self.reap()  # earlier sandboxes, while this test runs
             while True:
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-                ready = select.select(watched, [], [], remaining)[0]
+                ready = select.select(watched, [], [], deadline.remaining())[0]
                 if not ready:
                     result.timed_out = True
                     result.ended = time.time()  # the test ran until now; the dump is P's work
@@ -219,7 +269,7 @@ class Supervisor:
                     if cgroup is not None:
                         cgroup.kill()
                     ending.kill()
-                    deadline = None
+                    deadline.clear()
                     continue  # read what is left until EOF
                 if stack_read in ready and not _read_into(stack_read, stack):
                     watched.remove(stack_read)
@@ -238,7 +288,7 @@ class Supervisor:
                     _note_end(result)
                     break
                 if result.wire_error is None:  # else drain, so no writer blocks
-                    self._take_records(reader, chunk, result, spawn)
+                    self._take_records(reader, chunk, result, spawn, deadline, interrupt)
                 if result.done:
                     # The test ran to its end and killed what it left; it exits with 0 right
                     # after. The namespaces' teardown need not delay the next test.
@@ -247,6 +297,7 @@ class Supervisor:
                     spawn.test_finished()
                     break
         finally:
+            interrupt.take_back()
             if test_exit is not None:
                 os.close(test_exit)
         # What the test wrote before it ended. A process it forked may hold the pipe (no EOF) and
@@ -272,10 +323,23 @@ class Supervisor:
         return result
 
     @staticmethod
-    def _take_records(reader: wire.Reader, chunk: bytes, result: SandboxResult, spawn: Spawn) -> None:
+    def _take_records(
+        reader: wire.Reader,
+        chunk: bytes,
+        result: SandboxResult,
+        spawn: Spawn,
+        deadline: _Deadline,
+        interrupt: _TerminalInterrupt,
+    ) -> None:
         try:
             for record in reader.feed(chunk):
-                if record["kind"] == "test_status":
+                if record["kind"] == INTERACTIVE:
+                    if record.get("active"):
+                        deadline.stop()
+                        interrupt.hand_to_test()
+                    else:
+                        deadline.start()
+                elif record["kind"] == "test_status":
                     result.test_status = int(record.get("status", 0))
                     _note_end(result)
                     spawn.test_finished()
