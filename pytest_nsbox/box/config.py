@@ -58,6 +58,7 @@ class SandboxConfig:
     oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
     id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
     root_dev: int | None = None  # st_dev of the sandbox's "/", read by its PID 1 after pivot_root; the test checks it
+    gc_enabled: bool = True  # whether P's garbage collector was enabled: the test's is the same
 
     @classmethod
     def create(

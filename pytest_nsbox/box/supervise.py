@@ -149,16 +149,18 @@ class Supervisor:
             pipes |= {read_fd, write_fd}
             stack_read, stack_write = os.pipe() if timeout is not None else (None, None)
             pipes |= {fd for fd in (stack_read, stack_write) if fd is not None}
-            config = replace(config, stack_fd=stack_write)
+            # The test sees P's collector as it is (an unsandboxed test would): nothing frozen for
+            # it, enabled or not as in P. Disabled across the fork, so that no collection runs in a
+            # child before it decides (A, B and J never collect: they would copy pytest's heap).
+            gc_enabled = gc.isenabled()
+            config = replace(config, stack_fd=stack_write, gc_enabled=gc_enabled)
             kept = (spawn.keep() - pipes) | {write_fd} | ({stack_write} if stack_write is not None else set())
-            # Frozen, the inherited heap is never traversed by the children's garbage collector: a
-            # collection in a child would otherwise touch (and copy) every page of pytest's heap.
-            gc.freeze()
+            gc.disable()
             try:
                 child_pid = spawn.fork()
             finally:
-                if os.getpid() == p_pid:
-                    gc.unfreeze()
+                if gc_enabled and os.getpid() == p_pid:
+                    gc.enable()
         except BaseException:
             for fd in pipes:
                 os.close(fd)

@@ -76,3 +76,68 @@ def test_directory_image_keeps_its_own_etc_hosts(run_inner, tiny_image: Path, tm
         """
     )
     result.assert_outcomes(passed=2)
+
+
+GC_CONFTEST = """
+import gc
+
+IN_P = {}
+
+def pytest_configure(config):
+    if config.getoption("-k") == "user_freeze":
+        gc.freeze()  # the user's own (e.g. before forking workers): the test sees it as it is
+
+def pytest_runtest_logstart(nodeid):
+    IN_P.update(frozen=gc.get_freeze_count(), enabled=gc.isenabled())  # in pytest's process, before the fork
+"""
+
+GC_TESTS = """
+import gc, weakref, pytest
+from conftest import IN_P
+
+class Node:
+    pass
+
+CYCLE = Node()
+CYCLE.self = CYCLE                      # made at collection, in pytest's process
+GONE = weakref.ref(CYCLE)
+HOLDER = [Node()]
+
+@pytest.mark.nsbox
+def test_no_freeze():
+    assert IN_P["frozen"] == 0 and gc.get_freeze_count() == 0 and gc.isenabled()
+    assert any(referrer is HOLDER for referrer in gc.get_referrers(HOLDER[0]))
+    global CYCLE
+    del CYCLE
+    gc.collect()
+    assert GONE() is None               # the inherited heap is collected too
+
+@pytest.mark.nsbox
+def test_user_freeze():
+    # frozen objects only die between the hook and the fork: nothing is frozen but the user's
+    assert 0 < gc.get_freeze_count() <= IN_P["frozen"]
+"""
+
+
+def test_the_test_sees_the_garbage_collector_of_an_unsandboxed_test(run_inner) -> None:
+    run_inner(GC_TESTS, "-k", "no_freeze", conftest=GC_CONFTEST).assert_outcomes(passed=1, deselected=1)
+    run_inner(GC_TESTS, "-k", "user_freeze", conftest=GC_CONFTEST).assert_outcomes(passed=1, deselected=1)
+
+
+def test_a_disabled_collector_stays_disabled(run_inner) -> None:
+    result = run_inner(
+        """
+        import gc, pytest
+
+        @pytest.fixture(scope="session", autouse=True)
+        def no_collector():                     # runs in pytest's process, before the sandbox
+            gc.disable()
+            yield
+            gc.enable()
+
+        @pytest.mark.nsbox
+        def test_sandboxed():
+            assert not gc.isenabled()
+        """
+    )
+    result.assert_outcomes(passed=1)
