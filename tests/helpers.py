@@ -8,9 +8,11 @@ unless its directory is on sys.path.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import re
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -150,3 +152,59 @@ def phase_durations(output: str, phase: str) -> dict[str, float]:
     """Seconds per test of *phase* in the ``--durations`` table of pytest's *output*."""
     pattern = re.compile(rf"^([0-9.]+)s {phase}\s+\S+::(\S+)$", re.MULTILINE)
     return {name: float(seconds) for seconds, name in pattern.findall(output)}
+
+
+RESOLVER_CASES: Final = {
+    (family_name, flags_name): (family, flags)
+    for family_name, family in (("AF_UNSPEC", socket.AF_UNSPEC), ("AF_INET", socket.AF_INET), ("AF_INET6", socket.AF_INET6))
+    for flags_name, flags in (
+        ("0", 0),
+        ("AI_ADDRCONFIG", socket.AI_ADDRCONFIG),
+        ("AI_PASSIVE|AI_ADDRCONFIG", socket.AI_PASSIVE | socket.AI_ADDRCONFIG),
+    )
+}
+"""getaddrinfo's family and flags, by name: each way a program may ask for localhost."""
+
+
+def resolve(name: str, family: int = socket.AF_UNSPEC, flags: int = 0) -> list[str] | None:
+    """The sorted addresses getaddrinfo gives for *name*, or None if it gives none (any gaierror:
+    without a network, a DNS lookup fails differently)."""
+    try:
+        infos = socket.getaddrinfo(name, 0, family, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror:
+        return None
+    return sorted(str(info[4][0]) for info in infos)
+
+
+def resolve_localhost() -> dict[str, list[str] | None]:
+    """resolve("localhost") for each of RESOLVER_CASES, keyed "family flags"."""
+    return {f"{f} {g}": resolve("localhost", *case) for (f, g), case in RESOLVER_CASES.items()}
+
+
+def bound_by_create_server(host: str) -> list[str]:
+    """The addresses asyncio's ``create_server(host, 0)`` binds."""
+
+    async def serve() -> list[str]:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, 0)
+        try:
+            return sorted(str(sock.getsockname()[0]) for sock in server.sockets)
+        finally:
+            server.close()
+
+    return asyncio.run(serve())
+
+
+def hosts_lookups(hosts_text: str) -> dict[str, object]:
+    """What each address (gethostbyaddr) and name (getaddrinfo) of an /etc/hosts text resolves to."""
+    seen: dict[str, object] = {}
+    for line in hosts_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            seen[fields[0]] = list(socket.gethostbyaddr(fields[0])[:2])
+        except OSError:
+            seen[fields[0]] = None
+        for name in fields[1:]:
+            seen[name] = resolve(name)
+    return seen

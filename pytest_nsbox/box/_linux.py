@@ -63,6 +63,24 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
+# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>
+NETLINK_ROUTE = 0
+NLMSG_ERROR = 0x2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+RTM_NEWADDR = 20
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_F_NODAD = 0x02
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_HOST = 254
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTATTR = struct.Struct("=HH")  # len, type
+_NLMSGERR = struct.Struct("=i")  # error (negative errno), then the request's header
+
 # statvfs f_flag bits (<sys/statvfs.h>) mapped to the mount flags that carry them
 ST_TO_MS = {
     os.ST_RDONLY: MS_RDONLY,
@@ -240,6 +258,28 @@ def set_interface_up(name: str) -> None:
             raise OSError(
                 exc.errno, f"ioctl(SIOCSIFFLAGS, {name}, IFF_UP): {exc.strerror} ({errno_name(exc.errno or 0)})"
             ) from None
+
+
+def _rtattr(kind: int, data: bytes) -> bytes:
+    length = _RTATTR.size + len(data)
+    return _RTATTR.pack(length, kind) + data + b"\0" * (-length % 4)
+
+
+def add_address(ifname: str, family: int, address: str, prefixlen: int, scope: int = RT_SCOPE_UNIVERSE) -> None:
+    """Add *address*/*prefixlen* to interface *ifname* (``ip address add``): one RTM_NEWADDR
+    request on a NETLINK_ROUTE socket of the caller's network namespace, and its ack."""
+    packed = socket.inet_pton(family, address)
+    ifaddr = _IFADDRMSG.pack(family, prefixlen, IFA_F_NODAD, scope, socket.if_nametoindex(ifname))
+    body = ifaddr + _rtattr(IFA_LOCAL, packed) + _rtattr(IFA_ADDRESS, packed)
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWADDR, flags, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
+        sock.sendto(request, (0, 0))
+        reply = sock.recv(4096)
+    kind = _NLMSGHDR.unpack_from(reply)[1] if len(reply) >= _NLMSGHDR.size else None
+    err = -_NLMSGERR.unpack_from(reply, _NLMSGHDR.size)[0] if kind == NLMSG_ERROR else errno.EPROTO
+    if err:
+        raise OSError(err, f"RTM_NEWADDR {address}/{prefixlen} dev {ifname}: {os.strerror(err)} ({errno_name(err)})")
 
 
 def _show(value: bytes | None) -> str:

@@ -67,6 +67,7 @@ class SandboxConfig:
     # P's copies of the user's stdin/stdout/stderr (pytest's capture saves them, faulthandler writes to
     # one): kept like fds 0-2, whatever they are (a pipe too), so the debugger reaches the user's terminal
     stdio_copies: tuple[int, ...] = ()
+    gc_enabled: bool = True  # whether P's garbage collector was enabled: the test's is the same
 
     @classmethod
     def create(

@@ -14,7 +14,6 @@ before 5.8, and after the builder died:
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 from dataclasses import replace
@@ -54,7 +53,6 @@ class ForkedSpawn:
 
     def child(self, config: SandboxConfig, write_fd: int, kept: set[int], p_pid: int, target: Target) -> NoReturn:
         """Body of A; never returns into the caller's (pytest's) code."""
-        gc.disable()  # A and B allocate little; C turns it back on for the test
         try:
             _process_a(config, Channel(write_fd), p_pid, target)
         finally:

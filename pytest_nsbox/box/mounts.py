@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
+import socket
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,12 @@ REPLACED_TOP_LEVEL: Final = frozenset({"proc", "sys", "dev", "tmp", "run"})
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 MAX_SYMLINK_HOPS: Final = 40
 SCRATCH_PREFIX: Final = "pytest-nsbox-"  # + "<pid>-": the mount point of a sandbox's scratch tmpfs
+# An address per family for the loopback of network="none" (see AddLoopbackAddresses): one
+# more loopback address for IPv4 (127/8 is local already), a documentation /128 for IPv6.
+LOOPBACK_EXTRA_ADDRESSES: Final = {
+    int(socket.AF_INET): ("127.0.0.2", 8, L.RT_SCOPE_HOST),
+    int(socket.AF_INET6): ("2001:db8::1", 128, L.RT_SCOPE_UNIVERSE),
+}
 
 
 class Step(Protocol):
@@ -311,6 +319,30 @@ class BringUpLoopback:
         L.set_interface_up("lo")
 
 
+@dataclass(frozen=True, slots=True)
+class AddLoopbackAddresses:
+    """Give the sandbox's ``lo`` an address of each family in *families*, so that glibc's
+    AI_ADDRCONFIG answers for that family as it does on the host.
+
+    glibc (check_pf) counts a family as configured only for an address other than 127.0.0.1
+    and ::1; with only those, ``getaddrinfo("localhost", ..., AF_INET, flags=AI_ADDRCONFIG)``
+    fails. The addresses added here (LOOPBACK_EXTRA_ADDRESSES) reach nothing outside: no route
+    leaves the namespace. A family the sandbox's kernel refuses (IPv6 disabled) is left out.
+    """
+
+    families: tuple[int, ...]
+    name: str = "add_loopback_addresses"
+
+    def run(self) -> None:
+        for family in self.families:
+            address, prefixlen, scope = LOOPBACK_EXTRA_ADDRESSES[family]
+            try:
+                L.add_address("lo", family, address, prefixlen, scope)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAFNOSUPPORT):
+                    raise
+
+
 def make_path_in_root(root: str, path: str, *, directory: bool) -> bytes:
     """Create *path* inside *root* (dirs, and a file at the end unless *directory*).
 
@@ -425,11 +457,79 @@ def _is_empty_dir(path: str) -> bool:
         return False  # unreadable: let the overlay show what the caller may see
 
 
-def init_layer_files(network: str, host_resolv_conf: str) -> dict[str, str]:
-    """The init layer (Docker's term): per-sandbox /etc/hostname, /etc/hosts, /etc/resolv.conf."""
-    hosts = f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{HOSTNAME}\n"
+def init_layer_files(network: str, host_resolv_conf: str, image_hosts: str | None = None) -> dict[str, str]:
+    """The init layer (Docker's term): per-sandbox /etc/hostname, /etc/hosts, /etc/resolv.conf.
+
+    /etc/hosts is the image's own (*image_hosts*) plus a line for the sandbox's hostname, so
+    that names resolve as on the machine the image comes from; generated only for an image
+    without one.
+    """
     resolv = host_resolv_conf if network == "host" else "# nsbox: network='none', no name servers\n"
-    return {"etc/hostname": f"{HOSTNAME}\n", "etc/hosts": hosts, "etc/resolv.conf": resolv}
+    return {"etc/hostname": f"{HOSTNAME}\n", "etc/hosts": hosts_file(image_hosts), "etc/resolv.conf": resolv}
+
+
+def hosts_file(image_hosts: str | None) -> str:
+    """The sandbox's /etc/hosts: *image_hosts* (the image's) with the sandbox's hostname added
+    unless it names it already; a generated one when the image has none."""
+    if image_hosts is None:
+        return f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{HOSTNAME}\n"
+    names = {name for line in image_hosts.splitlines() for name in line.split("#", 1)[0].split()[1:]}
+    if HOSTNAME in names:
+        return image_hosts
+    separator = "" if not image_hosts or image_hosts.endswith("\n") else "\n"
+    return f"{image_hosts}{separator}127.0.1.1\t{HOSTNAME}\n"
+
+
+HOSTS: Final = "etc/hosts"
+
+OPAQUE_XATTRS: Final = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+
+def read_image_file(image: str | tuple[str, ...], path: str, hops: int = 0) -> str | None:
+    """The text of *path* in *image* as the sandbox will see it, or None if that is no regular
+    file. "host" is the host's "/", a tuple is overlay layers (top first: whiteouts and opaque
+    directories hide what is below). Symlinks resolve inside the image, never to the host."""
+    layers = ("/",) if image == "host" else (image,) if isinstance(image, str) else image
+    parts = [p for p in posixpath.normpath("/" + path).split("/") if p]
+    for layer in layers:
+        current = layer
+        for index, part in enumerate(parts):
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                break  # not in this layer: look below
+            except OSError:
+                return None
+            rest = parts[index + 1 :]
+            if stat.S_ISLNK(st.st_mode):
+                if hops >= MAX_SYMLINK_HOPS:
+                    return None
+                target = posixpath.join("/", *parts[:index], os.readlink(current), *rest)
+                return read_image_file(image, target, hops + 1)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return None  # a whiteout
+            if not rest and stat.S_ISREG(st.st_mode):
+                try:
+                    with open(current, encoding="utf-8", errors="surrogateescape") as handle:
+                        return handle.read()
+                except OSError:
+                    return None
+            if not rest or not stat.S_ISDIR(st.st_mode):
+                return None
+            if len(layers) > 1 and _is_opaque(current):
+                return read_image_file(current, "/".join(rest), hops)  # it hides the layers below
+    return None
+
+
+def _is_opaque(directory: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(directory, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
@@ -455,6 +555,19 @@ def read_resolv_conf() -> str:
         return Path(RESOLV_CONF).read_text()
     except OSError:
         return ""
+
+
+def configured_families() -> tuple[int, ...]:
+    """The address families glibc's AI_ADDRCONFIG counts as configured in the caller's network
+    namespace, asked of glibc itself: it checks them before it parses even a numeric host."""
+    families = []
+    for family, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            socket.getaddrinfo(loopback, None, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG | socket.AI_NUMERICHOST)
+        except (socket.gaierror, OSError):
+            continue
+        families.append(family)
+    return tuple(families)
 
 
 def short_lowers(lowers: Sequence[str], links_root: str) -> tuple[str | None, tuple[str, ...]]:
@@ -489,6 +602,7 @@ def build_plan(
     host_resolv_conf: str | None = None,
     own_trees: Iterable[str] = (),
     stacks_dir: str | None = None,
+    address_families: tuple[int, ...] | None = None,
 ) -> MountPlan:
     """Build every mount step for one sandbox. ``image`` is "host", a rootfs directory, or layer
     directories (top first). ``host_resolv_conf`` defaults to the host's (read_resolv_conf).
@@ -496,11 +610,15 @@ def build_plan(
     ``own_trees`` (host image, rootless): directories owned by the caller that get an overlay
     of their own. Without it, a copy-up inside them would have to copy their root-owned parents,
     which an unmapped owner makes impossible (EOVERFLOW).
+
+    ``address_families`` (network="none"): the families the sandbox's loopback gets an address
+    of, so that name resolution answers as on the host; default: configured_families().
     """
     b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
     resolv = read_resolv_conf() if host_resolv_conf is None else host_resolv_conf
-    init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, resolv).items())
+    hosts = read_image_file(image, HOSTS)
+    init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, resolv, hosts).items())
     head: list[Step] = [
         MakeRootSlave(),
         MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-scratch"),
@@ -555,7 +673,10 @@ def build_plan(
         tail.extend(binder.steps)
     tail += [PivotRoot(root), SetHostname()]
     if network == "none":
+        families = configured_families() if address_families is None else address_families
         tail.append(BringUpLoopback())
+        if families:
+            tail.append(AddLoopbackAddresses(tuple(int(f) for f in families)))
     binds = [s for s in b.steps if isinstance(s, BindMount)]
     rest = [s for s in b.steps if not isinstance(s, BindMount)]
     return MountPlan(scratch, root, (*head, *rest, *fresh, *binds, *tail))

@@ -133,7 +133,6 @@ class PrebuiltSpawn:
 
     def child(self, config: SandboxConfig, write_fd: int, kept: set[int], p_pid: int, target: Target) -> NoReturn:
         """Body of P's child (C or J); never returns into the caller's (pytest's) code."""
-        gc.disable()  # C turns it back on for the test
         config = replace(config, root_dev=self.prebuilt.root_dev)
         try:
             if self.direct:

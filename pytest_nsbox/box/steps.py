@@ -333,7 +333,8 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
     running and sends "done": P may go on before the sandbox is torn down.
     """
     channel = Channel(channel.fd)
-    gc.enable()
+    if config.gc_enabled:
+        gc.enable()  # disabled since the fork; P's heap as P left it (nothing frozen for the test)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     steps: list[Step] = [
         # first: outside its sandbox the test process refuses to run, whatever else would fail there

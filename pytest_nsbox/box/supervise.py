@@ -101,25 +101,67 @@ class _Deadline:
 class _TerminalInterrupt:
     """^C on the terminal reaches P and the test alike (one process group). Once the test has been
     in a debugger, it is the debugger's (pdb prints ``--KeyboardInterrupt--`` at its prompt, or stops
-    the running test): P ignores SIGINT until the test ends, instead of killing the sandbox."""
+    the running test): P ignores SIGINT until the test ends, instead of killing the sandbox.
+
+    The test announces the debugger on the result pipe before pdb prompts, but P may not have read
+    that yet when the user presses ^C. So while the test runs, SIGINT only wakes P's loop (a pipe
+    of its own); the loop reads what the test sent so far, then ``decide``s: the debugger's, or
+    P's previous handler (pytest's KeyboardInterrupt).
+    """
 
     def __init__(self) -> None:
-        self._previous: Any = None
         self.handed_over = False
+        self.pending = False  # a SIGINT came; decide once the result pipe is read
+        self.fd: int | None = None  # readable after a SIGINT
+        self._write_fd: int | None = None
+        self._previous: Any = None
+        try:
+            self._previous = signal.getsignal(signal.SIGINT)
+            read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.fd = read_fd
+            signal.signal(signal.SIGINT, self._wake)
+        except ValueError:  # not the main thread: P gets no SIGINT here anyway
+            self.close_pipe()
+
+    def _wake(self, signum: int, frame: object) -> None:
+        try:
+            os.write(self._write_fd, b"\0")  # type: ignore[arg-type]
+        except OSError:
+            pass  # full: P wakes anyway
+
+    def woken(self) -> None:
+        """The loop saw the pipe readable: a SIGINT to decide on."""
+        try:
+            while os.read(self.fd, 64):  # type: ignore[arg-type]
+                pass
+        except BlockingIOError:
+            pass
+        self.pending = True
 
     def hand_to_test(self) -> None:
-        if self.handed_over:
-            return
-        try:
-            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:
-            return  # not the main thread: P gets no SIGINT here anyway
         self.handed_over = True
 
-    def take_back(self) -> None:
+    def decide(self) -> None:
+        """The SIGINT was the debugger's (ignored here), or P's previous handler gets it."""
+        self.pending = False
         if self.handed_over:
+            return
+        previous = self._previous
+        if callable(previous):
+            previous(signal.SIGINT, None)  # pytest's: KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+    def take_back(self) -> None:
+        if self.fd is not None:
             signal.signal(signal.SIGINT, self._previous)
-            self.handed_over = False
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        for fd in (self.fd, self._write_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self._write_fd = None
 
 
 @dataclass
@@ -202,17 +244,21 @@ class Supervisor:
             # faulthandler's pipe: the stack on a timeout (SIGUSR1), the dump of a crash
             stack_read, stack_write = os.pipe()
             pipes |= {stack_read, stack_write}
-            config = replace(config, stack_fd=stack_write if timeout is not None else None, crash_fd=stack_write)
+            # The test sees P's collector as it is (an unsandboxed test would): nothing frozen for
+            # it, enabled or not as in P. Disabled across the fork, so that no collection runs in a
+            # child before it decides (A, B and J never collect: they would copy pytest's heap).
+            gc_enabled = gc.isenabled()
+            config = replace(
+                config, stack_fd=stack_write if timeout is not None else None, crash_fd=stack_write, gc_enabled=gc_enabled
+            )
             kept = (spawn.keep() - pipes) | {write_fd, stack_write} | set(config.stdio_copies)
-            # Frozen, the inherited heap is never traversed by the children's garbage collector: a
-            # collection in a child would otherwise touch (and copy) every page of pytest's heap.
-            gc.freeze()
+            gc.disable()
             started = time.time()
             try:
                 child_pid = spawn.fork()
             finally:
-                if os.getpid() == p_pid:
-                    gc.unfreeze()
+                if gc_enabled and os.getpid() == p_pid:
+                    gc.enable()
         except BaseException:
             for fd in pipes:
                 os.close(fd)
@@ -253,15 +299,26 @@ class Supervisor:
         reader = wire.Reader()
         stack = bytearray()  # read as it comes: a writer never blocks on a full pipe
         deadline = _Deadline(timeout)
-        interrupt = _TerminalInterrupt()
         test_exit = spawn.watch(child_pid)
         watched = [read_fd, stack_read] if test_exit is None else [read_fd, stack_read, test_exit]
+        interrupt = _TerminalInterrupt()
+        if interrupt.fd is not None:
+            watched.append(interrupt.fd)
         try:
             if while_running is not None:
                 while_running()
             self.reap()  # earlier sandboxes, while this test runs
             while True:
-                ready = select.select(watched, [], [], deadline.remaining())[0]
+                ready = select.select(watched, [], [], 0 if interrupt.pending else deadline.remaining())[0]
+                if interrupt.fd in ready:
+                    interrupt.woken()
+                    ready.remove(interrupt.fd)
+                    if not ready:
+                        continue  # read what the test sent meanwhile, then decide
+                if interrupt.pending and read_fd not in ready:
+                    interrupt.decide()  # the result pipe is read up to now
+                    if not ready:
+                        continue
                 if not ready:
                     result.timed_out = True
                     result.ended = time.time()  # the test ran until now; the dump is P's work

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from pytest_nsbox.box import mounts
 from pytest_nsbox.box.steps import root_mount_source, sandbox_problems
 
+DOCUMENTATION_V6 = ipaddress.ip_network("2001:db8::/32")  # RFC 3849
 MOUNTINFO = """\
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
 23 22 0:5 / /dev rw,nosuid - devtmpfs udev rw
@@ -64,7 +68,7 @@ def test_minimal_paths_keeps_stronger_access_and_depth_order() -> None:
     assert chosen == [mounts.HostPath("/a", True), mounts.HostPath("/a/b/tmp", False)]
 
 
-def _plan(tmp_path: Path, image: str, network: str = "none") -> mounts.MountPlan:
+def _plan(tmp_path: Path, image: str, network: str = "none", address_families: tuple[int, ...] = ()) -> mounts.MountPlan:
     table = mounts.MountTable.parse("1 0 0:1 / / rw - ext4 /dev/vda rw\n")
     (tmp_path / "venv").mkdir(exist_ok=True)
     (tmp_path / "bt").mkdir(exist_ok=True)
@@ -75,6 +79,7 @@ def _plan(tmp_path: Path, image: str, network: str = "none") -> mounts.MountPlan
         host_paths=[mounts.HostPath(str(tmp_path / "venv"), True), mounts.HostPath(str(tmp_path / "bt"), False)],
         mounts=table,
         host_resolv_conf="nameserver 192.0.2.53\n",
+        address_families=address_families,
     )
 
 
@@ -88,13 +93,78 @@ def test_directory_image_plan_order(tmp_path: Path) -> None:
     assert "userxattr" in root_overlay.options
     # binds after the fresh /tmp (a venv under /tmp must stay visible); /proc before pivot_root
     assert names.index("mount_tmp") < names.index("bind_host_path") < names.index("mount_proc") < names.index("pivot_root")
-    assert names[-3:] == ["pivot_root", "set_hostname", "bring_up_loopback"]
+    assert names[-3:] == ["pivot_root", "set_hostname", "bring_up_loopback"]  # no address family to add
     assert "mount_sysfs" in names
 
 
 def test_network_host_binds_sys_read_only_and_keeps_the_hosts_loopback(tmp_path: Path) -> None:
     names = [step.name for step in _plan(tmp_path, "/images/tiny", network="host").steps]
     assert "mount_sysfs" not in names and "bring_up_loopback" not in names
+    assert "add_loopback_addresses" not in names
+
+
+def test_network_none_adds_an_address_of_each_family_the_host_has(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "/images/tiny", address_families=(socket.AF_INET, socket.AF_INET6))
+    assert [step.name for step in plan.steps][-2:] == ["bring_up_loopback", "add_loopback_addresses"]
+    step = plan.steps[-1]
+    assert isinstance(step, mounts.AddLoopbackAddresses) and step.families == (socket.AF_INET, socket.AF_INET6)
+    for family in step.families:
+        address = mounts.LOOPBACK_EXTRA_ADDRESSES[family][0]
+        assert address not in ("127.0.0.1", "::1")  # glibc's AI_ADDRCONFIG ignores exactly these
+        assert ipaddress.ip_address(address).is_loopback or ipaddress.ip_address(address) in DOCUMENTATION_V6
+
+
+def test_hosts_file_is_the_images_own_plus_the_hostname() -> None:
+    host = "127.0.0.1 localhost\n127.0.0.1 vm # the VM\n"
+    assert mounts.hosts_file(host) == host + "127.0.1.1\tnsbox\n"
+    assert mounts.hosts_file("127.0.0.1 localhost") == "127.0.0.1 localhost\n127.0.1.1\tnsbox\n"
+    named = "127.0.0.1 localhost nsbox\n"
+    assert mounts.hosts_file(named) == named
+    assert mounts.hosts_file("# nsbox\n").endswith("127.0.1.1\tnsbox\n")  # a comment names nothing
+    generated = mounts.hosts_file(None)
+    assert "127.0.0.1\tlocalhost" in generated and "nsbox" in generated
+
+
+def test_read_image_file_sees_what_the_overlay_shows(tmp_path: Path) -> None:
+    top, middle, bottom = (tmp_path / name for name in ("top", "middle", "bottom"))
+    for layer in (top, middle, bottom):
+        (layer / "etc").mkdir(parents=True)
+    (bottom / "etc" / "hosts").write_text("bottom\n")
+    assert mounts.read_image_file((str(top), str(middle), str(bottom)), "etc/hosts") == "bottom\n"
+    (middle / "etc" / "hosts").write_text("middle\n")
+    assert mounts.read_image_file((str(top), str(middle), str(bottom)), "etc/hosts") == "middle\n"
+    assert mounts.read_image_file(str(bottom), "etc/hosts") == "bottom\n"
+    assert mounts.read_image_file(str(top), "etc/hosts") is None
+
+
+@pytest.mark.needs_root
+def test_read_image_file_stops_at_whiteouts_and_opaque_directories(tmp_path: Path) -> None:
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    (top / "etc").mkdir(parents=True)
+    (bottom / "etc").mkdir(parents=True)
+    (bottom / "etc" / "hosts").write_text("bottom\n")
+    layers = (str(top), str(bottom))
+    os.mknod(top / "etc" / "hosts", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # deleted in the top layer
+    assert mounts.read_image_file(layers, "etc/hosts") is None
+    os.unlink(top / "etc" / "hosts")
+    os.setxattr(top / "etc", "trusted.overlay.opaque", b"y")  # top's /etc replaces bottom's
+    assert mounts.read_image_file(layers, "etc/hosts") is None
+
+
+def test_read_image_file_resolves_symlinks_inside_the_image(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "static").mkdir()
+    (tmp_path / "etc" / "static" / "hosts").write_text("image\n")
+    (tmp_path / "etc" / "hosts").symlink_to("/etc/static/hosts")  # absolute: the image's, not the host's
+    assert mounts.read_image_file(str(tmp_path), "etc/hosts") == "image\n"
+    (tmp_path / "etc" / "resolv.conf").symlink_to("/etc/nowhere")
+    assert mounts.read_image_file(str(tmp_path), "etc/resolv.conf") is None
+    (tmp_path / "etc" / "loop").symlink_to("loop")
+    assert mounts.read_image_file(str(tmp_path), "etc/loop") is None
+
+
+def test_read_image_file_host_is_the_hosts_root() -> None:
+    assert mounts.read_image_file("host", "etc/hosts") == Path("/etc/hosts").read_text()
 
 
 def test_init_layer() -> None:
