@@ -17,6 +17,8 @@ from typing import Any, Final, Protocol
 
 import pytest
 
+from . import compat
+
 RECORD_KIND: Final = "carry"
 
 
@@ -38,9 +40,34 @@ class Carrier(Protocol):
         """In P, with what ``collect`` returned; raise on a value it cannot use."""
 
 
+class FailedSubtests:
+    """How many subtests of the test failed: pytest counts them in C, where they run, and fails
+    a passing test with failed subtests in P (``contains N failed subtests``)."""
+
+    name = "failed_subtests"
+
+    def active(self, config: pytest.Config) -> bool:
+        return config.pluginmanager.has_plugin("subtests")  # its count is set up after this plugin's configure
+
+    def before(self, item: pytest.Item) -> None:
+        return None
+
+    def collect(self, item: pytest.Item) -> Any:
+        counts = compat.failed_subtests(item.config)
+        count = counts.get(compat.item_id(item), 0) if counts is not None else 0
+        return count or None
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"not a count: {value!r}")
+        counts = compat.failed_subtests(item.config)
+        if counts is not None:
+            counts[compat.item_id(item)] += value
+
+
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return []
+    return [FailedSubtests()]
 
 
 class Carriers:

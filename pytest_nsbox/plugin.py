@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
 from typing import Final
 
 import pytest
@@ -87,7 +86,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
-    config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -132,17 +130,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         margin = f"{(limit - peak) * 100 / limit:.0f}%" if limit else "-"
         terminalreporter.write_line(f"{format_size(peak):>10}  {limit_text:>10}  {margin:>10}  {nodeid}")
 
-
-class _ChildReporter:
-    """In C, sends each finished report to P. Outermost wrapper: it sees the final report."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
-        runtest.send_report(self.config, report)
-        return report
