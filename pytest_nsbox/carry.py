@@ -65,9 +65,52 @@ class FailedSubtests:
             counts[compat.item_id(item)] += value
 
 
+class JunitRecords:
+    """What the test recorded for junit-xml in C's writer: its testcase's attributes
+    (``record_xml_attribute``) and the suite's properties (``record_testsuite_property``).
+    ``record_property`` needs no carrier: it travels in the report's user_properties."""
+
+    name = "junit_xml"
+
+    def __init__(self) -> None:
+        self._suite_properties_before = 0
+
+    def active(self, config: pytest.Config) -> bool:
+        return bool(config.getoption("xmlpath", None)) and not hasattr(config, "workerinput")
+
+    def before(self, item: pytest.Item) -> None:
+        xml = compat.junit_xml(item.config)
+        self._suite_properties_before = len(xml.global_properties) if xml is not None else 0
+
+    def collect(self, item: pytest.Item) -> Any:
+        xml = compat.junit_xml(item.config)
+        if xml is None:
+            return None
+        attributes = dict(xml.node_reporter(compat.item_id(item)).attrs)
+        suite_properties = [list(p) for p in xml.global_properties[self._suite_properties_before :]]
+        if not attributes and not suite_properties:
+            return None
+        return {"attributes": attributes, "suite_properties": suite_properties}
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        xml = compat.junit_xml(item.config)
+        if xml is None:
+            return
+        attributes, suite_properties = value["attributes"], value["suite_properties"]
+        if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
+            raise ValueError(f"not testcase attributes: {attributes!r}")
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in suite_properties):
+            raise ValueError(f"not suite properties: {suite_properties!r}")
+        reporter = xml.node_reporter(compat.item_id(item))
+        for name, text in attributes.items():
+            reporter.add_attribute(name, text)
+        for name, text in suite_properties:
+            xml.add_global_property(name, text)
+
+
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return [FailedSubtests()]
+    return [FailedSubtests(), JunitRecords()]
 
 
 class Carriers:

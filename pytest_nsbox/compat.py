@@ -158,3 +158,12 @@ def captured_so_far(config: pytest.Config) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - the capture files belong to a process that died
         return None
     return str(out), str(err)
+
+
+def junit_xml(config: pytest.Config) -> Any:
+    """pytest's junit-xml writer (LogXML) of this process, or None (no --junitxml, an xdist worker)."""
+    try:
+        from _pytest.junitxml import xml_key
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    return config.stash.get(xml_key, None)
