@@ -13,6 +13,7 @@ What a test killed by a limit or a signal produced is lost: ``collect`` never ru
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import pytest
@@ -108,9 +109,44 @@ class JunitRecords:
             xml.add_global_property(name, text)
 
 
+class TerminalLine:
+    """Where the terminal's cursor is after what C wrote on it (live logging, ``log_cli``), so
+    that P writes the test's outcome where it would unsandboxed (after a live log, ``PASSED``
+    and its progress are aligned on a fresh line)."""
+
+    name = "terminal_line"
+
+    def __init__(self) -> None:
+        self._before: tuple[str, object] | None = None
+
+    def active(self, config: pytest.Config) -> bool:
+        return True  # the terminal reporter is configured after this plugin: looked up per test
+
+    def before(self, item: pytest.Item) -> None:
+        self._before = compat.terminal_line(item.config)
+
+    def collect(self, item: pytest.Item) -> Any:
+        now = compat.terminal_line(item.config)
+        if now is None or now == self._before:
+            return None
+        text, fspath = now
+        if isinstance(fspath, Path):
+            return {"line": text, "path": str(fspath)}
+        return {"line": text, "other": fspath if isinstance(fspath, (str, int)) else None}
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        text = value["line"]
+        if not isinstance(text, str):
+            raise ValueError(f"not a line: {text!r}")
+        fspath = Path(value["path"]) if isinstance(value.get("path"), str) else value.get("other")
+        if fspath is not None and not isinstance(fspath, (str, int)) and not isinstance(fspath, Path):
+            raise ValueError(f"not a path: {fspath!r}")
+        compat.set_terminal_line(item.config, text, fspath)
+
+
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return [FailedSubtests(), JunitRecords()]
+    return [FailedSubtests(), JunitRecords(), TerminalLine()]
 
 
 class Carriers:

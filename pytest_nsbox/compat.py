@@ -167,3 +167,20 @@ def junit_xml(config: pytest.Config) -> Any:
     except ImportError:  # pragma: no cover - private API moved
         return None
     return config.stash.get(xml_key, None)
+
+
+def terminal_line(config: pytest.Config) -> tuple[str, object] | None:
+    """What the terminal reporter knows of the terminal's current line: its text so far, and
+    the file or test its results are written after (None: no terminal reporter)."""
+    reporter: Any = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None:
+        return None
+    return str(getattr(reporter._tw, "_current_line", "")), reporter.currentfspath
+
+
+def set_terminal_line(config: pytest.Config, text: str, currentfspath: object) -> None:
+    """Tell P's terminal reporter what C wrote on the terminal (live logging) last."""
+    reporter: Any = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter._tw._current_line = text
+        reporter.currentfspath = currentfspath

@@ -31,13 +31,14 @@ def short_summary(result: pytest.RunResult) -> list[str]:
 
 
 def junit_content(path: Path) -> list[str]:
-    """Each testcase of a junit-xml file as text, without times and the plugin's own properties."""
+    """Each testcase of a junit-xml file as text (sorted), then each suite without its testcases;
+    without times and the plugin's own properties."""
     root = ET.parse(path).getroot()
-    cases = []
+    cases, suites = [], []
     for suite in root.iter("testsuite"):
         for name in TIMING_ATTRIBUTES:
             suite.attrib.pop(name, None)
-        for case in suite.iter("testcase"):
+        for case in suite.findall("testcase"):
             case.attrib.pop("time", None)
             for properties in case.findall("properties"):
                 for prop in properties.findall("property"):
@@ -46,8 +47,8 @@ def junit_content(path: Path) -> list[str]:
                 if not len(properties):
                     case.remove(properties)
             cases.append(ADDRESS.sub(" at 0x?", ET.tostring(case, encoding="unicode")))
-        suite.clear()  # the suite's own attributes and properties are compared below
-    suites = [ET.tostring(suite, encoding="unicode") for suite in root.iter("testsuite")]
+            suite.remove(case)
+        suites.append(ET.tostring(suite, encoding="unicode"))
     return sorted(cases) + suites
 
 
@@ -204,3 +205,89 @@ def test_inner_session_keeps_its_reports(run_inner, xdist: tuple[str, ...]) -> N
         "PASSED test_inner.py::test_after",
         "PASSED test_inner.py::test_runs_a_pytest_session_in_process",
     ]
+
+
+WARNINGS_AND_RECORDS = """
+import logging
+import warnings
+import pytest
+
+log = logging.getLogger("inner")
+
+class OwnWarning(UserWarning):
+    pass
+
+def test_warns():
+    warnings.warn("plain user warning")
+    warnings.warn("deprecated thing", DeprecationWarning)
+    warnings.warn("own class", OwnWarning)
+
+def test_recwarn(recwarn):
+    warnings.warn("caught", UserWarning)
+    assert len(recwarn) == 1
+
+def test_pytest_warns():
+    with pytest.warns(UserWarning, match="expected"):
+        warnings.warn("expected")
+
+@pytest.mark.filterwarnings("error")
+def test_error_mark():
+    warnings.warn("becomes an error")
+
+def test_records(record_property, record_xml_attribute, record_testsuite_property):
+    record_property("answer", 42)
+    record_xml_attribute("flavour", "sour")
+    record_testsuite_property("suite_prop", "yes")
+
+def test_caplog(caplog):
+    caplog.set_level(logging.INFO)
+    log.info("hello %s", "there")
+    assert caplog.records[0].getMessage() == "hello there"
+
+def test_logs_and_fails():
+    log.warning("about to fail")
+    assert 0
+"""
+WARNINGS_SUMMARY_TITLE = "warnings summary"
+
+
+def warnings_summary(result: pytest.RunResult) -> list[str]:
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if WARNINGS_SUMMARY_TITLE in line)
+    end = next(i for i, line in enumerate(lines) if i > start and line.startswith("-- Docs:"))
+    return lines[start:end]
+
+
+def test_warnings_and_junit_records_as_without_sandbox(run_inner, pytester: pytest.Pytester) -> None:
+    args = ("-o", "junit_family=xunit1")  # record_xml_attribute needs it
+    plain = run_inner(WARNINGS_AND_RECORDS, *args, "--junitxml=plain.xml")
+    sandboxed = run_inner(WARNINGS_AND_RECORDS, *args, "--nsbox-all", "--junitxml=sandboxed.xml")
+    assert summary_line(plain) == "2 failed, 5 passed, 4 warnings"
+    assert summary_line(sandboxed) == summary_line(plain)
+    assert short_summary(sandboxed) == short_summary(plain)
+    assert warnings_summary(sandboxed) == warnings_summary(plain)
+    plain_xml = junit_content(pytester.path / "plain.xml")
+    assert any('flavour="sour"' in case for case in plain_xml)
+    assert any('name="suite_prop"' in suite for suite in plain_xml)
+    assert junit_content(pytester.path / "sandboxed.xml") == plain_xml
+
+
+def test_warning_as_error_as_without_sandbox(run_inner) -> None:
+    plain, sandboxed = run_plain_and_sandboxed(run_inner, WARNINGS_AND_RECORDS, "-W", "error", "-k", "warns or recwarn")
+    assert summary_line(plain) == "1 failed, 2 passed, 4 deselected"
+    assert summary_line(sandboxed) == summary_line(plain)
+    assert short_summary(sandboxed) == short_summary(plain)
+
+
+def test_live_logging_as_without_sandbox(run_inner) -> None:
+    args = ("-o", "log_cli=true", "-o", "log_cli_level=INFO", "-k", "caplog or logs_and_fails")
+    plain, sandboxed = run_plain_and_sandboxed(run_inner, WARNINGS_AND_RECORDS, *args)
+
+    def live_log(result: pytest.RunResult) -> list[str]:
+        start = next(i for i, line in enumerate(result.outlines) if line.startswith("test_inner.py::"))
+        end = next(i for i, line in enumerate(result.outlines) if "= FAILURES =" in line)
+        return result.outlines[start:end]
+
+    assert "INFO     inner:test_inner.py:34 hello there" in live_log(plain)
+    assert live_log(sandboxed) == live_log(plain)
+    assert summary_line(sandboxed) == summary_line(plain)
