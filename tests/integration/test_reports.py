@@ -8,19 +8,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import summary_line
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
-SUMMARY_TIME = re.compile(r" in [0-9.]+s( \([0-9:]+\))?")
 SHORT_SUMMARY_TITLE = "short test summary info"
 TIMING_ATTRIBUTES = ("time", "timestamp", "hostname")
 ADDRESS = re.compile(r" at 0x[0-9a-f]+")
-
-
-def summary_line(result: pytest.RunResult) -> str:
-    """The last line of the run (``3 failed, 4 passed, 11 subtests passed``) without its time."""
-    line = next(line for line in reversed(result.outlines) if line.strip())
-    return SUMMARY_TIME.sub("", line.strip("= "))
 
 
 def short_summary(result: pytest.RunResult) -> list[str]:
