@@ -13,9 +13,12 @@ What a test killed by a limit or a signal produced is lost: ``collect`` never ru
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import pytest
+
+from . import compat
 
 RECORD_KIND: Final = "carry"
 
@@ -38,9 +41,112 @@ class Carrier(Protocol):
         """In P, with what ``collect`` returned; raise on a value it cannot use."""
 
 
+class FailedSubtests:
+    """How many subtests of the test failed: pytest counts them in C, where they run, and fails
+    a passing test with failed subtests in P (``contains N failed subtests``)."""
+
+    name = "failed_subtests"
+
+    def active(self, config: pytest.Config) -> bool:
+        return config.pluginmanager.has_plugin("subtests")  # its count is set up after this plugin's configure
+
+    def before(self, item: pytest.Item) -> None:
+        return None
+
+    def collect(self, item: pytest.Item) -> Any:
+        counts = compat.failed_subtests(item.config)
+        count = counts.get(compat.item_id(item), 0) if counts is not None else 0
+        return count or None
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"not a count: {value!r}")
+        counts = compat.failed_subtests(item.config)
+        if counts is not None:
+            counts[compat.item_id(item)] += value
+
+
+class JunitRecords:
+    """What the test recorded for junit-xml in C's writer: its testcase's attributes
+    (``record_xml_attribute``) and the suite's properties (``record_testsuite_property``).
+    ``record_property`` needs no carrier: it travels in the report's user_properties."""
+
+    name = "junit_xml"
+
+    def __init__(self) -> None:
+        self._suite_properties_before = 0
+
+    def active(self, config: pytest.Config) -> bool:
+        return bool(config.getoption("xmlpath", None)) and not hasattr(config, "workerinput")
+
+    def before(self, item: pytest.Item) -> None:
+        xml = compat.junit_xml(item.config)
+        self._suite_properties_before = len(xml.global_properties) if xml is not None else 0
+
+    def collect(self, item: pytest.Item) -> Any:
+        xml = compat.junit_xml(item.config)
+        if xml is None:
+            return None
+        attributes = dict(xml.node_reporter(compat.item_id(item)).attrs)
+        suite_properties = [list(p) for p in xml.global_properties[self._suite_properties_before :]]
+        if not attributes and not suite_properties:
+            return None
+        return {"attributes": attributes, "suite_properties": suite_properties}
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        xml = compat.junit_xml(item.config)
+        if xml is None:
+            return
+        attributes, suite_properties = value["attributes"], value["suite_properties"]
+        if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
+            raise ValueError(f"not testcase attributes: {attributes!r}")
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in suite_properties):
+            raise ValueError(f"not suite properties: {suite_properties!r}")
+        reporter = xml.node_reporter(compat.item_id(item))
+        for name, text in attributes.items():
+            reporter.add_attribute(name, text)
+        for name, text in suite_properties:
+            xml.add_global_property(name, text)
+
+
+class TerminalLine:
+    """Where the terminal's cursor is after what C wrote on it (live logging, ``log_cli``), so
+    that P writes the test's outcome where it would unsandboxed (after a live log, ``PASSED``
+    and its progress are aligned on a fresh line)."""
+
+    name = "terminal_line"
+
+    def __init__(self) -> None:
+        self._before: tuple[str, object] | None = None
+
+    def active(self, config: pytest.Config) -> bool:
+        return True  # the terminal reporter is configured after this plugin: looked up per test
+
+    def before(self, item: pytest.Item) -> None:
+        self._before = compat.terminal_line(item.config)
+
+    def collect(self, item: pytest.Item) -> Any:
+        now = compat.terminal_line(item.config)
+        if now is None or now == self._before:
+            return None
+        text, fspath = now
+        if isinstance(fspath, Path):
+            return {"line": text, "path": str(fspath)}
+        return {"line": text, "other": fspath if isinstance(fspath, (str, int)) else None}
+
+    def apply(self, item: pytest.Item, value: Any) -> None:
+        text = value["line"]
+        if not isinstance(text, str):
+            raise ValueError(f"not a line: {text!r}")
+        fspath = Path(value["path"]) if isinstance(value.get("path"), str) else value.get("other")
+        if fspath is not None and not isinstance(fspath, (str, int)) and not isinstance(fspath, Path):
+            raise ValueError(f"not a path: {fspath!r}")
+        compat.set_terminal_line(item.config, text, fspath)
+
+
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return []
+    return [FailedSubtests(), JunitRecords(), TerminalLine()]
 
 
 class Carriers:

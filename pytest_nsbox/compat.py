@@ -59,11 +59,69 @@ def teardown_towards(item: pytest.Item, nextitem: pytest.Item | None) -> None:
 
 
 def run_protocol(item: pytest.Item) -> None:
-    """In C: pytest's runtest protocol for the item, without logging (P logs the reports).
+    """In C: pytest's runtest protocol for the item, logging its reports as pytest does (the
+    child reporter sends them to P; ``log_only_to`` keeps C's presenters out).
 
     ``nextitem=item.parent`` tears down the item only: P owns the wider fixtures.
     """
-    runtestprotocol(item, log=False, nextitem=item.parent)  # type: ignore[arg-type]
+    runtestprotocol(item, log=True, nextitem=item.parent)  # type: ignore[arg-type]
+
+
+def own_no_wider_fixtures(item: pytest.Item) -> None:
+    """In C: forget the finalizers of the collectors P set up (the session, module, class
+    fixtures): P tears them down. Even when C's session is told to stop (``-x`` after a failed
+    subtest), C's teardown then never finalizes a fixture P still holds."""
+    stack = item.session._setupstate.stack
+    for node, (_finalizers, error) in list(stack.items()):
+        stack[node] = ([], error)
+
+
+def log_only_to(config: pytest.Config, keep: tuple[object, ...]) -> None:
+    """In C: ``pytest_runtest_logreport`` reaches only the plugins in *keep*.
+
+    Every report logged in C is logged again in P, where the terminal, junit-xml, xdist's
+    worker channel (closed in C) and any other presenter see it; in C they would print it,
+    write it to a log, or fail. Replaces the hook caller on the config's hook relay with
+    pluggy's subset caller (hook proxies of conftest directories derive from it).
+    """
+    pm = config.pluginmanager
+    others = [impl.plugin for impl in pm.hook.pytest_runtest_logreport.get_hookimpls() if impl.plugin not in keep]
+    setattr(pm.hook, "pytest_runtest_logreport", pm.subset_hook_caller("pytest_runtest_logreport", others))  # noqa: B010
+
+
+def report_from_serializable(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:
+    """In P: a report of the sandbox from its serialized form, as the object it was in C.
+
+    pytest's subtest report quotes its context's values again when it is rebuilt (``i=1``
+    becomes ``i='1'``, as it does under xdist); the values C sent are kept instead.
+    """
+    report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    context = getattr(report, "context", None)
+    sent = data.get("_subtest.context")
+    if context is not None and isinstance(sent, dict) and isinstance(sent.get("kwargs"), dict):
+        try:
+            object.__setattr__(context, "kwargs", dict(sent["kwargs"]))
+        except (AttributeError, TypeError):  # pragma: no cover - the class changed
+            pass
+    return report
+
+
+def failed_subtests(config: pytest.Config) -> Any:
+    """pytest's count of failed subtests per test id (a defaultdict), or None (no built-in subtests).
+
+    pytest counts them where the subtest ends (in C) and reads the count when it decides the
+    outcome of the test's call report (in P's terminal reporter).
+    """
+    try:
+        from _pytest.subtests import failed_subtests_key
+    except ImportError:  # pytest < 9: no built-in subtests
+        return None
+    return config.stash.get(failed_subtests_key, None)
+
+
+def item_id(item: pytest.Item) -> Any:
+    """The key pytest's subtests count failures under for *item*."""
+    return getattr(item, "id", item.nodeid)
 
 
 def evaluate_xfail(item: pytest.Item) -> None:
@@ -136,3 +194,29 @@ def faulthandler_stderr(config: pytest.Config) -> int | None:
         return None
     fd = config.stash.get(fault_handler_stderr_fd_key, None)
     return fd if isinstance(fd, int) else None
+
+
+def junit_xml(config: pytest.Config) -> Any:
+    """pytest's junit-xml writer (LogXML) of this process, or None (no --junitxml, an xdist worker)."""
+    try:
+        from _pytest.junitxml import xml_key
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    return config.stash.get(xml_key, None)
+
+
+def terminal_line(config: pytest.Config) -> tuple[str, object] | None:
+    """What the terminal reporter knows of the terminal's current line: its text so far, and
+    the file or test its results are written after (None: no terminal reporter)."""
+    reporter: Any = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None:
+        return None
+    return str(getattr(reporter._tw, "_current_line", "")), reporter.currentfspath
+
+
+def set_terminal_line(config: pytest.Config, text: str, currentfspath: object) -> None:
+    """Tell P's terminal reporter what C wrote on the terminal (live logging) last."""
+    reporter: Any = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter._tw._current_line = text
+        reporter.currentfspath = currentfspath

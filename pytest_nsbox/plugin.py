@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
 from typing import Final
 
 import pytest
@@ -87,9 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
-    config.pluginmanager.register(_ChildReporter(config), "nsbox-child-reporter")
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
-        hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.CHILD.channel)
+        hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
 
 
@@ -135,31 +133,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         margin = f"{(limit - peak) * 100 / limit:.0f}%" if limit else "-"
         terminalreporter.write_line(f"{format_size(peak):>10}  {limit_text:>10}  {margin:>10}  {nodeid}")
 
-
-class _ChildReporter:
-    """In C, sends each finished report to P (outermost wrapper: it sees the final report), and
-    tells P when the test enters and leaves the debugger."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
-        runtest.send_report(self.config, report)
-        return report
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_exception_interact(self, report: pytest.TestReport) -> Generator[None, None, None]:
-        try:
-            return (yield)
-        finally:
-            runtest.send_pdb_shown(report)  # set after the report was sent; also on "q"
-
-    def pytest_enter_pdb(self) -> None:
-        runtest.set_interactive(True)
-
-    def pytest_leave_pdb(self) -> None:
-        runtest.set_interactive(False)

@@ -264,14 +264,35 @@ def limit_properties(spec: SandboxSpec, usage: Usage) -> list[tuple[str, object]
 
 @dataclass
 class SandboxReports:
-    """The reports of one sandboxed run, and what P must do after logging them."""
+    """The reports of one sandboxed run, and what P must do after logging them.
+
+    ``reports`` are the phase reports (setup, call, teardown), which the phase logic works off;
+    ``others`` the other reports the test logged (subtests, other plugins' reports), each with
+    the number of phase reports logged before it, so that P logs all in C's order.
+    """
 
     reports: list[pytest.TestReport] = field(default_factory=list)
+    others: list[tuple[int, pytest.TestReport]] = field(default_factory=list)
     pending: BaseException | None = None  # pytest.exit or KeyboardInterrupt raised in the sandbox
     warnings: list[dict[str, Any]] = field(default_factory=list)  # records to re-issue in P
 
     def teardown(self) -> pytest.TestReport | None:
         return next((r for r in self.reports if r.when == "teardown"), None)
+
+    def in_order(self) -> list[pytest.TestReport]:
+        """Every report in the order C logged them (P's added phases last)."""
+        ordered: list[pytest.TestReport] = []
+        others = iter(self.others)
+        following = next(others, None)
+        for index, report in enumerate(self.reports):
+            while following is not None and following[0] <= index:
+                ordered.append(following[1])
+                following = next(others, None)
+            ordered.append(report)
+        if following is not None:
+            ordered.append(following[1])
+        ordered.extend(report for _, report in others)
+        return ordered
 
 
 def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *, require: bool) -> SandboxReports:
@@ -284,9 +305,14 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
         kind = record["kind"]
         if kind == "report":
             try:
-                out.reports.append(config.hook.pytest_report_from_serializable(config=config, data=record["data"]))
+                report = compat.report_from_serializable(config, record["data"])
             except Exception as exc:  # noqa: BLE001 - the stream comes from untrusted code
                 out.reports = with_failure(item, out.reports, UNUSABLE_REPORT.format(detail=exc), result)
+                continue
+            if record.get("phase", True):
+                out.reports.append(report)
+            else:
+                out.others.append((len(out.reports), report))
         elif kind == "warning":
             out.warnings.append(record)
         elif kind == PDB_SHOWN:
@@ -299,6 +325,7 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
             out.pending = KeyboardInterrupt()
         elif kind == "setup_error":
             out.reports = [setup_error_report(item, record, require=require)]  # no test ran: nothing else to report
+            out.others = []
             out.pending = None
             break
         elif kind == "internal_error":

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -25,6 +25,8 @@ from .box.wire import Channel
 from .carry import Carriers
 from .prepare import MARKER, Prepared, Preparer, Refused
 from .spec import Defaults
+
+CHILD_REPORTER: Final = "nsbox-child-reporter"
 
 
 class NsboxWarning(pytest.PytestWarning):
@@ -203,7 +205,8 @@ class SandboxRunner:
                 outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
                 for record in outcome.warnings:
                     replay_warning(record)
-                yield from (r for r in outcome.reports if r.when != "teardown")
+                in_sandbox_teardown = outcome.teardown()
+                yield from (r for r in outcome.in_order() if r is not in_sandbox_teardown)
         if outcome.pending is not None:
             raise outcome.pending  # as in pytest: the session's teardown_exact(None) tears down the rest
         yield self._teardown_outside(item, nextitem, outcome.teardown())
@@ -243,27 +246,92 @@ class SandboxRunner:
 # --- in the test process (C) -------------------------------------------------------------------
 
 
-class ChildState:
-    """Set in C only: where the report hook sends reports; whether the test is in the debugger."""
+class ChildReporter:
+    """In C: sends every report logged for the item to P, in the order it is logged.
 
-    channel: Channel | None = None
-    interactive: bool = False
+    Registered on the sandboxed session's own config in C only, so a pytest session run inside
+    the test (pytester's ``runpytest``/``inline_run``) keeps its reports to itself. The phase
+    reports (setup, call, teardown of the item) are marked: P's phase logic works off them,
+    while other reports (subtests, other plugins' reports) are logged in P as they came.
+    """
+
+    def __init__(self, config: pytest.Config, channel: Channel) -> None:
+        self.config = config
+        self.channel = channel
+        self._in_phase = 0  # > 0 while a runtest phase hook runs (reports made then are not phase reports)
+        self._phase_report: pytest.TestReport | None = None
+        self.interactive = False  # the test waits at pdb's prompt
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        return (yield from self._phase())
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        return (yield from self._phase())
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+        return (yield from self._phase())
+
+    def _phase(self) -> Generator[None, None, None]:
+        self._in_phase += 1
+        try:
+            return (yield)
+        finally:
+            self._in_phase -= 1
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if self._in_phase == 0:
+            self._phase_report = report  # the protocol's own report of the phase, logged next
+        return report
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        config = self.config
+        data = config.hook.pytest_report_to_serializable(config=config, report=report)
+        self.channel.send("report", data=data, phase=report is self._phase_report)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_exception_interact(self, report: pytest.TestReport) -> Generator[None, None, None]:
+        try:
+            return (yield)
+        finally:
+            if compat.pdb_shown(report):  # set after the report was sent; also on "q"
+                self.channel.send(reports.PDB_SHOWN, when=report.when)
+
+    def pytest_enter_pdb(self) -> None:
+        self.set_interactive(True)
+
+    def pytest_leave_pdb(self) -> None:
+        self.set_interactive(False)
+
+    def set_interactive(self, active: bool) -> None:
+        """Tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
+        if self.interactive != active:
+            self.interactive = active
+            self.channel.send(INTERACTIVE, active=active)
 
 
-def set_interactive(active: bool) -> None:
-    """In C: tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
-    if CHILD.channel is not None and CHILD.interactive != active:
-        CHILD.interactive = active
-        CHILD.channel.send(INTERACTIVE, active=active)
-
-
-CHILD = ChildState()
+def child_channel(config: pytest.Config) -> Channel | None:
+    """In C, the channel to P of the sandboxed session of *config*; None in P (or in a session
+    run inside a sandboxed test)."""
+    reporter = config.pluginmanager.get_plugin(CHILD_REPORTER)
+    return reporter.channel if isinstance(reporter, ChildReporter) else None
 
 
 def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers) -> None:
-    """In C: pytest's runtest protocol for the item; reports go out through the makereport hook,
-    then what the carriers collected."""
-    CHILD.channel = channel
+    """In C: pytest's runtest protocol for the item; reports go out as they are logged, then
+    what the carriers collected."""
+    config = item.config
+    reporter = ChildReporter(config, channel)
+    config.pluginmanager.register(reporter, CHILD_REPORTER)
+    compat.log_only_to(config, keep=(reporter, item.session))  # P presents the reports, not C
+    compat.own_no_wider_fixtures(item)
     for record in carriers.before(item):
         channel.send(**record)
     with warnings.catch_warnings(record=True) as caught:
@@ -276,7 +344,7 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
         except KeyboardInterrupt:
             channel.send("interrupt")
         finally:
-            set_interactive(False)  # "q" at pdb's prompt leaves without pytest_leave_pdb
+            reporter.set_interactive(False)  # "q" at pdb's prompt leaves without pytest_leave_pdb
     for w in caught:
         channel.send(
             "warning",
@@ -287,19 +355,6 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
         )
     for record in carriers.collect(item):
         channel.send(**record)
-
-
-def send_report(config: pytest.Config, report: pytest.TestReport) -> None:
-    """In C: send one report (called from the makereport wrapper)."""
-    if CHILD.channel is not None:
-        data = config.hook.pytest_report_to_serializable(config=config, report=report)
-        CHILD.channel.send("report", data=data)
-
-
-def send_pdb_shown(report: pytest.TestReport) -> None:
-    """In C: --pdb showed this report's failure (see compat.pdb_shown)."""
-    if CHILD.channel is not None and compat.pdb_shown(report):
-        CHILD.channel.send(reports.PDB_SHOWN, when=report.when)
 
 
 def replay_warning(record: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 BUILDER_TOKEN: Final = b"pytest_nsbox.box.builder import serve"  # in the sandbox builder's command line
 
@@ -208,3 +208,12 @@ def hosts_lookups(hosts_text: str) -> dict[str, object]:
         for name in fields[1:]:
             seen[name] = resolve(name)
     return seen
+
+
+SUMMARY_TIME: Final = re.compile(r" in [0-9.]+s( \([0-9:]+\))?")
+
+
+def summary_line(result: Any) -> str:
+    """The last line of a pytester run (``3 failed, 4 passed, 11 subtests passed``) without its time."""
+    line = next(line for line in reversed(result.outlines) if line.strip())
+    return SUMMARY_TIME.sub("", line.strip("= "))

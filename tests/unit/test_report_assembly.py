@@ -109,6 +109,30 @@ def test_crash_during_call_fails_the_call_and_passes_teardown(item: pytest.Item)
     assert crashed in text(out.reports[1])
 
 
+def other_report(item: pytest.Item, note: str) -> dict[str, Any]:
+    """A report the test logged itself (a subtest's, another plugin's): a call report, not a phase."""
+    report = reports.passed_report(item, "call")
+    report.sections.append(("note", note))
+    return {**record(item, report), "phase": False}
+
+
+def test_crash_after_a_subtest_fails_the_call_the_protocol_never_reported(item: pytest.Item) -> None:
+    records = [*sent(item, "setup"), other_report(item, "sub 1")]
+    out = assemble(item, SandboxResult(records=records, test_status=signaled(signal.SIGSEGV)))
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
+    assert "SIGSEGV" in text(out.reports[1])
+
+
+def test_other_reports_are_logged_where_c_logged_them(item: pytest.Item) -> None:
+    setup, call, teardown = sent(item, "setup", "call", "teardown")
+    records = [setup, other_report(item, "sub 1"), other_report(item, "sub 2"), call, teardown]
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), done=True))
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "passed")]
+    ordered = out.in_order()
+    assert [dict(r.sections).get("note", r.when) for r in ordered] == ["setup", "sub 1", "sub 2", "call", "teardown"]
+    assert ordered[0] is out.reports[0] and ordered[3] is out.reports[1]
+
+
 def test_crash_after_call_is_an_error_at_teardown(item: pytest.Item) -> None:
     out = assemble(item, SandboxResult(records=sent(item, "setup", "call"), test_status=signaled(signal.SIGKILL)))
     assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "failed")]
