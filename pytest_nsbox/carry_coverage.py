@@ -7,9 +7,9 @@ the collector's pending lines (P's, which P still holds and saves itself) are dr
 collector records into a fresh in-memory ``CoverageData``. After the test, C flushes into it,
 merges the data files that Python subprocesses of the test wrote inside the sandbox, and sends
 ``CoverageData.dumps()``. Subprocesses measured through coverage's ``[run] patch = subprocess``
-(the ``COVERAGE_PROCESS_CONFIG`` variable) write theirs into a directory of C's own on the
-sandbox's fresh ``/tmp`` (C points the variable's ``data_file`` there: next to the real data
-file may not be writable inside, e.g. a rootdir under ``/tmp``); those measured otherwise
+(the ``COVERAGE_PROCESS_CONFIG`` variable) write theirs into a directory on the sandbox's own
+fresh ``/tmp`` (C points the variable's ``data_file`` there: the real data file's directory may
+not be writable inside, e.g. a rootdir under ``/tmp``); those measured otherwise
 (``COVERAGE_PROCESS_START``) write ``<data_file>.<suffix>`` next to the data file, where C looks
 for the ones that appeared during the test. Both vanish with the sandbox.
 P merges it into the data of its running ``Coverage`` with ``CoverageData.update()``. Line sets
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any, Final
 
 import pytest
@@ -40,7 +39,8 @@ LOST: Final = (
     "or it exited without reporting): the lines it ran are not in the coverage report"
 )
 SUBPROCESS_CONFIG_ENV: Final = "COVERAGE_PROCESS_CONFIG"  # set by coverage's [run] patch = subprocess
-SUBPROCESS_DATA_PREFIX: Final = "pytest-nsbox-coverage-"
+SUBPROCESS_START_ENV: Final = "COVERAGE_PROCESS_START"  # a config file, for coverage.process_startup()
+SUBPROCESS_DATA_DIR: Final = "/tmp/pytest-nsbox-coverage"  # on the sandbox's own /tmp
 PARTLY_LOST: Final = "the data file {path} of a subprocess could not be read: {detail}"
 
 
@@ -80,7 +80,7 @@ def _with_data_file(subprocess_config: str, data_file: str) -> str:
 
     config = CoverageConfig.deserialize(subprocess_config)
     config.data_file = data_file
-    return config.serialize()
+    return str(config.serialize())
 
 
 def _data_of(cov: Coverage) -> CoverageData | None:
@@ -108,12 +108,18 @@ class CoverageCarrier:
     def __init__(self) -> None:
         self._cov: Coverage | None = None  # in C: the Coverage recording the test
         self._data: CoverageData | None = None  # in C: where it records
-        self._base_filename = ""  # in C: the data file subprocesses write theirs next to
-        self._existing: set[str] = set()  # in C: data files there before the test
-        self._own_base_filename: str | None = None  # in C: where patch=subprocess data goes instead
+        self._own_base_filename: str | None = None  # in C: where patch=subprocess data goes
+        self._redirected: tuple[tuple[str, str], str] | None = None  # (COVERAGE_PROCESS_CONFIG, data
+        # file name) -> its value for the sandbox: made once in P (apply), inherited by each C
+        self._base_filename = ""  # in C, with COVERAGE_PROCESS_START: the data file subprocesses
+        self._existing: set[str] = set()  # write theirs next to, and the files there before the test
 
     def active(self, config: pytest.Config) -> bool:
-        return loaded("coverage") is not None
+        if loaded("coverage") is None:
+            return False
+        import sqlite3.dump  # noqa: F401 - CoverageData.dumps() imports it: once here, not in every C
+
+        return True
 
     def before(self, item: pytest.Item) -> None:
         cov = _running()
@@ -121,17 +127,31 @@ class CoverageCarrier:
         if cov is None:
             return
         from coverage import CoverageData
-        from coverage.data import combinable_files
 
         self._data = CoverageData(no_disk=True)
         inherited = _record_into(cov, self._data)
-        self._base_filename = inherited.base_filename()
-        self._existing = set(combinable_files(self._base_filename))
+        redirected = self._redirect_subprocesses(inherited.base_filename())
+        if redirected is not None:  # patch = subprocess: into a directory of our own
+            os.makedirs(SUBPROCESS_DATA_DIR, exist_ok=True)
+            self._own_base_filename = redirected[0]
+            os.environ[SUBPROCESS_CONFIG_ENV] = redirected[1]
+        elif os.environ.get(SUBPROCESS_START_ENV) is not None:  # a config file names the data file
+            from coverage.data import combinable_files
+
+            self._base_filename = inherited.base_filename()
+            self._existing = set(combinable_files(self._base_filename))
+
+    def _redirect_subprocesses(self, base_filename: str) -> tuple[str, str] | None:
+        """(data file, value of COVERAGE_PROCESS_CONFIG) that make the test's subprocesses write
+        their data into the sandbox's own directory; None: patch = subprocess is not in use."""
         subprocess_config = os.environ.get(SUBPROCESS_CONFIG_ENV)
-        if subprocess_config is not None:
-            own_dir = tempfile.mkdtemp(prefix=SUBPROCESS_DATA_PREFIX, dir="/tmp")  # the sandbox's own /tmp
-            self._own_base_filename = os.path.join(own_dir, os.path.basename(self._base_filename))
-            os.environ[SUBPROCESS_CONFIG_ENV] = _with_data_file(subprocess_config, self._own_base_filename)
+        if subprocess_config is None:
+            return None
+        own_base_filename = os.path.join(SUBPROCESS_DATA_DIR, os.path.basename(base_filename))
+        key = (subprocess_config, own_base_filename)
+        if self._redirected is None or self._redirected[0] != key:
+            self._redirected = (key, _with_data_file(subprocess_config, own_base_filename))
+        return own_base_filename, self._redirected[1]
 
     def collect(self, item: pytest.Item) -> dict[str, Any] | None:
         cov, data = self._cov, self._data
@@ -142,7 +162,9 @@ class CoverageCarrier:
 
         _flush(cov)
         problems = []
-        written_files = set(combinable_files(self._base_filename)) - self._existing
+        written_files = set()
+        if self._base_filename:
+            written_files.update(set(combinable_files(self._base_filename)) - self._existing)
         if self._own_base_filename is not None:
             written_files.update(combinable_files(self._own_base_filename))
         for path in sorted(written_files):
@@ -159,6 +181,9 @@ class CoverageCarrier:
         if not isinstance(value, dict):
             raise TypeError(f"expected a dict, got {type(value).__name__}")
         cov = _running()
+        data = _data_of(cov) if cov is not None else None
+        if data is not None:
+            self._redirect_subprocesses(data.base_filename())  # for the next tests' C (a cache)
         dumped = value.get("data")
         if cov is not None and dumped is not None:
             from coverage import CoverageData
@@ -167,10 +192,9 @@ class CoverageCarrier:
                 raise TypeError(f"expected base64 text, got {type(dumped).__name__}")
             carried = CoverageData(no_disk=True)
             carried.loads(base64.b64decode(dumped, validate=True))
-            target = _data_of(cov)
-            if target is None:
+            if data is None:
                 raise RuntimeError("the running Coverage has no data to merge into")
-            target.update(carried)
+            data.update(carried)
         problems = value.get("problems") or []
         if problems:
             raise RuntimeError("; ".join(str(p) for p in problems))
