@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Final
 
 import pytest
-
-from .carry import loaded
 
 if TYPE_CHECKING:
     from coverage import Coverage, CoverageData
@@ -93,7 +92,7 @@ def _data_of(cov: Coverage) -> CoverageData | None:
 
 def _running() -> Coverage | None:
     """The started Coverage of this process, if any (never imports coverage)."""
-    module = loaded("coverage")
+    module = sys.modules.get("coverage")
     if module is None:
         return None
     cov: Coverage | None = module.Coverage.current()
@@ -115,7 +114,7 @@ class CoverageCarrier:
         self._existing: set[str] = set()  # write theirs next to, and the files there before the test
 
     def active(self, config: pytest.Config) -> bool:
-        if loaded("coverage") is None:
+        if "coverage" not in sys.modules:  # never imports what the run did not
             return False
         import sqlite3.dump  # noqa: F401 - CoverageData.dumps() imports it: once here, not in every C
 
