@@ -7,7 +7,9 @@ protocol (``before``) and collects what the test produced after it (``collect``,
 value); in P it applies that value (``apply``). Nothing travels but the value: no writable mount
 into the user's tree, and P validates what it applies (the test process is not trusted).
 
-What a test killed by a limit or a signal produced is lost: ``collect`` never runs.
+What a test killed by a limit or a signal produced is lost: ``collect`` never runs. A carrier
+may say so: if it has a ``missing(item)`` method, P calls it when the test process sent reports
+but no record of that carrier, and warns with what it returns (None: nothing was lost).
 """
 
 from __future__ import annotations
@@ -146,7 +148,9 @@ class TerminalLine:
 
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return [FailedSubtests(), JunitRecords(), TerminalLine()]
+    from .carry_coverage import CoverageCarrier
+
+    return [FailedSubtests(), JunitRecords(), TerminalLine(), CoverageCarrier()]
 
 
 class Carriers:
@@ -183,9 +187,11 @@ class Carriers:
         """In P: apply each carried record; the problems, one line each (never raises)."""
         by_name = {carrier.name: carrier for carrier in self.active}
         problems = []
+        carried = set()
         for record in records:
             if record.get("kind") != RECORD_KIND:
                 continue
+            carried.add(str(record.get("name")))
             carrier = by_name.get(str(record.get("name")))
             if "error" in record:
                 problems.append(f"{record.get('name')}: {record['error']}")
@@ -197,6 +203,11 @@ class Carriers:
                 carrier.apply(item, record.get("value"))
             except Exception as exc:  # noqa: BLE001 - the value comes from the test process
                 problems.append(f"{carrier.name}: {type(exc).__name__}: {exc}")
+        if any(record.get("kind") == "report" for record in records):  # the test ran in C
+            for carrier in self.active:
+                missing = getattr(carrier, "missing", None)  # optional (see the module docstring)
+                if carrier.name not in carried and missing is not None and (problem := missing(item)):
+                    problems.append(f"{carrier.name}: {problem}")
         return problems
 
 
