@@ -40,7 +40,9 @@ class Carrier(Protocol):
 
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
-    return []
+    from .reruns import AttemptState
+
+    return [AttemptState()]
 
 
 class Carriers:
