@@ -40,9 +40,10 @@ class Carrier(Protocol):
 
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
+    from .examples_db import ExampleDatabase
     from .reruns import AttemptState
 
-    return [AttemptState()]
+    return [AttemptState(), ExampleDatabase()]
 
 
 class Carriers:
