@@ -22,13 +22,12 @@ import base64
 import os
 import re
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-
-from .carry import loaded
 
 MAX_VALUE_BYTES: Final = 1 * 2**20  # hypothesis's own entries are choice sequences of a few KiB
 MAX_TOTAL_BYTES: Final = 16 * 2**20  # per test
@@ -39,7 +38,7 @@ _TEMP_PREFIX: Final = ".nsbox-"
 
 def database_dirs(item: pytest.Item) -> list[str]:
     """The directories of the directory databases the item's hypothesis test uses (absolute)."""
-    hypothesis = loaded("hypothesis")
+    hypothesis = sys.modules.get("hypothesis")  # never imported here: the user's run did, or nothing to do
     if hypothesis is None or item.get_closest_marker("hypothesis") is None:
         return []
     test_settings = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
@@ -66,7 +65,7 @@ def _unwrapped(database: Any) -> list[Any]:
 
 def _flush(item: pytest.Item) -> None:
     """In C: wait for writes a ``BackgroundWriteDatabase`` still holds."""
-    hypothesis = loaded("hypothesis")
+    hypothesis = sys.modules.get("hypothesis")  # never imported here: the user's run did, or nothing to do
     if hypothesis is None:
         return
     test_settings = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
