@@ -149,8 +149,10 @@ class TerminalLine:
 def all_carriers() -> list[Carrier]:
     """Every carrier pytest-nsbox knows."""
     from .carry_coverage import CoverageCarrier
+    from .examples_db import ExampleDatabase
+    from .reruns import AttemptState
 
-    return [FailedSubtests(), JunitRecords(), TerminalLine(), CoverageCarrier()]
+    return [AttemptState(), FailedSubtests(), JunitRecords(), TerminalLine(), CoverageCarrier(), ExampleDatabase()]
 
 
 class Carriers:

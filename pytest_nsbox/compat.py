@@ -53,9 +53,14 @@ def teardown_towards(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     try:
         item.session._setupstate.teardown_exact(nextitem)
     finally:
-        if hasattr(item, "_request"):
-            item._request = False  # type: ignore[attr-defined]
-            item.funcargs = None  # type: ignore[attr-defined]
+        drop_request(item)
+
+
+def drop_request(item: pytest.Item) -> None:
+    """In P: drop the item's fixture request (its wider fixtures stay up: a rerun follows)."""
+    if hasattr(item, "_request"):
+        item._request = False  # type: ignore[attr-defined]
+        item.funcargs = None  # type: ignore[attr-defined]
 
 
 def run_protocol(item: pytest.Item) -> None:

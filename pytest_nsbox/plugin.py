@@ -7,14 +7,14 @@ from typing import Final
 
 import pytest
 
-from . import runtest, timers
+from . import reruns, runtest, timers
 from .errors import NsboxError
 from .spec import defaults_from_ini
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
 MEMORY_SUMMARY_TITLE: Final = "nsbox: peak memory of sandboxed tests"
-_peaks: list[tuple[str, int, int | None]] = []  # (nodeid, peak, limit) of this session
+_peaks: dict[str, tuple[int, int | None]] = {}  # nodeid: (peak, limit) of this session; a rerun's highest
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
@@ -102,6 +102,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     runner = item.config.stash.get(RUNNER_KEY, None)
     if runner is None or not runner.wants(item):
         return None  # not ours: pytest runs it
+    rerun_count = reruns.count(item)
+    if rerun_count is not None:  # pytest-rerunfailures' loop, each attempt in a fresh sandbox
+        reruns.protocol(item, rerun_count, lambda rerun_follows: runner.run_item(item, nextitem, rerun_follows))
+        return True
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     for report in runner.run_item(item, nextitem):
         item.ihook.pytest_runtest_logreport(report=report)
@@ -117,7 +121,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     peak = properties.get("nsbox_memory_peak")
     if isinstance(peak, int):
         limit = properties.get("nsbox_memory_limit")
-        _peaks.append((report.nodeid, peak, limit if isinstance(limit, int) else None))
+        if peak >= _peaks.get(report.nodeid, (0, None))[0]:
+            _peaks[report.nodeid] = (peak, limit if isinstance(limit, int) else None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -128,7 +133,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
     terminalreporter.write_sep("=", MEMORY_SUMMARY_TITLE)
     terminalreporter.write_line(f"{'peak':>10}  {'limit':>10}  {'margin':>10}  test")
-    for nodeid, peak, limit in sorted(_peaks, key=lambda entry: -entry[1])[:count]:
+    for nodeid, (peak, limit) in sorted(_peaks.items(), key=lambda entry: -entry[1][0])[:count]:
         limit_text = format_size(limit) if limit else "-"
         margin = f"{(limit - peak) * 100 / limit:.0f}%" if limit else "-"
         terminalreporter.write_line(f"{format_size(peak):>10}  {limit_text:>10}  {margin:>10}  {nodeid}")

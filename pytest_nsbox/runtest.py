@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from typing import Any, Final
 
 import pytest
 
-from . import compat, probe, reports, timers
+from . import compat, probe, reports, reruns, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
@@ -179,16 +179,28 @@ class SandboxRunner:
         self.lookahead.close()
         self.preparer.close()
 
-    def run_item(self, item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[pytest.TestReport]:
-        """Yield the item's reports in order; raise pytest.exit/KeyboardInterrupt as the test did."""
+    def run_item(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        rerun_follows: Callable[[list[pytest.TestReport]], bool] = lambda reports: False,
+    ) -> Iterator[pytest.TestReport]:
+        """Yield the item's reports in order; raise pytest.exit/KeyboardInterrupt as the test did.
+
+        *rerun_follows* is asked, with the reports before P's teardown, whether the item runs
+        again (pytest-rerunfailures): then the wider-scoped fixtures stay up for the rerun.
+        """
+        reruns.start_attempt(item)
         prepared, ticket = self.lookahead.take(item)
         outcome = reports.SandboxReports()
+        before_teardown: list[pytest.TestReport] = []
         if isinstance(prepared, Refused):
             self._prepare_next(nextitem)
             if prepared.unavailable:
-                yield reports.unavailable_report(item, prepared.message, require=self.require)
+                before_teardown.append(reports.unavailable_report(item, prepared.message, require=self.require))
             else:
-                yield reports.failure_report(item, "setup", prepared.message)
+                before_teardown.append(reports.failure_report(item, "setup", prepared.message))
+            yield from before_teardown
         else:
             if ticket is None:
                 ticket = self.lookahead.submit(prepared)
@@ -196,7 +208,8 @@ class SandboxRunner:
             if setup.excinfo is not None:
                 self.lookahead.discard(prepared, ticket)
                 self._prepare_next(nextitem)
-                yield item.ihook.pytest_runtest_makereport(item=item, call=setup)
+                before_teardown.append(item.ihook.pytest_runtest_makereport(item=item, call=setup))
+                yield from before_teardown
             else:
                 result = self._run(item, nextitem, prepared, ticket)
                 for problem in self.carriers.apply(item, result.records):
@@ -206,10 +219,13 @@ class SandboxRunner:
                 for record in outcome.warnings:
                     replay_warning(record)
                 in_sandbox_teardown = outcome.teardown()
+                before_teardown = [r for r in outcome.reports if r is not in_sandbox_teardown]
                 yield from (r for r in outcome.in_order() if r is not in_sandbox_teardown)
         if outcome.pending is not None:
             raise outcome.pending  # as in pytest: the session's teardown_exact(None) tears down the rest
-        yield self._teardown_outside(item, nextitem, outcome.teardown())
+        in_sandbox = outcome.teardown()
+        keep_wider = rerun_follows([*before_teardown, *([in_sandbox] if in_sandbox is not None else [])])
+        yield self._teardown_outside(item, nextitem, in_sandbox, keep_wider=keep_wider)
 
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
         # now: the cwd the wider fixtures left
@@ -233,13 +249,21 @@ class SandboxRunner:
         self.lookahead.prepare_next(nextitem, nextitem is not None and self.wants(nextitem))
 
     def _teardown_outside(
-        self, item: pytest.Item, nextitem: pytest.Item | None, in_sandbox: pytest.TestReport | None
+        self, item: pytest.Item, nextitem: pytest.Item | None, in_sandbox: pytest.TestReport | None, *, keep_wider: bool
     ) -> pytest.TestReport:
-        """Tear down the wider-scoped fixtures P holds; one report with the sandbox's teardown."""
+        """Tear down the wider-scoped fixtures P holds (unless the item runs again); one report
+        with the sandbox's teardown."""
         session = item.session
         if session.shouldfail or session.shouldstop:
             nextitem = None
-        call = pytest.CallInfo.from_call(lambda: compat.teardown_towards(item, nextitem), when="teardown")
+
+        def teardown() -> None:
+            if keep_wider:
+                compat.drop_request(item)
+            else:
+                compat.teardown_towards(item, nextitem)
+
+        call = pytest.CallInfo.from_call(teardown, when="teardown")
         return reports.merge_teardown(item, in_sandbox, call)
 
 

@@ -68,7 +68,7 @@ run_compat() {  # run_compat [VENV]: tests/compat against the pinned plugins of 
     echo "*" > "$venv/.gitignore"
   fi
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[dev,compat]"
-  "$venv/bin/python" -m pytest -p no:cacheprovider -p no:randomly -n 2 tests/compat
+  "$venv/bin/python" -m pytest -p no:cacheprovider -p no:randomly -o asyncio_default_fixture_loop_scope=function -n 2 tests/compat
 }
 
 add_subids() {  # add_subids FILE --add-subuids|--add-subgids: give the user 65536 subordinate ids once

@@ -63,7 +63,7 @@ def test_subprocess():
     ".coveragerc": "[run]\npatch = subprocess\n",
 }
 # The inner runs leave out the plugins that change or break runs beside the point here.
-INNER_ARGS = ("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:rerunfailures")
+INNER_ARGS = ("-p", "no:cacheprovider", "-p", "no:randomly")
 PYTEST_COV_ARGS = ("--cov=pkg", "--cov-branch", "--cov-report=term-missing")
 
 

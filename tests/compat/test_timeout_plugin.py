@@ -19,11 +19,6 @@ def test_hangs():
 def test_after():
     pass
 """
-# pytest-rerunfailures, merely installed, turns reports pytest-nsbox makes itself into an
-# INTERNALERROR (issue 9, fixed separately); the thread method's outcome is such a report.
-NO_RERUNS = ("-p", "no:rerunfailures")
-
-
 def test_signal_method_fails_the_test_with_its_message_and_stack(run_inner) -> None:
     result = run_inner(HANGS, "-p", "no:randomly", "--timeout=2", "--timeout-method=signal")
     result.assert_outcomes(passed=1, failed=1)
@@ -34,7 +29,7 @@ def test_signal_method_fails_the_test_with_its_message_and_stack(run_inner) -> N
 
 def test_thread_method_fails_the_test_and_the_run_goes_on(run_inner) -> None:
     """Without sandboxing the thread method ends the whole run (os._exit); here only the test process."""
-    result = run_inner(HANGS, "-p", "no:randomly", *NO_RERUNS, "--timeout=2", "--timeout-method=thread")
+    result = run_inner(HANGS, "-p", "no:randomly", "--timeout=2", "--timeout-method=thread")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([f"FAILED *test_hangs*{MESSAGE}"])
     result.stdout.fnmatch_lines(["*pytest-timeout: stacks at timeout*", "*in test_hangs*", "*time.sleep(60)*"])
@@ -62,7 +57,6 @@ def test_marker_with_func_only(run_inner, method: str) -> None:
         """,
         "-p",
         "no:randomly",
-        *NO_RERUNS,
         "-o",
         "timeout_func_only=true",
     )
