@@ -91,7 +91,10 @@ def log_only_to(config: pytest.Config, keep: tuple[object, ...]) -> None:
     """
     pm = config.pluginmanager
     others = [impl.plugin for impl in pm.hook.pytest_runtest_logreport.get_hookimpls() if impl.plugin not in keep]
-    setattr(pm.hook, "pytest_runtest_logreport", pm.subset_hook_caller("pytest_runtest_logreport", others))  # noqa: B010
+    caller = pm.subset_hook_caller("pytest_runtest_logreport", others)
+    setattr(pm.hook, "pytest_runtest_logreport", caller)  # noqa: B010
+    if config.hook is not pm.hook:  # pytest < 8.1: a proxy that cached the caller P used (PathAwareHookProxy)
+        setattr(config.hook, "pytest_runtest_logreport", caller)  # noqa: B010
 
 
 def report_from_serializable(config: pytest.Config, data: dict[str, Any]) -> pytest.TestReport:

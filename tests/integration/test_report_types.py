@@ -11,6 +11,7 @@ import pytest
 from helpers import summary_line
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
+builtin_subtests = pytest.mark.skipif(pytest.version_tuple < (9,), reason="pytest < 9 has no built-in subtests")
 
 SHORT_SUMMARY_TITLE = "short test summary info"
 TIMING_ATTRIBUTES = ("time", "timestamp", "hostname")
@@ -87,6 +88,7 @@ class TestUnittest(unittest.TestCase):
 """
 
 
+@builtin_subtests
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["serial", "xdist"])
 def test_subtests_are_counted_as_without_sandbox(run_inner, xdist: tuple[str, ...]) -> None:
     plain, sandboxed = run_plain_and_sandboxed(run_inner, SUBTESTS, "-q", *xdist)  # -q: pytest counts passed subtests
@@ -95,6 +97,7 @@ def test_subtests_are_counted_as_without_sandbox(run_inner, xdist: tuple[str, ..
     assert short_summary(sandboxed) == short_summary(plain)
 
 
+@builtin_subtests
 def test_subtests_in_junit_as_without_sandbox(run_inner, pytester: pytest.Pytester) -> None:
     plain = run_inner(SUBTESTS, "--junitxml=plain.xml")
     sandboxed = run_inner(SUBTESTS, "--nsbox-all", "--junitxml=sandboxed.xml")
@@ -102,6 +105,7 @@ def test_subtests_in_junit_as_without_sandbox(run_inner, pytester: pytest.Pytest
     assert junit_content(pytester.path / "sandboxed.xml") == junit_content(pytester.path / "plain.xml")
 
 
+@builtin_subtests
 def test_failed_subtest_under_exitfirst_stops_as_without_sandbox(run_inner) -> None:
     source = """
         import pytest
