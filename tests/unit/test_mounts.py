@@ -59,13 +59,13 @@ def test_symlink_loop_is_an_error(tmp_path: Path) -> None:
 
 def test_minimal_paths_keeps_stronger_access_and_depth_order() -> None:
     paths = [
-        mounts.HostPath("/a/b", True),
-        mounts.HostPath("/a", True),
-        mounts.HostPath("/a/b/tmp", False),
-        mounts.HostPath("/a/c", True),
+        mounts.HostPath("/a/b", mounts.READ_ONLY),
+        mounts.HostPath("/a", mounts.READ_ONLY),
+        mounts.HostPath("/a/b/tmp", mounts.SHARED),
+        mounts.HostPath("/a/c", mounts.READ_ONLY),
     ]
     chosen = mounts._minimal_paths(paths)
-    assert chosen == [mounts.HostPath("/a", True), mounts.HostPath("/a/b/tmp", False)]
+    assert chosen == [mounts.HostPath("/a", mounts.READ_ONLY), mounts.HostPath("/a/b/tmp", mounts.SHARED)]
 
 
 def _plan(tmp_path: Path, image: str, network: str = "none", address_families: tuple[int, ...] = ()) -> mounts.MountPlan:
@@ -76,7 +76,10 @@ def _plan(tmp_path: Path, image: str, network: str = "none", address_families: t
         image=image,
         network=network,
         scratch=str(tmp_path / "s"),
-        host_paths=[mounts.HostPath(str(tmp_path / "venv"), True), mounts.HostPath(str(tmp_path / "bt"), False)],
+        host_paths=[
+            mounts.HostPath(str(tmp_path / "venv"), mounts.READ_ONLY),
+            mounts.HostPath(str(tmp_path / "bt"), mounts.SHARED),
+        ],
         mounts=table,
         host_resolv_conf="nameserver 192.0.2.53\n",
         address_families=address_families,
