@@ -186,7 +186,6 @@ class Preparer:
         cwd = os.getcwd()
         key = (image, network, cwd)
         if key not in self._plans:
-            rootless = os.getuid() != 0
             self._plans[key] = mounts.build_plan(
                 image=image,
                 network=network,
@@ -196,11 +195,10 @@ class Preparer:
                     rootdir=str(self.config.rootpath),
                     cwd=cwd,
                     basetemp=compat.basetemp(self.config) or None,
-                    home=_own_home() if rootless and image == images.HOST else None,
+                    home=_own_home() if os.getuid() != 0 and image == images.HOST else None,
                 ),
                 mounts=mounts.MountTable.read(),
                 stacks_dir=str(layer_cache.stacks_dir(self.cache_dir)),
-                rootless=rootless,
             )
         return self._plans[key]
 

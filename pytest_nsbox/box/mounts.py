@@ -13,10 +13,10 @@ The filesystem rule (``sandbox_paths`` says which host paths, ``build_plan`` mou
 * pytest's basetemp is the host's, read-write: what a test writes there survives;
 * the interpreter's directories are the host's, read-only (a non-host image) or as in the host's tree;
 * ids: root inside is the user running pytest; only that user's id is mapped. Files of other users
-  show as owned by nobody and cannot be changed. Rootless with image "host" the host's directories
-  are therefore read-only (EROFS) except the caller's home, the rootdir and the current directory
-  (throwaway) and the paths above: a copy-up of a directory owned by an id the sandbox cannot map
-  would fail with EOVERFLOW (e.g. a new file in the host's world-writable /var/tmp).
+  show as owned by nobody: readable, not changeable (EACCES). Rootless with image "host", the
+  caller's home gets a throwaway overlay of its own too: a copy-up inside an overlay of /home would
+  have to copy /home, whose owner (root) the sandbox cannot map (EOVERFLOW). For the same reason
+  /var/tmp (world-writable, root's) is fresh like /tmp.
 """
 
 from __future__ import annotations
@@ -236,7 +236,6 @@ class MountOverlay:
     source: str = "nsbox-overlay"
     name: str = "mount_overlay"
     cwd: str | None = None  # relative lowers are resolved here (mount(2) takes one page of options)
-    readonly: bool = False
     root: str | None = None  # set: *target* is a path inside this root, resolved as make_path_in_root does
 
     @property
@@ -256,8 +255,7 @@ class MountOverlay:
             target = _b(self.target)
         if self.cwd is not None:
             os.chdir(self.cwd)
-        flags = L.MS_RDONLY if self.readonly else 0
-        L.mount(_b(self.source), target, b"overlay", flags, self.options.encode())
+        L.mount(_b(self.source), target, b"overlay", 0, self.options.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,17 +310,6 @@ class RemountReadonly:
     def run(self) -> None:
         L.mount(_b(self.target), _b(self.target), None, L.MS_BIND | L.MS_REC)
         L.mount(None, _b(self.target), None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | self.flags)
-
-
-@dataclass(frozen=True, slots=True)
-class RemountRootReadonly:
-    """Make the tmpfs holding the host image's top-level directories read-only (rootless)."""
-
-    target: str
-    name: str = "remount_root_readonly"
-
-    def run(self) -> None:
-        L.mount(None, _b(self.target), None, L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV)
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,14 +506,13 @@ class _PlanWriter:
         source: str = "nsbox-overlay",
         cwd: str | None = None,
         *,
-        readonly: bool = False,
         inside: bool = False,
     ) -> None:
         """An overlay on *target* (*inside*: a path inside the new root, resolved there)."""
         self.layers += 1
         upper, work = f"{self.scratch}/upper/{self.layers}", f"{self.scratch}/work/{self.layers}"
         root = self.root if inside else None
-        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd, readonly=readonly, root=root))
+        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd, root=root))
 
     def throwaway(self, host_path: str) -> None:
         """*host_path* at the same path inside, under a writable layer of its own.
@@ -560,9 +546,8 @@ class _PlanWriter:
             remounts = (("", locked_flags(source)), *subs)
         self.steps.append(BindMount(source, self.root, path, readonly, remounts))
 
-    def host_tree(self, host_dir: str, target: str, init_dir: str | None, *, readonly: bool = False) -> None:
-        """Overlay each entry of *host_dir* (*readonly*: read-only overlays); directories holding
-        submounts are rebuilt one level down."""
+    def host_tree(self, host_dir: str, target: str, init_dir: str | None) -> None:
+        """Overlay each entry of *host_dir*; directories holding submounts are rebuilt one level down."""
         start = len(self.steps)
         dirs: list[str] = []
         symlinks: list[tuple[str, str]] = []
@@ -577,12 +562,12 @@ class _PlanWriter:
             elif entry.is_dir(follow_symlinks=False):
                 if self.mounts.below(host_path):
                     dirs.append(dest)
-                    self.host_tree(host_path, dest, None, readonly=readonly)
+                    self.host_tree(host_path, dest, None)
                 elif _is_empty_dir(host_path) and host_path not in self.mounts.mount_points:
                     empty.append((dest, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)))
                 else:
                     init = f"{init_dir}/{entry.name}" if init_dir and entry.name == "etc" else None
-                    self.overlay(dest, [init, host_path] if init else [host_path], readonly=readonly)
+                    self.overlay(dest, [init, host_path] if init else [host_path])
             elif entry.is_file(follow_symlinks=False):
                 self.bind(host_path, dest[len(self.root) :], readonly=True)
         self.steps.insert(start, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks), modes=tuple(empty)))
@@ -747,21 +732,14 @@ def build_plan(
     host_resolv_conf: str | None = None,
     stacks_dir: str | None = None,
     address_families: tuple[int, ...] | None = None,
-    rootless: bool | None = None,
 ) -> MountPlan:
     """Build every mount step for one sandbox, by the filesystem rule of the module doc.
     ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
     come from sandbox_paths. ``host_resolv_conf`` defaults to the host's (read_resolv_conf).
 
-    ``rootless`` (default: whether the caller is not root): the host image's directories are
-    mounted read-only; only the caller's id is mapped, and a copy-up of a directory owned by
-    another id fails with EOVERFLOW where the permissions would let the write through.
-
     ``address_families`` (network="none"): the families the sandbox's loopback gets an address
     of, so that name resolution answers as on the host; default: configured_families().
     """
-    if rootless is None:
-        rootless = os.getuid() != 0
     b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
     resolv = read_resolv_conf() if host_resolv_conf is None else host_resolv_conf
@@ -772,10 +750,9 @@ def build_plan(
         MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-scratch"),
         MakeTree("write_init_layer", dirs=(f"{scratch}/upper", f"{scratch}/work"), files=init_files),
     ]
-    host_readonly = image == "host" and rootless
     if image == "host":
         head.append(MountFs("mount_root_tmpfs", "tmpfs", root, L.MS_NOSUID | L.MS_NODEV, "mode=0755", ROOT_SOURCE))
-        b.host_tree("/", root, init, readonly=host_readonly)
+        b.host_tree("/", root, init)
         visible = [hp for hp in host_paths if _under_fresh_or_replaced(hp.path) or not hp.readonly]
     elif isinstance(image, tuple):
         cwd, lowers = short_lowers(image, stacks_dir or os.path.join(scratch, "stacks"))
@@ -822,8 +799,6 @@ def build_plan(
         binder = _PlanWriter(scratch, mounts)
         binder.bind("/sys", "/sys", readonly=True)
         tail.extend(binder.steps)
-    if host_readonly:
-        tail.append(RemountRootReadonly(root))  # after the last mount point is made on it
     tail += [PivotRoot(root), SetHostname()]
     if network == "none":
         families = configured_families() if address_families is None else address_families
