@@ -142,6 +142,46 @@ def test_var_tmp_is_fresh():
 """
 
 
+BIND_MOUNTED_ROOTDIR = """
+import os, pathlib, pytest
+from pytest_nsbox import nsbox
+
+@nsbox
+def test_write():
+    root = pathlib.Path(os.getcwd())
+    for directory in (root, root / "sub", root / "data"):
+        (directory / "new.txt").write_text("new")
+    assert (root / "data" / "on-tmpfs.txt").read_text() == "tmpfs"
+    (root / "data" / "on-tmpfs.txt").write_text("changed")
+    assert (root / "existing.txt").read_text() == "original"  # a file beside a mount point: read-only
+"""
+
+
+@pytest.mark.needs_root  # makes mounts, in a mount namespace of its own
+@pytest.mark.parametrize("build_mode", list(BUILD_MODES))
+def test_rootdir_that_is_a_bind_mount_with_a_mount_below(build_mode: str, tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    (project / "data").mkdir()
+    (project / "test_inner.py").write_text(BIND_MOUNTED_ROOTDIR)
+    point = tmp_path / "checkout"  # where the project is bind-mounted, as in a container
+    point.mkdir()
+    pytest_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", f"--basetemp={tmp_path / 'bt'}"]
+    script = (
+        f"mount --bind {project} {point} && mount -t tmpfs nsbox-test {point}/data"
+        f" && echo -n tmpfs > {point}/data/on-tmpfs.txt && cd {point}"
+        f" && {' '.join([*pytest_command, *BUILD_MODES[build_mode]])}"
+        f" && test ! -e new.txt && test ! -e sub/new.txt && test ! -e data/new.txt && test $(cat data/on-tmpfs.txt) = tmpfs"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
 def test_var_tmp_is_fresh(run_inner) -> None:
     with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="nsbox-host-") as host_file:
         result = run_inner(FRESH_VAR_TMP.replace("HOST_FILE", repr(host_file.name)))
