@@ -732,6 +732,7 @@ def build_plan(
     host_resolv_conf: str | None = None,
     stacks_dir: str | None = None,
     address_families: tuple[int, ...] | None = None,
+    fresh_var_tmp: bool = True,
 ) -> MountPlan:
     """Build every mount step for one sandbox, by the filesystem rule of the module doc.
     ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
@@ -739,6 +740,7 @@ def build_plan(
 
     ``address_families`` (network="none"): the families the sandbox's loopback gets an address
     of, so that name resolution answers as on the host; default: configured_families().
+    ``fresh_var_tmp=False`` (a recipe's run step): /var/tmp is the image's, part of the layer.
     """
     b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
@@ -765,7 +767,6 @@ def build_plan(
     b.steps.clear()
     fresh: list[Step] = [
         MountFs("mount_tmp", "tmpfs", f"{root}/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-tmp"),
-        MountFs("mount_var_tmp", "tmpfs", "/var/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-var-tmp", root),
         MountFs("mount_run", "tmpfs", f"{root}/run", L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-run"),
         MountFs("mount_minimal_dev", "tmpfs", f"{root}/dev", L.MS_NOSUID, "mode=0755", "nsbox-dev"),
         BindDevNodes(f"{root}/dev"),
@@ -787,6 +788,9 @@ def build_plan(
             b.throwaway(hp.path)
         else:
             b.bind(hp.path, hp.path, hp.readonly)
+    if fresh_var_tmp:
+        var_tmp = MountFs("mount_var_tmp", "tmpfs", "/var/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-var-tmp", root)
+        fresh.insert(1, var_tmp)
     proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     tail: list[Step] = [
         # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
