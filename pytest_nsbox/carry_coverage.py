@@ -9,7 +9,7 @@ merges the data files that Python subprocesses of the test wrote inside the sand
 ``CoverageData.dumps()``. Subprocesses measured through coverage's ``[run] patch = subprocess``
 (the ``COVERAGE_PROCESS_CONFIG`` variable) write theirs into a directory on the sandbox's own
 fresh ``/tmp`` (C points the variable's ``data_file`` there: the real data file's directory may
-not be writable inside, e.g. a rootdir under ``/tmp``); those measured otherwise
+not be visible or writable inside); those measured otherwise
 (``COVERAGE_PROCESS_START``) write ``<data_file>.<suffix>`` next to the data file, where C looks
 for the ones that appeared during the test. Both vanish with the sandbox.
 P merges it into the data of its running ``Coverage`` with ``CoverageData.update()``. Line sets

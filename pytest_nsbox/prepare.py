@@ -91,6 +91,15 @@ def interpreter_paths() -> list[str]:
     return sorted(found)
 
 
+def _own_home() -> str | None:
+    """The caller's home directory if the caller owns it (a rootless sandbox can write there)."""
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    try:
+        return home if os.stat(home).st_uid == os.getuid() else None
+    except OSError:
+        return None
+
+
 class Preparer:
     """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
 
@@ -100,7 +109,7 @@ class Preparer:
         self.cgroup_root = cgroup_root
         self.cache_dir = Path(cache_dir) if cache_dir else layer_cache.default_cache_dir()
         self._images: dict[str, images.Resolved] = {}
-        self._plans: dict[tuple[images.Resolved, str], mounts.MountPlan] = {}
+        self._plans: dict[tuple[images.Resolved, str, str], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
         self._manager_detected = False
@@ -173,20 +182,22 @@ class Preparer:
         return self._images[name]
 
     def plan(self, image: images.Resolved, network: str) -> mounts.MountPlan:
-        key = (image, network)
+        """The mount plan for *image* and *network* from the current directory (cached)."""
+        cwd = os.getcwd()
+        key = (image, network, cwd)
         if key not in self._plans:
-            host_paths = [mounts.HostPath(p, readonly=True) for p in interpreter_paths()]
-            host_paths.append(mounts.HostPath(str(self.config.rootpath), readonly=True))
-            basetemp = compat.basetemp(self.config)
-            if basetemp:
-                host_paths.append(mounts.HostPath(basetemp, readonly=False))
             self._plans[key] = mounts.build_plan(
                 image=image,
                 network=network,
                 scratch=self.scratch(),
-                host_paths=host_paths,
+                host_paths=mounts.sandbox_paths(
+                    interpreter=interpreter_paths(),
+                    rootdir=str(self.config.rootpath),
+                    cwd=cwd,
+                    basetemp=compat.basetemp(self.config) or None,
+                    home=_own_home() if os.getuid() != 0 and image == images.HOST else None,
+                ),
                 mounts=mounts.MountTable.read(),
-                own_trees=self._own_trees(),
                 stacks_dir=str(layer_cache.stacks_dir(self.cache_dir)),
             )
         return self._plans[key]
@@ -195,13 +206,6 @@ class Preparer:
         if self._scratch is None:
             self._scratch = mounts.make_scratch_dir()
         return self._scratch
-
-    def _own_trees(self) -> list[str]:
-        """Rootless: the caller's home, rootdir and cwd get overlays of their own (see build_plan)."""
-        if os.getuid() == 0:
-            return []
-        candidates = [pwd.getpwuid(os.getuid()).pw_dir, str(self.config.rootpath), os.getcwd()]
-        return [p for p in candidates if os.path.isdir(p) and os.stat(p).st_uid == os.getuid()]
 
     # --- cgroups ------------------------------------------------------------------------------
 

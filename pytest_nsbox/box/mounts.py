@@ -1,8 +1,22 @@
 """The sandbox's filesystem: a mount plan built in P (pure data), executed step by step by PID 1.
 
-The plan is computed once per (image, network) per session; the sandbox's PID 1 (B, or B' in
-the prebuilt form) runs it after unshare and before pivot_root. Each step has a verb_object
+The plan is computed once per (image, network, cwd) per session; the sandbox's PID 1 (B, or B'
+in the prebuilt form) runs it after unshare and before pivot_root. Each step has a verb_object
 ``name`` that becomes the ``step`` of the setup_error record when it fails.
+
+The filesystem rule (``sandbox_paths`` says which host paths, ``build_plan`` mounts them):
+
+* ``/`` is the image under a throwaway writable layer (image "host": the host's directories);
+* ``/tmp``, ``/var/tmp``, ``/run``, ``/dev/shm`` are fresh, empty tmpfs (FRESH_DIRS), whatever the image;
+* the rootdir and the current directory are the host's, each under a throwaway writable layer of
+  its own, wherever they live and whatever the image;
+* pytest's basetemp is the host's, read-write: what a test writes there survives;
+* the interpreter's directories are the host's, read-only (a non-host image) or as in the host's tree;
+* ids: root inside is the user running pytest; only that user's id is mapped. Files of other users
+  show as owned by nobody: readable, not changeable (EACCES). Rootless with image "host", the
+  caller's home gets a throwaway overlay of its own too: a copy-up inside an overlay of /home would
+  have to copy /home, whose owner (root) the sandbox cannot map (EOVERFLOW). For the same reason
+  /var/tmp (world-writable, root's) is fresh like /tmp.
 """
 
 from __future__ import annotations
@@ -16,13 +30,14 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 from . import _linux as L
 
 HOSTNAME: Final = "nsbox"
 ROOT_SOURCE: Final = "nsbox-root"  # the source name of the sandbox's "/" mount; C checks it
 REPLACED_TOP_LEVEL: Final = frozenset({"proc", "sys", "dev", "tmp", "run"})
+FRESH_DIRS: Final = ("/tmp", "/var/tmp", "/run", "/dev/shm")  # empty in every sandbox (see the module doc)
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 MAX_SYMLINK_HOPS: Final = 40
 SCRATCH_PREFIX: Final = "pytest-nsbox-"  # + "<pid>-": the mount point of a sandbox's scratch tmpfs
@@ -160,11 +175,16 @@ class MountFs:
     flags: int = 0
     data: str | None = None
     source: str | None = None
+    root: str | None = None  # set: *target* is a path inside this root, resolved as make_path_in_root does
 
     def run(self) -> None:
-        os.makedirs(self.target, exist_ok=True)
+        if self.root is not None:
+            target = make_path_in_root(self.root, self.target, directory=True)
+        else:
+            os.makedirs(self.target, exist_ok=True)
+            target = _b(self.target)
         data = self.data.encode() if self.data else None
-        L.mount(_b(self.source or self.fstype), _b(self.target), self.fstype.encode(), self.flags, data)
+        L.mount(_b(self.source or self.fstype), target, self.fstype.encode(), self.flags, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +212,20 @@ class MakeTree:
 
 
 @dataclass(frozen=True, slots=True)
+class MakeLinks:
+    """Create symlinks at paths inside *root* (their parents resolved as make_path_in_root does)."""
+
+    root: str
+    symlinks: tuple[tuple[str, str], ...]  # (link path inside root, link target)
+    name: str = "make_links"
+
+    def run(self) -> None:
+        for path, target in self.symlinks:
+            parent = make_path_in_root(self.root, posixpath.dirname(path), directory=True)
+            os.symlink(target, os.path.join(parent, _b(posixpath.basename(path))))
+
+
+@dataclass(frozen=True, slots=True)
 class MountOverlay:
     """Overlay *lowers* (top first) with a writable upper layer on the scratch tmpfs."""
 
@@ -202,6 +236,7 @@ class MountOverlay:
     source: str = "nsbox-overlay"
     name: str = "mount_overlay"
     cwd: str | None = None  # relative lowers are resolved here (mount(2) takes one page of options)
+    root: str | None = None  # set: *target* is a path inside this root, resolved as make_path_in_root does
 
     @property
     def options(self) -> str:
@@ -211,11 +246,16 @@ class MountOverlay:
         )
 
     def run(self) -> None:
-        for path in (self.target, self.upper, self.work):
+        for path in (self.upper, self.work):
             os.makedirs(path, exist_ok=True)
+        if self.root is not None:
+            target = make_path_in_root(self.root, self.target, directory=True)
+        else:
+            os.makedirs(self.target, exist_ok=True)
+            target = _b(self.target)
         if self.cwd is not None:
             os.chdir(self.cwd)
-        L.mount(_b(self.source), _b(self.target), b"overlay", 0, self.options.encode())
+        L.mount(_b(self.source), target, b"overlay", 0, self.options.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,12 +425,60 @@ def make_path_in_root(root: str, path: str, *, directory: bool) -> bytes:
 # --- plan --------------------------------------------------------------------------------
 
 
+Access = Literal["read-only", "shared", "throwaway"]
+READ_ONLY: Final = "read-only"  # a read-only bind
+SHARED: Final = "shared"  # a read-write bind: writes reach the host
+THROWAWAY: Final = "throwaway"  # an overlay of its own: writable, writes are discarded
+_ACCESS_RANK: Final = {THROWAWAY: 0, SHARED: 1, READ_ONLY: 2}
+
+
 @dataclass(frozen=True, slots=True)
 class HostPath:
-    """A host path the test needs inside (interpreter, site-packages, rootdir, basetemp)."""
+    """A host path the test sees inside (interpreter, site-packages, rootdir, cwd, basetemp)."""
 
     path: str
-    readonly: bool
+    access: Access
+
+    @property
+    def readonly(self) -> bool:
+        return self.access == READ_ONLY
+
+
+def sandbox_paths(
+    *,
+    interpreter: Iterable[str],
+    rootdir: str,
+    cwd: str,
+    basetemp: str | None,
+    home: str | None = None,
+) -> list[HostPath]:
+    """The host paths of the filesystem rule (module doc): the interpreter's read-only, the
+    rootdir and the cwd throwaway, basetemp shared; *home* (rootless, image "host") throwaway.
+
+    "/" and the fresh directories themselves are never taken from the host (the cwd "/tmp" is
+    the sandbox's empty /tmp).
+    """
+    paths = [HostPath(p, READ_ONLY) for p in interpreter]
+    for path in (rootdir, cwd, home):
+        if path and _host_can_give(path):
+            paths.append(HostPath(path, THROWAWAY))
+    if basetemp:
+        paths.append(HostPath(basetemp, SHARED))
+    return paths
+
+
+def _host_can_give(path: str) -> bool:
+    """Whether *path* can come from the host: not "/", not a fresh directory, not in /proc, /sys, /dev."""
+    if path.rstrip("/") in ("", *FRESH_DIRS):
+        return False
+    return path.split("/")[1] not in ("proc", "sys", "dev")
+
+
+def _under_fresh_or_replaced(path: str) -> bool:
+    """Whether the host image's tree hides *path* (it is under a fresh or replaced directory)."""
+    if path.split("/")[1] in REPLACED_TOP_LEVEL:
+        return True
+    return any(path == d or path.startswith(d + "/") for d in FRESH_DIRS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,10 +499,45 @@ class _PlanWriter:
     def root(self) -> str:
         return f"{self.scratch}/root"
 
-    def overlay(self, target: str, lowers: Sequence[str], source: str = "nsbox-overlay", cwd: str | None = None) -> None:
+    def overlay(
+        self,
+        target: str,
+        lowers: Sequence[str],
+        source: str = "nsbox-overlay",
+        cwd: str | None = None,
+        *,
+        inside: bool = False,
+    ) -> None:
+        """An overlay on *target* (*inside*: a path inside the new root, resolved there)."""
         self.layers += 1
         upper, work = f"{self.scratch}/upper/{self.layers}", f"{self.scratch}/work/{self.layers}"
-        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd))
+        root = self.root if inside else None
+        self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd, root=root))
+
+    def throwaway(self, host_path: str) -> None:
+        """*host_path* at the same path inside, under a writable layer of its own.
+
+        Overlayfs refuses a lower directory with mounts below it in a user namespace (EINVAL):
+        such a directory becomes a tmpfs holding the same entries, its subdirectories overlaid
+        one by one (the same again for those holding mounts), its files bound read-only.
+        """
+        if not self.mounts.below(host_path):
+            self.overlay(host_path, [host_path], inside=True)
+            return
+        self.steps.append(
+            MountFs("mount_host_path_tmpfs", "tmpfs", host_path, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-dir", self.root)
+        )
+        symlinks: list[tuple[str, str]] = []
+        for entry in sorted(os.scandir(host_path), key=lambda e: e.name):
+            inside = f"{host_path.rstrip('/')}/{entry.name}"
+            if entry.is_symlink():
+                symlinks.append((inside, os.readlink(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                self.throwaway(inside)
+            elif entry.is_file(follow_symlinks=False):
+                self.bind(entry.path, inside, readonly=True)
+        if symlinks:
+            self.steps.append(MakeLinks(self.root, tuple(symlinks)))
 
     def bind(self, source: str, path: str, readonly: bool) -> None:
         remounts: tuple[tuple[str, int], ...] = ()
@@ -425,6 +548,7 @@ class _PlanWriter:
 
     def host_tree(self, host_dir: str, target: str, init_dir: str | None) -> None:
         """Overlay each entry of *host_dir*; directories holding submounts are rebuilt one level down."""
+        start = len(self.steps)
         dirs: list[str] = []
         symlinks: list[tuple[str, str]] = []
         empty: list[tuple[str, int]] = []  # an empty directory needs no overlay: a directory on the root tmpfs
@@ -446,7 +570,7 @@ class _PlanWriter:
                     self.overlay(dest, [init, host_path] if init else [host_path])
             elif entry.is_file(follow_symlinks=False):
                 self.bind(host_path, dest[len(self.root) :], readonly=True)
-        self.steps.insert(0, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks), modes=tuple(empty)))
+        self.steps.insert(start, MakeTree("make_host_tree", dirs=tuple(dirs), symlinks=tuple(symlinks), modes=tuple(empty)))
 
 
 def _is_empty_dir(path: str) -> bool:
@@ -532,14 +656,20 @@ def _is_opaque(directory: str) -> bool:
     return False
 
 
+def _covers(outer: HostPath, inner: HostPath) -> bool:
+    """Whether mounting *outer* already gives *inner*: same access, or a throwaway overlay over a
+    read-only path (it shows the same files)."""
+    if not (inner.path == outer.path or inner.path.startswith(outer.path.rstrip("/") + "/")):
+        return False
+    return outer.access == inner.access or (outer.access == THROWAWAY and inner.access == READ_ONLY)
+
+
 def _minimal_paths(paths: Iterable[HostPath]) -> list[HostPath]:
-    """Drop paths already covered by a shorter one with the same or stronger access; sort by depth."""
+    """Drop paths already covered by a shorter one (see _covers); sort by depth, so that a deeper
+    mount goes on top of a shallower one."""
     chosen: list[HostPath] = []
-    for hp in sorted(set(paths), key=lambda p: (p.path.count("/"), p.path, p.readonly)):
-        covered = any(
-            (hp.path == c.path or hp.path.startswith(c.path.rstrip("/") + "/")) and c.readonly == hp.readonly for c in chosen
-        )
-        if not covered:
+    for hp in sorted(set(paths), key=lambda p: (p.path.count("/"), p.path, _ACCESS_RANK[p.access])):
+        if not any(_covers(c, hp) for c in chosen):
             chosen.append(hp)
     return chosen
 
@@ -600,19 +730,17 @@ def build_plan(
     host_paths: Iterable[HostPath],
     mounts: MountTable,
     host_resolv_conf: str | None = None,
-    own_trees: Iterable[str] = (),
     stacks_dir: str | None = None,
     address_families: tuple[int, ...] | None = None,
+    fresh_var_tmp: bool = True,
 ) -> MountPlan:
-    """Build every mount step for one sandbox. ``image`` is "host", a rootfs directory, or layer
-    directories (top first). ``host_resolv_conf`` defaults to the host's (read_resolv_conf).
-
-    ``own_trees`` (host image, rootless): directories owned by the caller that get an overlay
-    of their own. Without it, a copy-up inside them would have to copy their root-owned parents,
-    which an unmapped owner makes impossible (EOVERFLOW).
+    """Build every mount step for one sandbox, by the filesystem rule of the module doc.
+    ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
+    come from sandbox_paths. ``host_resolv_conf`` defaults to the host's (read_resolv_conf).
 
     ``address_families`` (network="none"): the families the sandbox's loopback gets an address
     of, so that name resolution answers as on the host; default: configured_families().
+    ``fresh_var_tmp=False`` (a recipe's run step): /var/tmp is the image's, part of the layer.
     """
     b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
@@ -627,11 +755,7 @@ def build_plan(
     if image == "host":
         head.append(MountFs("mount_root_tmpfs", "tmpfs", root, L.MS_NOSUID | L.MS_NODEV, "mode=0755", ROOT_SOURCE))
         b.host_tree("/", root, init)
-        for tree in sorted(set(own_trees), key=lambda p: p.count("/")):
-            top = tree.split("/")[1] if tree.count("/") >= 1 else ""
-            if tree != "/" and top not in REPLACED_TOP_LEVEL and not mounts.below(tree):
-                b.overlay(f"{root}{tree}", [tree])
-        visible = [hp for hp in host_paths if hp.path.split("/")[1] in REPLACED_TOP_LEVEL or not hp.readonly]
+        visible = [hp for hp in host_paths if _under_fresh_or_replaced(hp.path) or not hp.readonly]
     elif isinstance(image, tuple):
         cwd, lowers = short_lowers(image, stacks_dir or os.path.join(scratch, "stacks"))
         b.overlay(root, [init, *lowers], source=ROOT_SOURCE, cwd=cwd)
@@ -639,6 +763,8 @@ def build_plan(
     else:
         b.overlay(root, [init, image], source=ROOT_SOURCE)
         visible = list(host_paths)
+    image_steps = list(b.steps)
+    b.steps.clear()
     fresh: list[Step] = [
         MountFs("mount_tmp", "tmpfs", f"{root}/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-tmp"),
         MountFs("mount_run", "tmpfs", f"{root}/run", L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-run"),
@@ -657,8 +783,14 @@ def build_plan(
             ),
         ),
     ]
-    for hp in _minimal_paths(visible):
-        b.bind(hp.path, hp.path, hp.readonly)
+    for hp in _minimal_paths(visible):  # shallow first: a deeper one goes on top
+        if hp.access == THROWAWAY:
+            b.throwaway(hp.path)
+        else:
+            b.bind(hp.path, hp.path, hp.readonly)
+    if fresh_var_tmp:
+        var_tmp = MountFs("mount_var_tmp", "tmpfs", "/var/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-var-tmp", root)
+        fresh.insert(1, var_tmp)
     proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     tail: list[Step] = [
         # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
@@ -677,6 +809,4 @@ def build_plan(
         tail.append(BringUpLoopback())
         if families:
             tail.append(AddLoopbackAddresses(tuple(int(f) for f in families)))
-    binds = [s for s in b.steps if isinstance(s, BindMount)]
-    rest = [s for s in b.steps if not isinstance(s, BindMount)]
-    return MountPlan(scratch, root, (*head, *rest, *fresh, *binds, *tail))
+    return MountPlan(scratch, root, (*head, *image_steps, *fresh, *b.steps, *tail))

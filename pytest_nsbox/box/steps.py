@@ -350,11 +350,9 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
         # pytest's faulthandler plugin writes to a copy of the terminal's stderr; P puts the dump in the report
         crash_fd = config.crash_fd
         steps.append(("redirect_crash_dump", lambda: faulthandler.enable(crash_fd, all_threads=True)))
+    # the host's cwd is inside (mounts.sandbox_paths): never run silently somewhere else
+    steps.append(("enter_working_directory", lambda: os.chdir(config.cwd)))
     run_steps(channel, "C", steps)
-    try:
-        os.chdir(config.cwd)
-    except OSError:
-        os.chdir("/")
     code = 0
     try:
         target(channel)

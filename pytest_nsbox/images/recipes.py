@@ -438,6 +438,7 @@ def _run_in_sandbox(
             host_paths=[],
             mounts=mounts.MountTable.read(),
             stacks_dir=str(cache.stacks_dir(cache_dir)),
+            fresh_var_tmp=False,
         )
         steps = tuple(
             replace(s, upper=str(upper), work=str(work))

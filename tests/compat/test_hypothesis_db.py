@@ -1,9 +1,8 @@
 """hypothesis: a failure found in a sandbox is in the example database the next run replays.
 
 Each scenario runs plain and with ``--nsbox-all`` against a database of its own and must go the
-same way. The database lives in the home directory: a sandbox sees it through the host image's
-throwaway overlay (a path under /tmp, where pytester's projects live, is bound read-only instead),
-so only what pytest-nsbox carries back reaches the host.
+same way. The database lives in the home directory: a sandbox sees it through a throwaway overlay
+(as it sees the rootdir, wherever it lives), so only what pytest-nsbox carries back reaches the host.
 """
 
 from __future__ import annotations

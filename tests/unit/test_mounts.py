@@ -59,13 +59,13 @@ def test_symlink_loop_is_an_error(tmp_path: Path) -> None:
 
 def test_minimal_paths_keeps_stronger_access_and_depth_order() -> None:
     paths = [
-        mounts.HostPath("/a/b", True),
-        mounts.HostPath("/a", True),
-        mounts.HostPath("/a/b/tmp", False),
-        mounts.HostPath("/a/c", True),
+        mounts.HostPath("/a/b", mounts.READ_ONLY),
+        mounts.HostPath("/a", mounts.READ_ONLY),
+        mounts.HostPath("/a/b/tmp", mounts.SHARED),
+        mounts.HostPath("/a/c", mounts.READ_ONLY),
     ]
     chosen = mounts._minimal_paths(paths)
-    assert chosen == [mounts.HostPath("/a", True), mounts.HostPath("/a/b/tmp", False)]
+    assert chosen == [mounts.HostPath("/a", mounts.READ_ONLY), mounts.HostPath("/a/b/tmp", mounts.SHARED)]
 
 
 def _plan(tmp_path: Path, image: str, network: str = "none", address_families: tuple[int, ...] = ()) -> mounts.MountPlan:
@@ -76,7 +76,10 @@ def _plan(tmp_path: Path, image: str, network: str = "none", address_families: t
         image=image,
         network=network,
         scratch=str(tmp_path / "s"),
-        host_paths=[mounts.HostPath(str(tmp_path / "venv"), True), mounts.HostPath(str(tmp_path / "bt"), False)],
+        host_paths=[
+            mounts.HostPath(str(tmp_path / "venv"), mounts.READ_ONLY),
+            mounts.HostPath(str(tmp_path / "bt"), mounts.SHARED),
+        ],
         mounts=table,
         host_resolv_conf="nameserver 192.0.2.53\n",
         address_families=address_families,
@@ -190,3 +193,73 @@ def test_sandbox_problems_fail_closed() -> None:
     assert "the root filesystem (device 2049) is not the sandbox's (device 42)" in problems
     unknown = sandbox_problems(host, inside, "none", 42, None)
     assert unknown == ["the root filesystem (device 42) is not the sandbox's (device None)"]
+
+
+def test_sandbox_paths_the_rootdir_and_cwd_are_throwaway_basetemp_shared() -> None:
+    paths = mounts.sandbox_paths(interpreter=["/venv"], rootdir="/tmp/proj", cwd="/tmp/elsewhere", basetemp="/tmp/bt")
+    assert paths == [
+        mounts.HostPath("/venv", mounts.READ_ONLY),
+        mounts.HostPath("/tmp/proj", mounts.THROWAWAY),
+        mounts.HostPath("/tmp/elsewhere", mounts.THROWAWAY),
+        mounts.HostPath("/tmp/bt", mounts.SHARED),
+    ]
+
+
+@pytest.mark.parametrize("cwd", ["/", "/tmp", "/var/tmp/", "/run", "/dev/shm", "/proc/1", "/sys/kernel"])
+def test_sandbox_paths_never_take_root_or_a_fresh_directory_from_the_host(cwd: str) -> None:
+    paths = mounts.sandbox_paths(interpreter=[], rootdir="/home/u/proj", cwd=cwd, basetemp=None)
+    assert paths == [mounts.HostPath("/home/u/proj", mounts.THROWAWAY)]
+
+
+def test_minimal_paths_a_throwaway_overlay_covers_read_only_paths_below_it_not_shared_ones() -> None:
+    chosen = mounts._minimal_paths(
+        [
+            mounts.HostPath("/tmp/proj/.venv/lib", mounts.READ_ONLY),
+            mounts.HostPath("/tmp/proj", mounts.READ_ONLY),  # sys.path holds the rootdir
+            mounts.HostPath("/tmp/proj", mounts.THROWAWAY),
+            mounts.HostPath("/tmp/proj/bt", mounts.SHARED),
+        ]
+    )
+    assert chosen == [mounts.HostPath("/tmp/proj", mounts.THROWAWAY), mounts.HostPath("/tmp/proj/bt", mounts.SHARED)]
+
+
+def test_host_paths_are_mounted_after_the_fresh_directories_shallow_first(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "bt").mkdir(parents=True)
+    plan = mounts.build_plan(
+        image="/images/tiny",
+        network="none",
+        scratch=str(tmp_path / "s"),
+        host_paths=mounts.sandbox_paths(interpreter=[], rootdir=str(project), cwd=str(project), basetemp=str(project / "bt")),
+        mounts=mounts.MountTable.parse("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+        host_resolv_conf="",
+        address_families=(),
+    )
+    names = [step.name for step in plan.steps]
+    overlay = next(s for s in plan.steps if isinstance(s, mounts.MountOverlay) and s.lowers == (str(project),))
+    assert overlay.root == plan.root and overlay.target == str(project)  # resolved inside the new root
+    assert names.index("mount_tmp") < names.index("mount_var_tmp") < plan.steps.index(overlay)
+    assert plan.steps.index(overlay) < names.index("bind_host_path") < names.index("pivot_root")
+
+
+def test_a_throwaway_path_with_mounts_below_is_rebuilt_one_level_down(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    (project / "src").mkdir()
+    (project / "setup.py").write_text("")
+    os.symlink("src", project / "link")
+    table = mounts.MountTable.parse(f"1 0 0:1 / / rw - ext4 /dev/vda rw\n2 1 0:2 / {project}/data rw - tmpfs t rw\n")
+    plan = mounts.build_plan(
+        image="/images/tiny",
+        network="none",
+        scratch=str(tmp_path / "s"),
+        host_paths=[mounts.HostPath(str(project), mounts.THROWAWAY)],
+        mounts=table,
+        host_resolv_conf="",
+        address_families=(),
+    )
+    overlays = {s.target for s in plan.steps if isinstance(s, mounts.MountOverlay) and s.root is not None}
+    assert overlays == {f"{project}/data", f"{project}/src"}
+    assert any(isinstance(s, mounts.MountFs) and s.target == str(project) and s.fstype == "tmpfs" for s in plan.steps)
+    links = [s for s in plan.steps if isinstance(s, mounts.MakeLinks)]
+    assert links and links[0].symlinks == ((f"{project}/link", "src"),)
