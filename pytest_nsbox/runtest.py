@@ -8,6 +8,7 @@ While a test runs, the builder builds the next item's sandbox (``Lookahead``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -24,8 +25,11 @@ from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
 from .carry import Carriers
+from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
 from .spec import Defaults, format_size
+
+log = logging.getLogger(__name__)
 
 CHILD_REPORTER: Final = "nsbox-child-reporter"
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
@@ -272,10 +276,10 @@ class SandboxRunner:
         The test never reported a phase and the kernel counted a limit hit; for memory, the limit
         is also below what an empty sandbox takes here (measured once per image), so a test whose
         function-scoped fixtures outgrow the limit still reads as exceeding it."""
-        if any(record["kind"] == "report" for record in result.records):
+        usage, spec = result.usage, prepared.spec
+        if not (usage.oom_kills or usage.pids_limit_hits) or any(record["kind"] == "report" for record in result.records):
             return None
-        spec = prepared.spec
-        if spec.memory is not None and result.usage.oom_kills:
+        if spec.memory is not None and usage.oom_kills:
             cost = self.start_cost(prepared)
             smallest = start_memory_floor(cost)
             if spec.memory < smallest:
@@ -285,7 +289,7 @@ class SandboxRunner:
                 return reports.MEMORY_TOO_SMALL.format(
                     limit=format_size(spec.memory), measured=measured, smallest=f"{smallest // 2**20}M"
                 )
-        if spec.pids is not None and result.usage.pids_limit_hits and spec.pids < PIDS_TO_START:
+        if spec.pids is not None and usage.pids_limit_hits and spec.pids < PIDS_TO_START:
             return reports.PIDS_TOO_SMALL.format(limit=spec.pids, smallest=PIDS_TO_START)
         return None
 
@@ -294,12 +298,15 @@ class SandboxRunner:
         heavier form), with memory accounted but not limited. None if it cannot be measured."""
         key = id(prepared.plan)
         if key not in self._start_costs:
-            cgroup = self.preparer.cgroup_for(replace(prepared.spec, memory=None, pids=None, cpus=None))
+            unlimited = replace(prepared.spec, memory=None, pids=None, cpus=None)
             peak = None
-            if cgroup is not None:
-                empty = Prepared(replace(prepared.spec, memory=None, pids=None, cpus=None), prepared.plan, cgroup)
-                config = replace(empty.config(), stdio_copies=())
-                peak = self.supervisor.run(config, lambda channel: None, cgroup=cgroup).usage.memory_peak
+            try:
+                cgroup = self.preparer.cgroup_for(unlimited)
+                if cgroup is not None:
+                    config = replace(Prepared(unlimited, prepared.plan, cgroup).config(), stdio_copies=())
+                    peak = self.supervisor.run(config, lambda channel: None, cgroup=cgroup).usage.memory_peak
+            except (OSError, NsboxError) as exc:  # the figure is a courtesy: the message says it is missing
+                log.debug("nsbox: could not measure an empty sandbox: %s", exc)
             self._start_costs[key] = peak
         return self._start_costs[key]
 

@@ -169,3 +169,12 @@ def test_describe_defaults_names_value_and_source() -> None:
     assert describe_defaults(defaults) == (
         f"image=host, memory=256 MiB (ini), pids={DEFAULT_PIDS} (built-in), cpus=0.5 (command line), timeout=60s (command line)"
     )
+
+
+@pytest.mark.parametrize(
+    ("cost", "floor"), [(5 * 2**20, 10 * 2**20), (int(4.8 * 2**20), 10 * 2**20), (2**20 + 1, 3 * 2**20), (None, 16 * 2**20)]
+)
+def test_start_memory_floor_is_twice_an_empty_sandbox_in_whole_mib(cost: int | None, floor: int) -> None:
+    from pytest_nsbox.runtest import start_memory_floor
+
+    assert start_memory_floor(cost) == floor
