@@ -9,7 +9,7 @@ import pytest
 
 from . import reruns, runtest, timers
 from .errors import NsboxError
-from .spec import defaults_from_ini
+from .spec import OPTION_FIELDS, defaults_from, describe_defaults
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
@@ -18,8 +18,17 @@ _peaks: dict[str, tuple[int, int | None]] = {}  # nodeid: (peak, limit) of this 
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
-    "(see pytest_nsbox.nsbox)."
+    "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
+    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test."
 )
+HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
+OPTION_HELP: Final = {
+    "--nsbox-image": "default image of sandboxed tests (over ini nsbox_image): 'host', a recipe name, a rootfs dir, oci:...",
+    "--nsbox-memory": "default memory limit of sandboxed tests, e.g. 256M (over ini nsbox_memory; 0: none)",
+    "--nsbox-pids": "default process limit of sandboxed tests (over ini nsbox_pids; 0: the safety cap of 1024)",
+    "--nsbox-cpus": "default CPU bandwidth of sandboxed tests, e.g. 0.5 (over ini nsbox_cpus; 0: none)",
+    "--nsbox-timeout": "default wall-clock timeout in seconds of sandboxed tests (over ini nsbox_timeout; 0: none)",
+}
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -30,7 +39,12 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nsbox", "sandboxed tests (pytest-nsbox)")
-    group.addoption("--nsbox-all", action="store_true", default=False, help="sandbox every test with the ini defaults.")
+    group.addoption(
+        "--nsbox-all", action="store_true", default=False, help="sandbox every test with the defaults (command line, ini)."
+    )
+    for option, name in OPTION_FIELDS.items():
+        metavar = {"image": "IMAGE", "memory": "SIZE", "pids": "N", "cpus": "CPUS", "timeout": "SECONDS"}[name]
+        group.addoption(option, default=None, metavar=metavar, dest=f"nsbox_default_{name}", help=OPTION_HELP[option])
     group.addoption(
         "--nsbox-require",
         action="store_true",
@@ -44,6 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("nsbox_memory", "default memory limit of sandboxed tests, e.g. 256M", default="")
     parser.addini("nsbox_pids", "default process limit of sandboxed tests", default="")
+    parser.addini("nsbox_cpus", "default CPU bandwidth of sandboxed tests, e.g. 0.5 (half a CPU)", default="")
     parser.addini("nsbox_timeout", "default wall-clock timeout (seconds) of sandboxed tests", default="")
     parser.addini(
         "nsbox_cgroup_root",
@@ -72,7 +87,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
-        defaults = defaults_from_ini(lambda name: str(config.getini(name)))
+        options = {option: config.getoption(f"nsbox_default_{name}") for option, name in OPTION_FIELDS.items()}
+        defaults = defaults_from(lambda name: str(config.getini(name)), options)
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
@@ -95,6 +111,33 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None:
         runner.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """One line: root or rootless, prebuilt or forked, the cgroup version, the active defaults."""
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is None:
+        return None
+    user = "root" if os.getuid() == 0 else "rootless"
+    build = "prebuilt" if runner.lookahead.builder is not None else "forked"
+    preparer = runner.preparer
+    defaults = describe_defaults(preparer.defaults)
+    return HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under --collect-only, an invalid nsbox marker is a collection error naming the test and
+    the value (a run reports it as the test's ERROR instead, and runs the others)."""
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is None or not config.option.collectonly:
+        return
+    for item in items:
+        if runner.wants(item):
+            problem = runner.preparer.check_spec(item)
+            if problem is not None:
+                report = pytest.CollectReport(item.nodeid, "failed", problem, [])
+                config.hook.pytest_collectreport(report=report)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -23,7 +23,7 @@ from .box import cgroups, mounts
 from .box.config import SandboxConfig
 from .errors import NsboxError
 from .images import cache as layer_cache
-from .spec import DEFAULT_PIDS, Defaults, SandboxSpec, SpecError, spec_from_marker
+from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ class Refused:
 
 class LimitsUnavailable(NsboxError):
     """Requested limits cannot be enforced here; the message says which, why and the fix."""
+
+
+def marks_of(item: pytest.Item) -> list[Mark]:
+    """The item's nsbox markers, each with its level: 0 on the test itself (decorators and
+    parametrize marks), 1 on its parent (a class), and so on outwards."""
+    levels = {id(node): level for level, node in enumerate(item.listchain()[::-1])}
+    return [Mark(m.args, m.kwargs, levels.get(id(node), 0)) for node, m in item.iter_markers_with_node(MARKER)]
 
 
 def interpreter_paths() -> list[str]:
@@ -163,14 +170,24 @@ class Preparer:
             return None
 
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
-        marker = item.get_closest_marker(MARKER)
-        args: tuple[object, ...] = marker.args if marker else ()
-        kwargs: dict[str, object] = dict(marker.kwargs) if marker else {}
-        spec = spec_from_marker(args, kwargs, item.nodeid, self.defaults)
+        spec = spec_from_markers(marks_of(item), item.nodeid, self.defaults)
         if not self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():
             return spec  # item.ihook costs a conftest lookup per item
         changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
         return changed if changed is not None else spec
+
+    def check_spec(self, item: pytest.Item) -> str | None:
+        """Why the item's markers are invalid, or None."""
+        try:
+            self.spec_for(item)
+        except SpecError as exc:
+            return str(exc)
+        return None
+
+    def describe_cgroups(self) -> str:
+        """'cgroup v1', 'cgroup v2' or 'no cgroups' (for the header; creates nothing)."""
+        manager = self._manager if self._manager_detected else cgroups.detect(self.cgroup_root)
+        return f"cgroup v{manager.version}" if manager is not None else "no cgroups"
 
     def resolve_image(self, name: str) -> images.Resolved:
         hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)

@@ -35,6 +35,15 @@ SETUP_FAILED: Final = "nsbox: could not build the sandbox: step {step} failed: {
 NOT_INSIDE: Final = "nsbox: refusing to run the test: {message}"
 MEMORY_EXCEEDED: Final = "nsbox: test exceeded its memory limit of {limit} (peak {peak}, {count} process{plural} OOM-killed)"
 PIDS_EXCEEDED: Final = "nsbox: pids limit {limit} reached ({count} fork(s) refused)"
+MEMORY_TOO_SMALL: Final = (
+    "nsbox: memory limit of {limit} is too small for a sandbox to start here: {measured}; "
+    "use memory={smallest!r} or more (plus what the test itself needs)"
+)
+PIDS_TOO_SMALL: Final = (
+    "nsbox: pids limit {limit} is too small for a sandbox to start: it needs {smallest} processes before the test "
+    "runs (the sandbox's unsharer, its init and the test process); use pids={smallest} or more "
+    "(plus what the test itself starts)"
+)
 TIMED_OUT: Final = "nsbox: test timed out after {seconds:.1f}s; every process of the sandbox was killed"
 INTERNAL_ERROR: Final = "nsbox: internal error in the sandbox ({process}):\n{traceback}"
 CORRUPT_STREAM: Final = "nsbox: the result stream from the sandbox was corrupt ({detail})"

@@ -8,6 +8,7 @@ While a test runs, the builder builds the next item's sandbox (``Lookahead``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -18,15 +19,30 @@ import pytest
 
 from . import compat, probe, reports, reruns, timers
 from .box.builder import Builder, BuilderError, Failed
+from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
 from .carry import Carriers
+from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
-from .spec import Defaults
+from .spec import Defaults, format_size
+
+log = logging.getLogger(__name__)
 
 CHILD_REPORTER: Final = "nsbox-child-reporter"
+PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
+START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
+MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
+
+
+def start_memory_floor(cost: int | None) -> int:
+    """The smallest memory limit to suggest: twice an empty sandbox's peak, in whole MiB."""
+    if cost is None:
+        return MIN_START_MEMORY
+    mib = 2**20
+    return -(-cost * START_MEMORY_MARGIN // mib) * mib
 
 
 class NsboxWarning(pytest.PytestWarning):
@@ -170,6 +186,7 @@ class SandboxRunner:
         self.lookahead = Lookahead(self.preparer, builder)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
+        self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -212,10 +229,16 @@ class SandboxRunner:
                 yield from before_teardown
             else:
                 result = self._run(item, nextitem, prepared, ticket)
+                too_small = self.too_small_to_start(prepared, result)
                 for problem in self.carriers.apply(item, result.records):
                     warnings.warn(NsboxWarning(reports.NOT_CARRIED.format(nodeid=item.nodeid, problem=problem)), stacklevel=1)
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=prepared.spec, result=result)
+                if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
+                    result = replace(result, records=[])
                 outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
+                if too_small is not None:
+                    outcome.reports = [reports.failure_report(item, "setup", too_small)]
+                    outcome.others = []
                 for record in outcome.warnings:
                     replay_warning(record)
                 in_sandbox_teardown = outcome.teardown()
@@ -232,9 +255,10 @@ class SandboxRunner:
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         built = self.lookahead.built(ticket)
         if isinstance(built, Failed):
+            usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
             self._prepare_next(nextitem)
-            return SandboxResult(records=[built.record])
+            return SandboxResult(records=[built.record], usage=usage)
         timers.before_fork(item)
         return self.supervisor.run(
             config,
@@ -244,6 +268,47 @@ class SandboxRunner:
             cgroup=prepared.cgroup,
             while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
         )
+
+    def too_small_to_start(self, prepared: Prepared, result: SandboxResult) -> str | None:
+        """Why the sandbox could not start the test because its own limit is too small (with the
+        smallest value that works here), or None.
+
+        The test never reported a phase and the kernel counted a limit hit; for memory, the limit
+        is also below what an empty sandbox takes here (measured once per image), so a test whose
+        function-scoped fixtures outgrow the limit still reads as exceeding it."""
+        usage, spec = result.usage, prepared.spec
+        if not (usage.oom_kills or usage.pids_limit_hits) or any(record["kind"] == "report" for record in result.records):
+            return None
+        if spec.memory is not None and usage.oom_kills:
+            cost = self.start_cost(prepared)
+            smallest = start_memory_floor(cost)
+            if spec.memory < smallest:
+                measured = (
+                    f"an empty sandbox peaked at {format_size(cost)}" if cost else "an empty sandbox could not be measured"
+                )
+                return reports.MEMORY_TOO_SMALL.format(
+                    limit=format_size(spec.memory), measured=measured, smallest=f"{smallest // 2**20}M"
+                )
+        if spec.pids is not None and usage.pids_limit_hits and spec.pids < PIDS_TO_START:
+            return reports.PIDS_TOO_SMALL.format(limit=spec.pids, smallest=PIDS_TO_START)
+        return None
+
+    def start_cost(self, prepared: Prepared) -> int | None:
+        """The peak memory of an empty sandbox with *prepared*'s plan, built by forks of P (the
+        heavier form), with memory accounted but not limited. None if it cannot be measured."""
+        key = id(prepared.plan)
+        if key not in self._start_costs:
+            unlimited = replace(prepared.spec, memory=None, pids=None, cpus=None)
+            peak = None
+            try:
+                cgroup = self.preparer.cgroup_for(unlimited)
+                if cgroup is not None:
+                    config = replace(Prepared(unlimited, prepared.plan, cgroup).config(), stdio_copies=())
+                    peak = self.supervisor.run(config, lambda channel: None, cgroup=cgroup).usage.memory_peak
+            except (OSError, NsboxError) as exc:  # the figure is a courtesy: the message says it is missing
+                log.debug("nsbox: could not measure an empty sandbox: %s", exc)
+            self._start_costs[key] = peak
+        return self._start_costs[key]
 
     def _prepare_next(self, nextitem: pytest.Item | None) -> None:
         self.lookahead.prepare_next(nextitem, nextitem is not None and self.wants(nextitem))

@@ -5,11 +5,12 @@ Everything here is pure: no syscalls, so it is unit-tested without a kernel.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import pytest
@@ -129,34 +130,50 @@ def parse_field(name: str, value: object, source: str) -> object:
         raise SpecError(f"invalid {name} {value!r} from {source} ({exc})") from None
 
 
+class _Unset:
+    """Marks a marker argument that was not given (None given means: turn that default off)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network")
+# Limits a marker may turn off (None or 0) for one test. pids cannot go below the safety cap:
+# None/0 drops a command-line or ini pids default, and DEFAULT_PIDS still applies.
+SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout")
+
+
 def marker_signature(
-    image: str | os.PathLike[str] | None = None,
+    image: str | os.PathLike[str] | _Unset | None = UNSET,
     *,
-    memory: int | str | None = None,
-    pids: int | None = None,
-    cpus: float | None = None,
-    timeout: float | None = None,
-    network: Network | None = None,
+    memory: int | str | _Unset | None = UNSET,
+    pids: int | _Unset | None = UNSET,
+    cpus: float | _Unset | None = UNSET,
+    timeout: float | _Unset | None = UNSET,
+    network: Network | _Unset | None = UNSET,
 ) -> dict[str, object]:
     """The ``nsbox`` marker's signature: Python writes the 'unexpected keyword' errors."""
     given = {"image": image, "memory": memory, "pids": pids, "cpus": cpus, "timeout": timeout, "network": network}
-    return {name: value for name, value in given.items() if value is not None}
+    return {name: value for name, value in given.items() if value is not UNSET}
 
 
 def nsbox(
-    image: str | os.PathLike[str] | Callable[..., Any] | None = None,
+    image: str | os.PathLike[str] | Callable[..., Any] | _Unset | None = UNSET,
     *,
-    memory: int | str | None = None,
-    pids: int | None = None,
-    cpus: float | None = None,
-    timeout: float | None = None,
-    network: Network | None = None,
+    memory: int | str | _Unset | None = UNSET,
+    pids: int | _Unset | None = UNSET,
+    cpus: float | _Unset | None = UNSET,
+    timeout: float | _Unset | None = UNSET,
+    network: Network | _Unset | None = UNSET,
 ) -> Any:
     """Run the test in fresh namespaces over a throwaway overlay of rootfs *image*.
 
     Same as ``@pytest.mark.nsbox(...)``; also usable bare, as ``@nsbox``.
     ``memory`` is int bytes or '512K'/'256M'/'2G'; ``pids`` a process cap; ``cpus`` CPU
     bandwidth (0.5 = half a CPU); ``timeout`` wall-clock seconds; ``network`` 'none' or 'host'.
+    ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids:
+    down to the safety cap of 1024 processes).
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
@@ -166,30 +183,130 @@ def nsbox(
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
-    """Spec defaults from the ini file, parsed once at configure time."""
+    """Spec defaults from the command line over the ini file, parsed once at configure time.
+
+    *sources* says where each field that is not the built-in default came from (for the header).
+    """
 
     spec: SandboxSpec = SandboxSpec()
+    sources: Mapping[str, str] = field(default_factory=dict)
 
 
-INI_FIELDS: Final = {"nsbox_image": "image", "nsbox_memory": "memory", "nsbox_pids": "pids", "nsbox_timeout": "timeout"}
+INI_FIELDS: Final = {
+    "nsbox_image": "image",
+    "nsbox_memory": "memory",
+    "nsbox_pids": "pids",
+    "nsbox_cpus": "cpus",
+    "nsbox_timeout": "timeout",
+}
+OPTION_FIELDS: Final = {f"--nsbox-{field}": field for field in INI_FIELDS.values()}
+_OFF_WORDS: Final = ("0", "none", "off")
+
+
+def _parse_default(name: str, raw: str, source: str) -> object:
+    """A command-line or ini value; '0'/'none'/'off' turns a limit off (a lower layer's too)."""
+    if name in SWITCHABLE and raw.strip().lower() in _OFF_WORDS:
+        return None
+    return parse_field(name, raw, source)
+
+
+def defaults_from(read_ini: Callable[[str], str], options: Mapping[str, str | None] | None = None) -> Defaults:
+    """Build defaults: the command line (*options*: option name -> raw value, None when not given)
+    over the ini values (empty: not set) over the built-in defaults. Raises SpecError."""
+    fields: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for ini_name, name in INI_FIELDS.items():
+        raw = read_ini(ini_name).strip()
+        if raw:
+            fields[name] = _parse_default(name, raw, f"ini {ini_name}")
+            sources[name] = "ini"
+    for option, name in OPTION_FIELDS.items():
+        raw_option = (options or {}).get(option)
+        if raw_option is not None:
+            fields[name] = _parse_default(name, raw_option, f"option {option}")
+            sources[name] = "command line"
+    if fields.get("image", DEFAULT_IMAGE) is None:
+        fields["image"] = DEFAULT_IMAGE
+    return Defaults(replace(SandboxSpec(), **fields), sources)
 
 
 def defaults_from_ini(read_ini: Callable[[str], str]) -> Defaults:
-    """Build defaults from ini values; empty values mean 'not set'. Raises SpecError."""
-    fields: dict[str, Any] = {}
-    for ini_name, field in INI_FIELDS.items():
-        raw = read_ini(ini_name).strip()
-        if raw:
-            fields[field] = parse_field(field, raw, f"ini {ini_name}")
-    return Defaults(replace(SandboxSpec(), **fields))
+    """Build defaults from ini values only (see defaults_from)."""
+    return defaults_from(read_ini)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """One nsbox marker on a test: its arguments, and *level*, the node it was applied to
+    (the test, its class, its module...); 0 is the test itself, higher is farther."""
+
+    args: tuple[object, ...]
+    kwargs: Mapping[str, object]
+    level: int = 0
+
+
+def _given(mark: Mark, source: str) -> dict[str, object]:
+    """The keywords one marker sets, checked against the signature."""
+    try:
+        given = marker_signature(*mark.args, **mark.kwargs)  # type: ignore[arg-type]
+    except TypeError as exc:
+        message = f"{source}: {exc}".replace("marker_signature()", "nsbox()")
+        unknown = [k for k in mark.kwargs if k not in FIELDS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+            message += f" (did you mean {close[0]!r}?)" if close else ""
+            message += f"; valid keywords: {', '.join(FIELDS)}"
+        raise SpecError(message) from None
+    # image and network have no default to turn off: None there means "not given"
+    return {name: value for name, value in given.items() if value is not None or name in SWITCHABLE}
+
+
+def _parse_marker_field(name: str, value: object, source: str) -> object:
+    if name in SWITCHABLE and (value is None or (value == 0 and not isinstance(value, bool))):
+        return None  # off for this test (pids: the safety cap still applies)
+    return parse_field(name, value, source)
+
+
+def spec_from_markers(marks: list[Mark], nodeid: str, defaults: Defaults) -> SandboxSpec:
+    """Merge stacked nsbox markers over the defaults. Raises SpecError naming the test.
+
+    The rule: per keyword, the marker closest to the test wins (the test's own over its class's
+    over its module's); two markers on the same level that give one keyword different values
+    are an error.
+    """
+    source = f"nsbox marker on {nodeid}"
+    chosen: dict[str, tuple[int, object]] = {}
+    for mark in sorted(marks, key=lambda m: m.level):
+        for name, value in _given(mark, source).items():
+            if name not in chosen:
+                chosen[name] = (mark.level, value)
+            elif chosen[name][0] == mark.level and chosen[name][1] != value:
+                raise SpecError(
+                    f"{source}: stacked nsbox markers on one level give {name} two values "
+                    f"({chosen[name][1]!r} and {value!r}); keep one"
+                )
+    fields = {name: _parse_marker_field(name, value, source) for name, (_, value) in chosen.items()}
+    return replace(defaults.spec, **fields)  # type: ignore[arg-type]
 
 
 def spec_from_marker(args: tuple[object, ...], kwargs: Mapping[str, object], nodeid: str, defaults: Defaults) -> SandboxSpec:
-    """Merge marker arguments over the ini defaults. Raises SpecError naming the test."""
-    source = f"nsbox marker on {nodeid}"
-    try:
-        given = marker_signature(*args, **kwargs)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise SpecError(f"{source}: {exc}".replace("marker_signature()", "nsbox()")) from None
-    fields = {name: parse_field(name, value, source) for name, value in given.items()}
-    return replace(defaults.spec, **fields)  # type: ignore[arg-type]
+    """Merge one marker's arguments over the defaults. Raises SpecError naming the test."""
+    return spec_from_markers([Mark(args, kwargs)], nodeid, defaults)
+
+
+def describe_defaults(defaults: Defaults) -> str:
+    """The active defaults, for the pytest header: ``image=host, pids=1024 (built-in), memory=256 MiB (ini)``."""
+    spec, sources = defaults.spec, defaults.sources
+    parts = [f"image={spec.image}" + (f" ({sources['image']})" if "image" in sources else "")]
+    shown: dict[str, str | None] = {
+        "memory": format_size(spec.memory) if spec.memory is not None else None,
+        "pids": str(spec.pids) if spec.pids is not None else None,
+        "cpus": f"{spec.cpus:g}" if spec.cpus is not None else None,
+        "timeout": f"{spec.timeout:g}s" if spec.timeout is not None else None,
+    }
+    for name, text in shown.items():
+        if text is not None:
+            parts.append(f"{name}={text} ({sources.get(name, 'built-in')})")
+        elif name == "pids":
+            parts.append(f"pids={DEFAULT_PIDS} (built-in)")
+    return ", ".join(parts)

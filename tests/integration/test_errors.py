@@ -15,12 +15,16 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
     ("arguments", "expected"),
     [
         ('memory="lots"', "invalid memory 'lots' from nsbox marker on test_inner.py::test_bad"),
-        ("memory=0", "invalid memory 0 from nsbox marker on test_inner.py::test_bad"),
+        ("memory=-1", "invalid memory -1 from nsbox marker on test_inner.py::test_bad"),  # 0: no limit
         ("pids=-1", "invalid pids -1 from nsbox marker on test_inner.py::test_bad"),
         ('timeout="soon"', "invalid timeout 'soon' from nsbox marker on test_inner.py::test_bad"),
-        ("cpus=0", "invalid cpus 0 from nsbox marker on test_inner.py::test_bad"),
+        ("cpus=-0.5", "invalid cpus -0.5 from nsbox marker on test_inner.py::test_bad"),  # 0: no limit
         ('network="bridge"', "invalid network 'bridge' from nsbox marker on test_inner.py::test_bad"),
-        ("memroy=1", "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy'"),
+        (
+            "memroy=1",
+            "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy' "
+            "(did you mean 'memory'?); valid keywords: image, memory, pids, cpus, timeout, network",
+        ),
         ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
         ('image="no-such-image"', "unknown image 'no-such-image'"),
         ('image="oci:whatever"', "whatever does not exist"),

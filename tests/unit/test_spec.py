@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 
 from pytest_nsbox import nsbox
-from pytest_nsbox.spec import Defaults, SandboxSpec, SpecError, defaults_from_ini, format_size, parse_size, spec_from_marker
+from pytest_nsbox.spec import (
+    DEFAULT_PIDS,
+    Defaults,
+    Mark,
+    SandboxSpec,
+    SpecError,
+    defaults_from,
+    defaults_from_ini,
+    describe_defaults,
+    format_size,
+    parse_size,
+    spec_from_marker,
+    spec_from_markers,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +41,7 @@ def test_format_size(size: int, text: str) -> None:
 
 
 def test_marker_overrides_ini_defaults() -> None:
-    ini = {"nsbox_image": "tests/images/tiny", "nsbox_memory": "64M", "nsbox_pids": "", "nsbox_timeout": "5"}
+    ini = {"nsbox_image": "tests/images/tiny", "nsbox_memory": "64M", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": "5"}
     defaults = defaults_from_ini(ini.__getitem__)
     assert defaults.spec == SandboxSpec(image="tests/images/tiny", memory=64 * 2**20, timeout=5.0)
     spec = spec_from_marker((), {"memory": "1G", "network": "host"}, "t.py::test_x", defaults)
@@ -37,7 +50,7 @@ def test_marker_overrides_ini_defaults() -> None:
 
 
 def test_bad_ini_value_names_the_ini_key() -> None:
-    ini = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "many", "nsbox_timeout": ""}
+    ini = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "many", "nsbox_cpus": "", "nsbox_timeout": ""}
     with pytest.raises(SpecError, match=r"invalid pids 'many' from ini nsbox_pids \(expected a positive integer\)"):
         defaults_from_ini(ini.__getitem__)
 
@@ -46,11 +59,17 @@ def test_bad_ini_value_names_the_ini_key() -> None:
     ("args", "kwargs", "message"),
     [
         ((), {"memory": "lots"}, "invalid memory 'lots' from nsbox marker on t.py::test_x (expected int bytes"),
-        ((), {"pids": 0}, "invalid pids 0 from nsbox marker on t.py::test_x"),
+        ((), {"pids": -1}, "invalid pids -1 from nsbox marker on t.py::test_x"),
         ((), {"cpus": "all"}, "invalid cpus 'all' from nsbox marker on t.py::test_x"),
         ((), {"timeout": float("inf")}, "invalid timeout inf from nsbox marker on t.py::test_x"),
         ((), {"network": "veth"}, "invalid network 'veth' from nsbox marker on t.py::test_x (expected one of 'none', 'host')"),
-        ((), {"memroy": 1}, "nsbox marker on t.py::test_x: nsbox() got an unexpected keyword argument 'memroy'"),
+        (
+            (),
+            {"memroy": 1},
+            "nsbox marker on t.py::test_x: nsbox() got an unexpected keyword argument 'memroy' (did you mean 'memory'?); "
+            "valid keywords: image, memory, pids, cpus, timeout, network",
+        ),
+        ((), {"bogus": 1}, "nsbox marker on t.py::test_x: nsbox() got an unexpected keyword argument 'bogus'; valid keywords: "),
         (("a", "b"), {}, "nsbox marker on t.py::test_x: nsbox() takes from 0 to 1 positional arguments but 2 were given"),
     ],
 )
@@ -76,3 +95,86 @@ def test_decorator_matches_marker() -> None:
 def test_requested_limits() -> None:
     assert SandboxSpec().requested_limits() == {}
     assert SandboxSpec(memory=1, timeout=2.0).requested_limits() == {"memory": 1, "timeout": 2.0}
+
+
+NO_INI = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": ""}
+
+
+def test_precedence_marker_over_command_line_over_ini() -> None:
+    ini = {**NO_INI, "nsbox_memory": "64M", "nsbox_cpus": "0.5", "nsbox_timeout": "5", "nsbox_image": "ini-image"}
+    options = {"--nsbox-memory": "128M", "--nsbox-timeout": "7", "--nsbox-pids": None, "--nsbox-image": "cli-image"}
+    defaults = defaults_from(ini.__getitem__, options)
+    assert defaults.spec == SandboxSpec(image="cli-image", memory=128 * 2**20, cpus=0.5, timeout=7.0)
+    assert defaults.sources == {"image": "command line", "memory": "command line", "cpus": "ini", "timeout": "command line"}
+    spec = spec_from_marker((), {"memory": "1G"}, "t.py::test_x", defaults)
+    assert (spec.memory, spec.timeout, spec.image) == (2**30, 7.0, "cli-image")
+
+
+def test_command_line_zero_turns_an_ini_limit_off() -> None:
+    ini = {**NO_INI, "nsbox_memory": "64M", "nsbox_timeout": "5", "nsbox_pids": "50"}
+    defaults = defaults_from(ini.__getitem__, {"--nsbox-memory": "0", "--nsbox-timeout": "none", "--nsbox-pids": "off"})
+    assert defaults.spec == SandboxSpec()
+
+
+def test_bad_option_value_names_the_option() -> None:
+    with pytest.raises(SpecError, match=r"invalid cpus 'lots' from option --nsbox-cpus \(expected a positive number"):
+        defaults_from(NO_INI.__getitem__, {"--nsbox-cpus": "lots"})
+
+
+@pytest.mark.parametrize("off", [None, 0])
+def test_marker_none_or_zero_turns_a_default_off(off: object) -> None:
+    ini = {**NO_INI, "nsbox_memory": "64M", "nsbox_pids": "50", "nsbox_cpus": "1", "nsbox_timeout": "5"}
+    defaults = defaults_from(ini.__getitem__)
+    spec = spec_from_marker((), {"memory": off, "pids": off, "cpus": off, "timeout": off}, "t.py::test_x", defaults)
+    assert spec.requested_limits() == {}  # pids: back to the safety cap, which the cgroup applies
+    assert spec_from_marker((), {"memory": off}, "t.py::test_x", defaults).requested_limits() == {
+        "pids": 50,
+        "cpus": 1.0,
+        "timeout": 5.0,
+    }
+
+
+def test_marker_none_keeps_image_and_network_defaults() -> None:
+    defaults = defaults_from({**NO_INI, "nsbox_image": "tiny"}.__getitem__)
+    assert spec_from_marker((None,), {"network": None}, "t.py::test_x", defaults) == SandboxSpec(image="tiny")
+
+
+def test_decorator_passes_none_through() -> None:
+    assert nsbox(memory=None).mark.kwargs == {"memory": None}
+    assert nsbox().mark.kwargs == {}
+
+
+def test_stacked_markers_closest_wins_per_keyword() -> None:
+    marks = [Mark((), {"memory": "64M"}, level=0), Mark(("busybox",), {"memory": "1G", "timeout": 3}, level=1)]
+    spec = spec_from_markers(marks, "t.py::C::test_x", Defaults())
+    assert (spec.image, spec.memory, spec.timeout) == ("busybox", 64 * 2**20, 3.0)
+
+
+def test_stacked_markers_on_one_level_must_agree() -> None:
+    agreeing = [Mark((), {"memory": "64M", "pids": 10}), Mark((), {"memory": "64M"})]
+    assert spec_from_markers(agreeing, "t.py::test_x", Defaults()).pids == 10
+    clashing = [Mark((), {"memory": "64M"}), Mark((), {"memory": "1G"})]
+    with pytest.raises(SpecError, match=r"t.py::test_x: stacked nsbox markers on one level give memory two values"):
+        spec_from_markers(clashing, "t.py::test_x", Defaults())
+
+
+def test_every_stacked_marker_is_validated() -> None:
+    with pytest.raises(SpecError, match=r"invalid timeout 'soon' from nsbox marker on t.py::C::test_x"):
+        spec_from_markers([Mark((), {"memory": "64M"}), Mark((), {"timeout": "soon"}, level=1)], "t.py::C::test_x", Defaults())
+
+
+def test_describe_defaults_names_value_and_source() -> None:
+    assert describe_defaults(Defaults()) == f"image=host, pids={DEFAULT_PIDS} (built-in)"
+    defaults = defaults_from({**NO_INI, "nsbox_memory": "256M"}.__getitem__, {"--nsbox-timeout": "60", "--nsbox-cpus": "0.5"})
+    assert describe_defaults(defaults) == (
+        f"image=host, memory=256 MiB (ini), pids={DEFAULT_PIDS} (built-in), cpus=0.5 (command line), timeout=60s (command line)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cost", "floor"), [(5 * 2**20, 10 * 2**20), (int(4.8 * 2**20), 10 * 2**20), (2**20 + 1, 3 * 2**20), (None, 16 * 2**20)]
+)
+def test_start_memory_floor_is_twice_an_empty_sandbox_in_whole_mib(cost: int | None, floor: int) -> None:
+    from pytest_nsbox.runtest import start_memory_floor
+
+    assert start_memory_floor(cost) == floor
