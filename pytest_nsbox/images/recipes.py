@@ -1,5 +1,8 @@
 """Image recipes: ``rootfs_images/<name>/image.toml``, a base plus steps, each step one cached layer.
 
+A name is looked up in the ini's ``nsbox_image_dirs``, the project's ``rootfs_images/``, then the
+recipes shipped with pytest-nsbox (``shipped_dir``); the first match wins.
+
 ```toml
 [base]                      # exactly one of:
 debian = "bookworm"         #   mmdebstrap minbase, merged-usr, no docs or locales
