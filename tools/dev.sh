@@ -152,7 +152,8 @@ run_wheel() {
       > "$work/build.log" 2>&1; then
     cat "$work/build.log"; echo "the build failed" >&2; return 1
   fi
-  if grep -i "warn" "$work/build.log"; then echo "the build warned (lines above; full log: python -m build)" >&2; return 1; fi
+  # setuptools' "WARNING ...", distutils' "warning: ...", Python's "...Warning: ..." (not a file named warnings.py)
+  if grep -iE '(^|[[:space:]])warning\b|warning:' "$work/build.log"; then echo "the build warned (lines above; full log: python -m build)" >&2; return 1; fi
   # Every tracked module and shipped recipe file is in both (the packages list in pyproject.toml is explicit).
   (cd "$REPO" && git ls-files pytest_nsbox rootfs_images | grep -E '^(pytest_nsbox/.*[.]py|rootfs_images/.*)$') > "$work/expected"
   "$work/build-venv/bin/python" - "$work/dist" "$work/expected" <<'EOF'
