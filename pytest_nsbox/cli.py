@@ -91,7 +91,7 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 
 
 def cmd_images_build(args: argparse.Namespace) -> int:
-    """Build a recipe (rootfs_images/NAME/image.toml, or in --image-dir) into the cache now."""
+    """Build a recipe (--image-dir, rootfs_images/NAME/image.toml, or a shipped one) into the cache now."""
     cache_dir = _cache(args)
     dirs = recipes.search_dirs(Path.cwd(), args.image_dir or [])
     recipe = recipes.find(args.name, dirs)

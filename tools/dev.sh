@@ -5,6 +5,8 @@
 #                        without the slow tests on the oldest pytest pyproject.toml admits
 #                        (as root also the rootless sub-suite, as an unprivileged user)
 #   tools/dev.sh compat  run tests/compat in a venv with the pinned plugins of the compat extra
+#   tools/dev.sh wheel   build the sdist and the wheel, and run a project outside the repository
+#                        against the installed wheel (part of test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -126,6 +128,104 @@ run_uml_limits() {
   tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider tests/integration/test_limits.py"
 }
 
+run_wheel() {
+  # pytest-nsbox as a user gets it: the sdist and the wheel built from the tracked files (a build
+  # warning fails), the wheel (not an editable install) in a fresh venv outside the repository,
+  # and a small project of its own under /tmp run against it: a shipped image by name, a memory
+  # limit a test hits, xdist.
+  echo "== the wheel: built without warnings, installed outside the repository, run by a project of its own"
+  local work python=${PYTHON:-python3}
+  work=$(mktemp -d /tmp/nsbox-wheel-XXXXXX)
+  trap 'rm -rf "$work"; trap - RETURN' RETURN
+  mkdir "$work/src" "$work/dist" "$work/project"
+  git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 cp --parents -t "$work/src")
+  "$python" -m venv "$work/build-venv"
+  local requires
+  requires=$("$work/build-venv/bin/python" -c 'import sys, tomllib; print(*tomllib.load(sys.stdin.buffer)["build-system"]["requires"])' \
+             < "$REPO/pyproject.toml")
+  # shellcheck disable=SC2086  # $requires: one word per requirement
+  "$work/build-venv/bin/python" -m pip install -q --disable-pip-version-check build $requires
+  # The backend runs in the build venv (no isolation: pip's own notices stay out of the log); the
+  # wheel is built from the sdist, so a file missing from the sdist is missing from the wheel.
+  # PYTHONDONTWRITEBYTECODE would make setuptools warn that byte-compiling is disabled.
+  if ! (cd "$work/src" && env -u PYTHONDONTWRITEBYTECODE "$work/build-venv/bin/python" -m build --no-isolation -o "$work/dist" .) \
+      > "$work/build.log" 2>&1; then
+    cat "$work/build.log"; echo "the build failed" >&2; return 1
+  fi
+  # setuptools' "WARNING ...", distutils' "warning: ...", Python's "...Warning: ..." (not a file named warnings.py)
+  if grep -iE '(^|[[:space:]])warning\b|warning:' "$work/build.log"; then echo "the build warned (lines above; full log: python -m build)" >&2; return 1; fi
+  # Every tracked module and shipped recipe file is in both (the packages list in pyproject.toml is explicit).
+  (cd "$REPO" && git ls-files pytest_nsbox rootfs_images | grep -E '^(pytest_nsbox/.*[.]py|rootfs_images/.*)$') > "$work/expected"
+  "$work/build-venv/bin/python" - "$work/dist" "$work/expected" <<'EOF'
+import pathlib, sys, tarfile, zipfile
+dist, expected = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]).read_text().split()
+(sdist,), (wheel,) = dist.glob("*.tar.gz"), dist.glob("*.whl")
+in_sdist = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+in_wheel = set(zipfile.ZipFile(wheel).namelist())
+installed = [f"pytest_nsbox/{f}" if f.startswith("rootfs_images/") else f for f in expected]
+missing = [f"{sdist.name}: {f}" for f in expected if f not in in_sdist] + [f"{wheel.name}: {f}" for f in installed if f not in in_wheel]
+if missing or not any(f.startswith("rootfs_images/") for f in expected):
+    sys.exit("missing from the distributions:\n  " + "\n  ".join(missing or ["(no shipped recipes?)"]))
+print(f"{sdist.name}, {wheel.name}: {len(expected)} tracked files each, shipped recipes included")
+EOF
+  "$python" -m venv "$work/venv"
+  "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "$work"/dist/*.whl pytest-xdist
+  local project=$work/project
+  cat > "$project/pyproject.toml" <<EOF
+[project]
+name = "uses-nsbox"
+version = "0"
+
+[tool.pytest.ini_options]
+nsbox_cache_dir = "$work/cache"
+EOF
+  cat > "$project/test_uses_nsbox.py" <<'EOF'
+import os
+import socket
+
+from pytest_nsbox import nsbox
+
+
+@nsbox(image="busybox")  # shipped with pytest-nsbox: this project has no rootfs_images/
+def test_shipped_image_by_name():
+    assert os.path.islink("/bin/cat") and not os.path.exists("/usr/bin/apt-get")
+    assert socket.gethostname() == "nsbox"
+
+
+@nsbox(image="busybox", pids=64)
+def test_busybox_under_a_pids_limit():
+    assert os.system("/bin/echo ok") == 0
+
+
+@nsbox(memory="64M")
+def test_memory_limit_is_hit():  # expected to FAIL: the test exceeds its memory limit
+    data = bytearray(2**30)
+    assert data
+
+
+def test_not_sandboxed():
+    assert socket.gethostname() != "nsbox"
+EOF
+  (cd "$project" && "$work/venv/bin/nsbox" images --cache-dir "$work/cache" build nope) 2> "$work/build-nope.err" && return 1
+  grep -F "known: busybox, debian-bookworm, debian-bookworm-curl" "$work/build-nope.err" \
+    || { cat "$work/build-nope.err"; echo "the installed CLI does not list the shipped recipes" >&2; return 1; }
+  local status=0
+  (cd "$project" && "$work/venv/bin/python" -m pytest -p no:cacheprovider -n 2 -rA --nsbox-require) > "$work/pytest.log" 2>&1 || status=$?
+  cat "$work/pytest.log"
+  local line
+  for line in "2 workers [4 items]" \
+      "PASSED test_uses_nsbox.py::test_shipped_image_by_name" \
+      "PASSED test_uses_nsbox.py::test_busybox_under_a_pids_limit" \
+      "PASSED test_uses_nsbox.py::test_not_sandboxed" \
+      "FAILED test_uses_nsbox.py::test_memory_limit_is_hit" \
+      "nsbox: test exceeded its memory limit of 64 MiB" \
+      "1 failed, 3 passed"; do
+    grep -qF -- "$line" "$work/pytest.log" || { echo "the project's run lacks: $line" >&2; return 1; }
+  done
+  [ "$status" -eq 1 ] || { echo "the project's run exited $status, expected 1 (one test fails on purpose)" >&2; return 1; }
+  echo "== the wheel: ok"
+}
+
 case "${1:-}" in
   demo)
     apt_install python3-venv
@@ -138,6 +238,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
     "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 --ignore=tests/compat tests
+    run_wheel
     run_compat
     run_oldest
     if [ "$(id -u)" -eq 0 ]; then
@@ -148,8 +249,12 @@ case "${1:-}" in
   compat)
     run_compat
     ;;
+  wheel)
+    apt_install python3-venv busybox-static
+    run_wheel
+    ;;
   *)
-    echo "usage: tools/dev.sh demo|test|compat" >&2
+    echo "usage: tools/dev.sh demo|test|compat|wheel" >&2
     exit 2
     ;;
 esac

@@ -1,5 +1,8 @@
 """Image recipes: ``rootfs_images/<name>/image.toml``, a base plus steps, each step one cached layer.
 
+A name is looked up in the ini's ``nsbox_image_dirs``, the project's ``rootfs_images/``, then the
+recipes shipped with pytest-nsbox (``shipped_dir``); the first match wins.
+
 ```toml
 [base]                      # exactly one of:
 debian = "bookworm"         #   mmdebstrap minbase, merged-usr, no docs or locales
@@ -60,6 +63,7 @@ from .extract import RefusedMember, extract_layer
 log = logging.getLogger(__name__)
 
 RECIPE_FILE: Final = "image.toml"
+SHIPPED_FOLDER: Final = "rootfs_images"  # a project's recipes, and the package data of the shipped ones
 OUTPUT_TAIL: Final = 4000  # characters of a failed step's output in its error
 BASES: Final = ("debian", "busybox", "scratch", "image", "recipe")
 STEP_KINDS: Final = ("run", "copy", "env", "workdir")
@@ -98,18 +102,43 @@ class Recipe:
         return self.path.parent
 
 
+def shipped_dir() -> Path:
+    """The recipes shipped with pytest-nsbox (busybox, debian-bookworm, ...).
+
+    Installed from a wheel they are package data, ``pytest_nsbox/rootfs_images/`` (pyproject.toml
+    maps the repository's top-level ``rootfs_images/`` there); run from a source checkout (an
+    editable install) they are that top-level folder itself.
+    """
+    package = Path(__file__).resolve().parent.parent
+    installed = package / SHIPPED_FOLDER
+    return installed if installed.is_dir() else package.parent / SHIPPED_FOLDER
+
+
 def search_dirs(rootdir: Path, extra: Sequence[str]) -> list[Path]:
-    """Recipe folders: the ini's nsbox_image_dirs (relative to the rootdir), then rootfs_images/."""
+    """Recipe folders, first match wins: the ini's nsbox_image_dirs (relative to the rootdir), the
+    project's rootfs_images/, then the shipped recipes."""
     dirs = [Path(d) if os.path.isabs(d) else rootdir / d for d in extra]
-    return [*dirs, rootdir / "rootfs_images"]
+    dirs.append(rootdir / SHIPPED_FOLDER)
+    shipped = shipped_dir()
+    if not any(_same_dir(folder, shipped) for folder in dirs):  # not when the project is pytest-nsbox itself
+        dirs.append(shipped)
+    return dirs
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def known_images(dirs: Sequence[Path]) -> list[str]:
-    names: set[str] = set()
+    """The recipe names in dirs, in search order (a project's own before the shipped ones), each once."""
+    names: dict[str, None] = {}
     for folder in dirs:
         if folder.is_dir():
-            names.update(p.parent.name for p in folder.glob(f"*/{RECIPE_FILE}"))
-    return sorted(names)
+            names.update(dict.fromkeys(sorted(p.parent.name for p in folder.glob(f"*/{RECIPE_FILE}"))))
+    return list(names)
 
 
 def find(name: str, dirs: Sequence[Path]) -> Recipe | None:

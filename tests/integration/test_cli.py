@@ -53,4 +53,9 @@ def test_images_build_a_recipe(tmp_path: Path) -> None:
     assert result.returncode == 0 and "tiny: 1 layers" in result.stdout, result.stderr
     assert "building image tiny: step 1/1" in result.stderr
     missing = nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "nope", cwd=tmp_path)
-    assert missing.returncode == 2 and "known: tiny" in missing.stderr
+    assert missing.returncode == 2 and "known: tiny, busybox, debian-bookworm" in missing.stderr
+
+
+def test_images_build_a_shipped_recipe_outside_any_project(tmp_path: Path) -> None:
+    result = nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "busybox", cwd=tmp_path)
+    assert result.returncode == 0 and "busybox: 1 layers" in result.stdout, result.stderr

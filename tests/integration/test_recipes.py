@@ -88,4 +88,39 @@ def test_bad_recipes_name_the_file_and_the_field(run_inner, project: Path, toml:
 def test_unknown_image_lists_the_known_ones(run_inner, project: Path) -> None:
     result = run_inner(CHECK_DEMO.replace('image="demo"', 'image="demo2"'))
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*unknown image 'demo2'*known images: 'host', 'demo'*"])
+    # the project's own first, then the shipped ones
+    result.stdout.fnmatch_lines(["*unknown image 'demo2'*known images: 'host', 'demo', 'busybox', 'debian-bookworm'*"])
+
+
+CHECK_BUSYBOX = """
+import os, pytest
+
+@pytest.mark.nsbox(image="busybox")
+def test_busybox():
+    assert os.path.islink("/bin/cat")                          # busybox applets
+    assert not os.path.exists("/usr/bin/apt-get")              # not the host's /
+    assert os.path.exists("/etc/own-busybox") == {own}
+"""
+
+OWN_BUSYBOX = """
+[base]
+busybox = true
+
+[[steps]]
+run = "touch /etc/own-busybox"
+"""
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_shipped_recipes_by_name_and_a_projects_own_of_the_same_name_wins(
+    run_inner, pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    pytester.makeini(f"[pytest]\nnsbox_cache_dir = {tmp_path / 'cache'}\n")
+    assert not (pytester.path / "rootfs_images").exists()
+    run_inner(CHECK_BUSYBOX.format(own=False)).assert_outcomes(passed=1)
+    own = pytester.path / "rootfs_images" / "busybox"
+    own.mkdir(parents=True)
+    (own / "image.toml").write_text(OWN_BUSYBOX)
+    result = run_inner(CHECK_BUSYBOX.format(own=True))
+    result.assert_outcomes(passed=1)
+    assert "building image busybox: step 2/2" in result.stderr.str()
