@@ -131,7 +131,7 @@ def test_limit_cause_leads_the_summary_line_and_junit_even_when_the_test_failed_
         [
             "FAILED test_inner.py::test_fork_bomb - nsbox: pids limit 20 reached*",
             # cgroup v2 (memory.oom.group) kills the test process too: then P fails it ("Failed: nsbox: ...")
-            "FAILED test_inner.py::test_child_oom - *nsbox: test exceeded its memory limit*",  # 80 columns
+            "FAILED test_inner.py::test_child_oom - *nsbox: test exceeded its memor*",  # 80 columns
         ]
     )
     cases = junit_cases(pytester.path / "junit.xml")
