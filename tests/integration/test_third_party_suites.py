@@ -31,7 +31,14 @@ def cached_sdist(requirement: str) -> Path:
         subprocess.run(command, check=True, timeout=600)
         (archive,) = Path(scratch).glob("*.tar.gz")
         with tarfile.open(archive) as tar:
-            tar.extractall(scratch, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(scratch, filter="data")
+            else:  # Python < 3.11.4 (Debian 12's 3.11.2, the rootless run): check the members ourselves
+                for member in tar.getmembers():
+                    unsafe = member.name.startswith("/") or ".." in Path(member.name).parts
+                    if unsafe or not (member.isfile() or member.isdir()):
+                        raise ValueError(f"{archive.name}: refusing member {member.name!r}")
+                tar.extractall(scratch)
         (unpacked,) = (p for p in Path(scratch).iterdir() if p.is_dir())
         try:
             unpacked.rename(target)  # atomic: a concurrent run may have published it meanwhile
