@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -16,6 +18,7 @@ from .box.supervise import run_once
 from .box.wire import Channel
 from .errors import NsboxError
 from .images import cache, oci, recipes
+from .project import Project
 from .spec import NETWORKS, format_size
 
 IMAGE_HELP = "'host', a recipe name, a rootfs directory, or oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE"
@@ -42,7 +45,18 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Run a command (default: $SHELL) in a sandbox of IMAGE; changes are thrown away."""
-    image = images.resolve(args.image, Path.cwd())
+    project = _project()
+    cache_dir = project.cache_dir()
+    hold = cache.InUse(cache_dir) if args.image != images.HOST else None
+    try:
+        image = images.resolve(args.image, project.rootdir, cache_dir, project.ini_lines("nsbox_image_dirs"))
+        return _shell(args, image, cache_dir)
+    finally:
+        if hold is not None:
+            hold.release()
+
+
+def _shell(args: argparse.Namespace, image: images.Resolved, cache_dir: Path) -> int:
     command = args.command or [os.environ.get("SHELL", "/bin/sh")]
     with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
@@ -51,7 +65,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
             scratch=scratch,
             host_paths=[],
             mounts=mounts.MountTable.read(),
-            stacks_dir=str(cache.stacks_dir(cache.default_cache_dir())),
+            stacks_dir=str(cache.stacks_dir(cache_dir)),
         )
 
         def target(_channel: Channel) -> None:
@@ -70,71 +84,229 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return os.waitstatus_to_exitcode(result.test_status) & 0xFF
 
 
-def _cache(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir) if args.cache_dir else cache.default_cache_dir()
+def _project() -> Project:
+    return Project.find(Path.cwd())
+
+
+def _cache(args: argparse.Namespace, project: Project) -> Path:
+    return project.cache_dir(args.cache_dir)
+
+
+def _recipe_dirs(args: argparse.Namespace, project: Project) -> list[Path]:
+    """Recipe folders as the plugin searches them: --image-dir, the ini's nsbox_image_dirs, the
+    project's rootfs_images/, the shipped recipes."""
+    extra = [str(Path(d).resolve()) for d in getattr(args, "image_dir", None) or []]
+    return recipes.search_dirs(project.rootdir, [*extra, *project.ini_lines("nsbox_image_dirs")])
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _unique_size(cache_dir: Path, layers: set[str]) -> int:
+    return sum(cache.tree_size(cache.layer_dir(cache_dir, layer)) for layer in layers)
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:
-    """List imported images: reference, layers, size, last use."""
-    cache_dir = _cache(args)
+    """List the images in the cache (recipes built, images imported): name, kind, layers, size, created, last use."""
+    project = _project()
+    cache_dir = _cache(args, project)
     records = cache.list_images(cache_dir)
+    built = {r.name for r in records if r.kind == "recipe"}
+    not_built = [name for name in recipes.known_images(_recipe_dirs(args, project)) if name not in built]
     if not records:
         print(f"no images in {cache_dir}")
-        return 0
-    print(f"{'image':50}  {'layers':>6}  {'size':>10}  last used")
-    for record in records:
-        digests = record.get("layers") or []
-        size = sum(cache.tree_size(cache.layer_dir(cache_dir, d)) for d in digests)
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(record.get("last_used", 0))))
-        print(f"{record['name']:50}  {len(digests):>6}  {format_size(size):>10}  {used}")
+    else:
+        print(f"{'IMAGE':40}  {'KIND':14}  {'LAYERS':>6}  {'SIZE':>10}  {'CREATED':16}  LAST USED")
+        for record in records:
+            size, created, used = format_size(record.size(cache_dir)), _when(record.created), _when(record.last_used)
+            print(f"{record.name:40}  {record.kind:14}  {len(record.layers):>6}  {size:>10}  {created:16}  {used}")
+        layers = {layer for r in records for layer in r.layers}
+        unused = [layer for layer in cache.layer_ids(cache_dir) if layer not in layers]
+        total = format_size(_unique_size(cache_dir, layers | set(unused)))
+        print(f"{len(records)} image(s), {len(layers) + len(unused)} layer(s), {total} in {cache_dir}", end="")
+        print(f" ({len(unused)} layer(s) no image uses: nsbox images prune)" if unused else "")
+    if not_built:
+        print(f"recipes not built yet: {', '.join(not_built)} (nsbox images build NAME)")
     return 0
 
 
+def _matching(records: list[cache.ImageRecord], name: str, project: Project, dirs: list[Path]) -> list[cache.ImageRecord]:
+    """The records *name* means here: this project's recipe of that name, the image that reference
+    names from here; else every record of that name."""
+    named = [r for r in records if r.name == name]
+    source: Path | None = None
+    if oci.is_reference(name):
+        source = oci.parse_reference(name, project.rootdir)[1]
+    else:
+        recipe = recipes.find(name, dirs)
+        source = recipe.path if recipe is not None else None
+    if source is not None:
+        exact = [r for r in named if r.source == str(source.resolve())]
+        if exact:
+            return exact
+    return named
+
+
+def _no_image(name: str, cache_dir: Path) -> int:
+    print(f"nsbox: no image {name!r} in {cache_dir} (see 'nsbox images list')", file=sys.stderr)
+    return 1
+
+
 def cmd_images_build(args: argparse.Namespace) -> int:
-    """Build a recipe (--image-dir, rootfs_images/NAME/image.toml, or a shipped one) into the cache now."""
-    cache_dir = _cache(args)
-    dirs = recipes.search_dirs(Path.cwd(), args.image_dir or [])
-    recipe = recipes.find(args.name, dirs)
-    if recipe is None:
-        known = ", ".join(recipes.known_images(dirs)) or "none"
-        print(f"nsbox: no recipe {args.name!r} in {', '.join(map(str, dirs))} (known: {known})", file=sys.stderr)
-        return EXIT_USAGE
-    layers = recipes.RecipeBuilder(cache_dir, dirs).build(recipe)
-    print(f"{args.name}: {len(layers)} layers in {cache_dir}")
+    """Build recipes (--image-dir, ini nsbox_image_dirs, rootfs_images/NAME/image.toml, shipped) into the cache now."""
+    project = _project()
+    cache_dir = _cache(args, project)
+    dirs = _recipe_dirs(args, project)
+    found = [(name, recipes.find(name, dirs)) for name in args.names]
+    for name, recipe in found:
+        if recipe is None:
+            known = ", ".join(recipes.known_images(dirs)) or "none"
+            print(f"nsbox: no recipe {name!r} in {', '.join(map(str, dirs))} (known: {known})", file=sys.stderr)
+            return EXIT_USAGE
+    hold = cache.InUse(cache_dir)
+    try:
+        for name, recipe in found:
+            assert recipe is not None
+            start = time.monotonic()
+            layers = recipes.RecipeBuilder(cache_dir, dirs, output_lines=True).build(recipe)
+            print(f"{name}: {len(layers)} layers in {cache_dir} ({time.monotonic() - start:.1f}s)")
+    finally:
+        hold.release()
+    return 0
+
+
+def cmd_images_key(args: argparse.Namespace) -> int:
+    """Print a content key of recipes: it changes exactly when a rebuild would (a CI cache key)."""
+    project = _project()
+    cache_dir = _cache(args, project)
+    dirs = _recipe_dirs(args, project)
+    keys = []
+    for name in args.names:
+        recipe = recipes.find(name, dirs)
+        if recipe is None:
+            print(f"nsbox: no recipe {name!r} in {', '.join(map(str, dirs))}", file=sys.stderr)
+            return EXIT_USAGE
+        keys.append(recipes.RecipeBuilder(cache_dir, dirs).content_key(recipe))
+    print(keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest())
     return 0
 
 
 def cmd_images_import(args: argparse.Namespace) -> int:
     """Import an oci:, oci-archive: or docker-archive: image into the cache now."""
-    cache_dir = _cache(args)
-    dirs = oci.import_image(args.ref, Path.cwd(), cache_dir)
+    project = _project()
+    cache_dir = _cache(args, project)
+    hold = cache.InUse(cache_dir)
+    try:
+        dirs = oci.import_image(args.ref, project.rootdir, cache_dir)
+    finally:
+        hold.release()
     print(f"{args.ref}: {len(dirs)} layers in {cache_dir}")
     return 0
 
 
 def cmd_images_inspect(args: argparse.Namespace) -> int:
-    """Show an imported image's layers, bottom first."""
-    cache_dir = _cache(args)
-    for record in cache.list_images(cache_dir):
-        if record["name"] == args.ref:
-            print(f"image  {record['name']}\nsource {record['source']}")
-            for digest in record.get("layers") or []:
-                print(f"layer  {digest}  {format_size(cache.tree_size(cache.layer_dir(cache_dir, digest)))}")
-            return 0
-    print(f"nsbox: no imported image {args.ref!r} in {cache_dir} (see 'nsbox images list')", file=sys.stderr)
-    return 1
-
-
-def cmd_images_prune(args: argparse.Namespace) -> int:
-    """Remove layers no remembered image uses (and forget images unused for --older-than days)."""
-    older = args.older_than * 86400 if args.older_than is not None else None
-    removed = cache.prune(_cache(args), older_than=older)
-    print(f"removed {len(removed)} layer(s)")
+    """Show an image: source, content key, layers bottom first (what made each, size); a recipe also when not built."""
+    project = _project()
+    cache_dir = _cache(args, project)
+    dirs = _recipe_dirs(args, project)
+    matching = _matching(cache.list_images(cache_dir), args.name, project, dirs)
+    recipe = None if oci.is_reference(args.name) else recipes.find(args.name, dirs)
+    if not matching and recipe is None:
+        return _no_image(args.name, cache_dir)
+    shown: list[dict[str, object]] = []
+    for record in matching:
+        layers = [
+            {"layer": layer, "created_by": what, "size": cache.tree_size(cache.layer_dir(cache_dir, layer))}
+            for layer, what in zip(record.layers, record.history, strict=False)
+        ]
+        shown.append(
+            {"name": record.name, "kind": record.kind, "source": record.source, "key": record.key, "built": True}
+            | {"created": _when(record.created), "last_used": _when(record.last_used), "layers": layers}
+        )
+    if not matching and recipe is not None:
+        key = recipes.RecipeBuilder(cache_dir, dirs).content_key(recipe)
+        parts = [recipe.base, *(next(iter(step.items())) for step in recipe.steps)]
+        steps = [recipes.describe_step(kind, value) for kind, value in parts]
+        about = {"name": recipe.name, "kind": "recipe", "source": str(recipe.path), "key": key}
+        shown.append(about | {"built": False, "steps": steps})
+    if args.json:
+        print(json.dumps(shown if len(shown) > 1 else shown[0], indent=2))
+        return 0
+    for number, image in enumerate(shown):
+        if number:
+            print()
+        print(f"image    {image['name']}\nkind     {image['kind']}\nsource   {image['source']}")
+        if image["key"]:
+            print(f"key      {image['key']}")
+        if not image["built"]:
+            print("built    no (nsbox images build NAME)")
+            for step in image["steps"]:  # type: ignore[attr-defined]
+                print(f"step     {step}")
+            continue
+        print(f"created  {image['created']}\nused     {image['last_used']}")
+        for layer in image["layers"]:  # type: ignore[attr-defined]
+            print(f"layer    {layer['layer']}  {format_size(layer['size']):>10}  {layer['created_by']}")
     return 0
 
 
+def _carry_out(removal: cache.Removal, cache_dir: Path, *, dry_run: bool, force: bool) -> int:
+    """Say what *removal* frees; ask on a terminal (unless --force); remove unless --dry-run."""
+    what = f"{len(removal.layers)} layer(s)"
+    if removal.leftovers:
+        what += f" and {len(removal.leftovers)} leftover(s) of interrupted builds"
+    freed = format_size(removal.size)
+    for record in removal.images:
+        print(f"{'would forget' if dry_run else 'forgetting'} image {record.name} ({record.kind}, {record.source})")
+    for layer in removal.layers:
+        print(f"{'would remove' if dry_run else 'removing'} layer {layer}")
+    if dry_run:
+        print(f"would remove {what}, freeing {freed} in {cache_dir}")
+        return 0
+    if not (removal.layers or removal.images or removal.leftovers):
+        print(f"removed 0 layer(s): nothing to free in {cache_dir}")
+        return 0
+    if not force and sys.stdin.isatty():
+        answer = input(f"Remove {what} ({freed})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    cache.remove(cache_dir, removal)
+    print(f"removed {what}, freed {freed} in {cache_dir}")
+    return 0
+
+
+def cmd_images_rm(args: argparse.Namespace) -> int:
+    """Remove images from the cache, with the layers no other image uses."""
+    project = _project()
+    cache_dir = _cache(args, project)
+    dirs = _recipe_dirs(args, project)
+    with cache.exclusive(cache_dir):
+        records = cache.list_images(cache_dir)
+        forget: list[cache.ImageRecord] = []
+        for name in args.names:
+            matching = _matching(records, name, project, dirs)
+            if not matching:
+                return _no_image(name, cache_dir)
+            forget += matching
+        return _carry_out(cache.plan_removal(cache_dir, forget), cache_dir, dry_run=args.dry_run, force=True)
+
+
+def cmd_images_prune(args: argparse.Namespace) -> int:
+    """Remove the layers no image uses (and forget images unused for --older-than days); --dry-run shows what it would free."""
+    cache_dir = _cache(args, _project())
+    older = args.older_than * 86400 if args.older_than is not None else None
+    with cache.exclusive(cache_dir):
+        removal = cache.prune_plan(cache_dir, older_than=older)
+        return _carry_out(removal, cache_dir, dry_run=args.dry_run, force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nsbox", description="pytest-nsbox: sandboxed tests")
+    parser = argparse.ArgumentParser(
+        prog="nsbox",
+        description="pytest-nsbox: sandboxed tests. Reads the project's pytest ini file (pytest.ini, pyproject.toml, "
+        "tox.ini, setup.cfg) from the current directory, as pytest does.",
+    )
     parser.add_argument("--version", action="version", version=f"pytest-nsbox {__version__}")
     sub = parser.add_subparsers(dest="command_name", required=True)
     doctor = sub.add_parser("doctor", help=cmd_doctor.__doc__)
@@ -144,20 +316,44 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("--network", choices=NETWORKS, default="none")
     shell.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: $SHELL)")
     shell.set_defaults(func=cmd_shell)
-    images = sub.add_parser("images", help="imported images and their layer cache")
-    images.add_argument("--cache-dir", default="", help="the layer cache (default $XDG_CACHE_HOME/pytest-nsbox)")
+    # --cache-dir and --image-dir are accepted before and after the images subcommand
+    cache_option = argparse.ArgumentParser(add_help=False)
+    cache_option.add_argument(
+        "--cache-dir",
+        default=argparse.SUPPRESS,
+        help="the layer cache (default: ini nsbox_cache_dir, else $XDG_CACHE_HOME/pytest-nsbox)",
+    )
+    recipe_option = argparse.ArgumentParser(add_help=False)
+    recipe_option.add_argument(
+        "--image-dir", action="append", default=argparse.SUPPRESS, help="another folder of recipes, searched first (repeatable)"
+    )
+    images = sub.add_parser("images", help="the image cache: list, build, import, inspect, rm, prune")
+    images.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
+    images.add_argument("--image-dir", action="append", default=[], help=argparse.SUPPRESS)
     images_sub = images.add_subparsers(dest="images_command", required=True)
-    images_sub.add_parser("list", help=cmd_images_list.__doc__).set_defaults(func=cmd_images_list)
-    for name, func in (("import", cmd_images_import), ("inspect", cmd_images_inspect)):
-        command = images_sub.add_parser(name, help=func.__doc__)
-        command.add_argument("ref", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
-        command.set_defaults(func=func)
-    build = images_sub.add_parser("build", help=cmd_images_build.__doc__)
-    build.add_argument("name", help="a recipe name")
-    build.add_argument("--image-dir", action="append", help="another folder of recipes (repeatable)")
+    both = [cache_option, recipe_option]
+    images_sub.add_parser("list", parents=both, help=cmd_images_list.__doc__).set_defaults(func=cmd_images_list)
+    build = images_sub.add_parser("build", parents=both, help=cmd_images_build.__doc__)
+    build.add_argument("names", nargs="+", metavar="NAME", help="a recipe name")
     build.set_defaults(func=cmd_images_build)
-    prune = images_sub.add_parser("prune", help=cmd_images_prune.__doc__)
+    key = images_sub.add_parser("key", parents=both, help=cmd_images_key.__doc__)
+    key.add_argument("names", nargs="+", metavar="NAME", help="a recipe name (several: one key for all)")
+    key.set_defaults(func=cmd_images_key)
+    imported = images_sub.add_parser("import", parents=[cache_option], help=cmd_images_import.__doc__)
+    imported.add_argument("ref", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+    imported.set_defaults(func=cmd_images_import)
+    inspect = images_sub.add_parser("inspect", parents=both, help=cmd_images_inspect.__doc__)
+    inspect.add_argument("name", help="a recipe name or an image reference")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_images_inspect)
+    remove = images_sub.add_parser("rm", parents=both, help=cmd_images_rm.__doc__)
+    remove.add_argument("names", nargs="+", metavar="NAME", help="a recipe name or an image reference")
+    remove.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    remove.set_defaults(func=cmd_images_rm)
+    prune = images_sub.add_parser("prune", parents=[cache_option], help=cmd_images_prune.__doc__)
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="also forget images unused for DAYS days")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed and freed, remove nothing")
+    prune.add_argument("-f", "--force", action="store_true", help="do not ask on a terminal")
     prune.set_defaults(func=cmd_images_prune)
     return parser
 
@@ -166,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except cache.CacheBusy as exc:
+        print(f"nsbox: {exc}", file=sys.stderr)
+        return 1
     except (NsboxError, OSError) as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
         return EXIT_USAGE

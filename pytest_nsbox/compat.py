@@ -3,11 +3,14 @@
 Splitting one item's protocol across a fork needs what pytest keeps to itself: the setup
 state's stack (wider-scoped fixtures are set up in P, the item in C), fixture scopes, the
 runtest protocol without logging, the xfail evaluation, basetemp, and a skip located at the
-item. CI runs the suite on the oldest pytest pyproject.toml admits and on the newest.
+item. CI runs the suite on the oldest pytest pyproject.toml admits and on the newest. The
+``nsbox`` command finds the project's ini file with pytest's own search (``project_ini``).
 """
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,3 +231,17 @@ def set_terminal_line(config: pytest.Config, text: str, currentfspath: object) -
     if reporter is not None:
         reporter._tw._current_line = text
         reporter.currentfspath = currentfspath
+
+
+def project_ini(directory: Path) -> tuple[Path | None, dict[str, object]]:
+    """The ini file pytest would use when run in *directory* with no arguments (pytest.ini,
+    pyproject.toml, tox.ini, setup.cfg, ... in it or a parent), and its values: a string or a
+    list of strings each (native types from a TOML-mode file)."""
+    from _pytest.config import findpaths
+
+    if "invocation_dir" in inspect.signature(findpaths.locate_config).parameters:  # pytest >= 8.1
+        found = findpaths.locate_config(directory, [directory])
+    else:
+        found = findpaths.locate_config([directory])  # type: ignore[call-arg,arg-type]
+    inifile, values = found[1], found[2]
+    return inifile, {name: getattr(value, "value", value) for name, value in values.items()}

@@ -13,7 +13,6 @@ import pwd
 import sys
 import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import pytest
@@ -23,6 +22,7 @@ from .box import cgroups, mounts
 from .box.config import SandboxConfig
 from .errors import NsboxError
 from .images import cache as layer_cache
+from .project import cache_dir_setting
 from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
 
 log = logging.getLogger(__name__)
@@ -114,15 +114,19 @@ class Preparer:
         self.config = config
         self.defaults = defaults
         self.cgroup_root = cgroup_root
-        self.cache_dir = Path(cache_dir) if cache_dir else layer_cache.default_cache_dir()
+        self.cache_dir = cache_dir_setting(cache_dir, config.rootpath)
         self._images: dict[str, images.Resolved] = {}
         self._plans: dict[tuple[images.Resolved, str, str], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
         self._manager_detected = False
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
+        self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
 
     def close(self) -> None:
+        if self._cache_hold is not None:
+            self._cache_hold.release()
+            self._cache_hold = None
         if self._manager is not None:
             self._manager.close()
         if self._scratch is not None:
@@ -194,6 +198,8 @@ class Preparer:
         if hooked is not None:
             return str(hooked)
         if name not in self._images:
+            if name != images.HOST and self._cache_hold is None:
+                self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
             image_dirs = [str(d) for d in self.config.getini("nsbox_image_dirs")]
             self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]

@@ -429,11 +429,18 @@ class Supervisor:
         self._switch.close()
 
 
-def run_once(config: SandboxConfig, target: Target, *, cgroup: Cgroup | None = None) -> SandboxResult:
-    """Build a sandbox now, run *target* in it, and wait until every process of it is gone."""
+def run_once(
+    config: SandboxConfig,
+    target: Target,
+    *,
+    cgroup: Cgroup | None = None,
+    while_running: Callable[[], None] | None = None,
+) -> SandboxResult:
+    """Build a sandbox now, run *target* in it, and wait until every process of it is gone;
+    *while_running* is called in P right after the fork (see ``Supervisor.run``)."""
     supervisor = Supervisor()
     try:
-        return supervisor.run(config, target, cgroup=cgroup)
+        return supervisor.run(config, target, cgroup=cgroup, while_running=while_running)
     finally:
         supervisor.close()
 

@@ -4,13 +4,15 @@
 layer's blob, or by the hash of a recipe step and its parent. A layer is built in a temporary
 directory beside its final place and renamed into place under a ``filelock`` lock, so parallel
 pytest processes and xdist workers build it once, and a build that was killed half-way is
-found (its temporary directory) and redone. ``<cache>/images/`` remembers imported images for
-``nsbox images list`` and ``prune``.
+found (its temporary directory) and redone. ``<cache>/images/`` remembers each image built or
+imported (its layers), for ``nsbox images list``, ``rm`` and ``prune``, which remove only layers
+no remembered image uses, and only while no run holds the cache (``InUse``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,9 +20,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,58 @@ def tree_size(path: Path) -> int:
     return total
 
 
-# --- image records: what `nsbox images` lists and what `prune` keeps ---------------------------
+# --- image records: what `nsbox images` lists and what `prune` and `rm` keep ---------------------
+
+
+IN_USE: Final = "in-use.lock"  # a run holds it shared while it may mount layers; prune and rm exclusively
+
+
+class CacheBusy(RuntimeError):
+    """A pytest run is using the cache: layers it may have mounted must not be removed now."""
+
+
+@contextlib.contextmanager
+def exclusive(cache: Path) -> Iterator[None]:
+    """Hold the cache against every run (prune, rm); CacheBusy at once if a run is using it."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / IN_USE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"a pytest run is using {cache} (its sandboxes may have mounted the layers); try again after it ends"
+            raise CacheBusy(message) from None
+        yield
+
+
+class InUse:
+    """A run's shared hold on the cache, taken before its first image is resolved and kept
+    until the run ends: ``nsbox images prune``/``rm`` wait for no run to hold it."""
+
+    def __init__(self, cache: Path) -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        self._handle = open(cache / IN_USE, "a")
+        fcntl.flock(self._handle, fcntl.LOCK_SH)  # blocks only while a prune or rm runs
+
+    def release(self) -> None:
+        self._handle.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """An image the cache holds: a recipe built or an image imported, and its layers, bottom first."""
+
+    name: str
+    kind: str  # "recipe", "oci", "oci-archive", "docker-archive"
+    source: str  # the recipe's image.toml, or the imported layout or archive
+    layers: tuple[str, ...]  # "sha256:<hex>": a blob digest, or a recipe step's key
+    history: tuple[str, ...]  # what made each layer ("run apt-get ...", a digest)
+    created: float
+    last_used: float
+    key: str = ""  # a recipe's content key (``nsbox images key``)
+    record: Path | None = None  # where the record is stored
+
+    def size(self, cache: Path) -> int:
+        return sum(tree_size(layer_dir(cache, layer)) for layer in self.layers)
 
 
 def _record_path(cache: Path, name: str, path: Path) -> Path:
@@ -114,42 +168,110 @@ def _record_path(cache: Path, name: str, path: Path) -> Path:
     return cache / "images" / f"{key}.json"
 
 
-def record_image(cache: Path, name: str, path: Path, digests: list[str]) -> None:
-    """Remember an imported image (reference, source, layers, last use); written atomically."""
+def record_image(
+    cache: Path,
+    name: str,
+    path: Path,
+    layers: Sequence[str],
+    *,
+    kind: str,
+    history: Sequence[str] = (),
+    key: str = "",
+) -> None:
+    """Remember an image (name, source, layers bottom first, when it was made and last used);
+    written atomically. *created* survives while the layers stay the same."""
     record = _record_path(cache, name, path)
     record.parent.mkdir(parents=True, exist_ok=True)
-    data = {"name": name, "source": str(path.resolve()), "layers": digests, "last_used": time.time()}
+    now = time.time()
+    created = now
+    previous = _read_record(record)
+    if previous is not None and list(previous.layers) == list(layers):
+        created = previous.created
+    data = {
+        "name": name,
+        "kind": kind,
+        "source": str(path.resolve()),
+        "layers": list(layers),
+        "history": list(history) or list(layers),
+        "created": created,
+        "last_used": now,
+        "key": key,
+    }
     fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle)
     os.replace(tmp, record)
 
 
-def list_images(cache: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in sorted((cache / "images").glob("*.json")):
-        try:
-            records.append(json.loads(path.read_text()) | {"record": str(path)})
-        except (OSError, ValueError):
-            continue
-    return records
+def _read_record(path: Path) -> ImageRecord | None:
+    try:
+        data = json.loads(path.read_text())
+        layers = tuple(str(layer) for layer in data["layers"])
+        return ImageRecord(
+            name=str(data["name"]),
+            kind=str(data.get("kind", "oci")),  # records of pytest-nsbox <= 0.3 are imports
+            source=str(data.get("source", "")),
+            layers=layers,
+            history=tuple(str(h) for h in data.get("history") or layers),
+            created=float(data.get("created", data.get("last_used", 0))),
+            last_used=float(data.get("last_used", 0)),
+            key=str(data.get("key", "")),
+            record=path,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def prune(cache: Path, *, older_than: float | None = None) -> list[str]:
-    """Forget images not used for *older_than* seconds (if given), then remove every layer no
-    remaining image uses; return the removed layer digests."""
-    now = time.time()
-    keep: set[str] = set()
-    for record in list_images(cache):
-        if older_than is not None and now - float(record.get("last_used", 0)) > older_than:
-            Path(record["record"]).unlink(missing_ok=True)
-            continue
-        keep.update(record.get("layers") or [])
-    removed = []
+def list_images(cache: Path) -> list[ImageRecord]:
+    """Every image the cache remembers, by name (unreadable records are skipped)."""
+    records = [r for p in sorted((cache / "images").glob("*.json")) if (r := _read_record(p)) is not None]
+    return sorted(records, key=lambda r: (r.name, r.source))
+
+
+def layer_ids(cache: Path) -> list[str]:
+    """The published layers in the cache, as "sha256:<hex>"."""
     root = layers_root(cache)
-    for entry in sorted(root.glob("*")) if root.is_dir() else []:
-        if entry.is_dir() and not entry.name.startswith(".") and f"sha256:{entry.name}" not in keep:
-            remove_layer(entry)
-            removed.append(f"sha256:{entry.name}")
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    return [f"sha256:{e.name}" for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """What a prune or an rm removes (or would, with --dry-run): records, layers, bytes."""
+
+    images: tuple[ImageRecord, ...]
+    layers: tuple[str, ...]
+    size: int
+    leftovers: tuple[Path, ...] = ()  # temporary directories of builds that were killed
+
+
+def plan_removal(cache: Path, forget: Sequence[ImageRecord], *, prune: bool = False) -> Removal:
+    """Forgetting *forget*: their layers no other image uses, with their size; with *prune*,
+    every layer no image uses, and what interrupted builds left."""
+    forgotten = {r.record for r in forget}
+    keep = {layer for r in list_images(cache) if r.record not in forgotten for layer in r.layers}
+    theirs = {layer for r in forget for layer in r.layers}
+    unused = tuple(layer for layer in layer_ids(cache) if layer not in keep and (prune or layer in theirs))
+    root = layers_root(cache)
+    leftovers = tuple(sorted(root.glob(".tmp-*"))) if prune and root.is_dir() else ()
+    size = sum(tree_size(layer_dir(cache, layer)) for layer in unused) + sum(tree_size(p) for p in leftovers)
+    return Removal(tuple(forget), unused, size, leftovers)
+
+
+def prune_plan(cache: Path, *, older_than: float | None = None) -> Removal:
+    """Layers no image uses (an image not used for *older_than* seconds is forgotten first)."""
+    now = time.time()
+    stale = [r for r in list_images(cache) if older_than is not None and now - r.last_used > older_than]
+    return plan_removal(cache, stale, prune=True)
+
+
+def remove(cache: Path, removal: Removal) -> None:
+    """Carry out *removal*; hold ``exclusive(cache)`` meanwhile."""
+    for record in removal.images:
+        if record.record is not None:
+            record.record.unlink(missing_ok=True)
+    for layer in removal.layers:
+        remove_layer(layer_dir(cache, layer))
+    for leftover in removal.leftovers:
+        remove_tree(leftover)
     shutil.rmtree(stacks_dir(cache), ignore_errors=True)  # rebuilt on demand
-    return removed

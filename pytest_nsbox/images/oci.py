@@ -209,8 +209,8 @@ def _extract_in_child(layer: Layer, dest: Path, name: str) -> None:
         raise ImageImportError(f"image {name!r}: layer {layer.digest} cannot be imported: {problem}")
 
 
-def import_image(name: str, base: Path, cache_dir: Path) -> list[str]:
-    """Import *name* (an oci:, oci-archive: or docker-archive: reference); its layer dirs, top first."""
+def image_layers(name: str, base: Path) -> tuple[str, Path, list[Layer]]:
+    """(kind, path, layers bottom first) of the reference *name*, read but not extracted."""
     kind, path, tag = parse_reference(name, base)
     if not path.exists():
         raise ImageImportError(f"image {name!r}: {path} does not exist")
@@ -218,10 +218,16 @@ def import_image(name: str, base: Path, cache_dir: Path) -> list[str]:
         layers = docker_layers(path, name) if kind == "docker-archive" else oci_layers(kind, path, tag, name)
     except (OSError, KeyError, TypeError, AttributeError, ValueError, tarfile.TarError) as exc:
         raise ImageImportError(f"image {name!r}: malformed image ({type(exc).__name__}: {exc})") from None
+    return kind, path, layers
+
+
+def import_image(name: str, base: Path, cache_dir: Path) -> list[str]:
+    """Import *name* (an oci:, oci-archive: or docker-archive: reference); its layer dirs, top first."""
+    kind, path, layers = image_layers(name, base)
     if not layers:
         raise ImageImportError(f"image {name!r}: no layers")
     if len(layers) > MAX_LAYERS:
         raise ImageImportError(f"image {name!r}: {len(layers)} layers; overlayfs takes at most {MAX_LAYERS} plus the init layer")
     dirs = [str(ensure_layer(cache_dir, layer, name)) for layer in layers]
-    cache.record_image(cache_dir, name, path, [layer.digest for layer in layers])
+    cache.record_image(cache_dir, name, path, [layer.digest for layer in layers], kind=kind)
     return dirs[::-1]

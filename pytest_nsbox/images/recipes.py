@@ -44,7 +44,7 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -187,6 +187,17 @@ def parse(path: Path) -> Recipe:
     return Recipe(path.parent.name, path, (kind, value), tuple(steps))
 
 
+def describe_step(kind: str, argument: Any) -> str:
+    """One line for a base or a step: "debian bookworm", "busybox", "run apt-get ...", "copy a -> /b"."""
+    if argument is True:
+        return kind
+    if kind == "copy" and isinstance(argument, dict):
+        return f"copy {argument.get('from')} -> {argument.get('to')}"
+    if kind == "env" and isinstance(argument, dict):
+        return "env " + " ".join(f"{k}={v}" for k, v in argument.items())
+    return f"{kind} {argument}"
+
+
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -202,13 +213,73 @@ def _tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    layers: list[str]  # layer directories, bottom first
+    history: list[str]  # what made each
+    key: str  # the top layer's key: the recipe's content key
+
+
+class OutputFollower:
+    """Shows a build step's output while the step runs: a thread that reads the step's log file
+    as it grows. ``lines=True`` passes on every line (``nsbox images build``); otherwise, after
+    ``QUIET_AFTER`` seconds without a report, the elapsed time and the last line (a test run).
+
+    Start it only once the step's process is forked (``run_once``'s *while_running*, or after
+    ``Popen``): P must not fork while the thread runs.
+    """
+
+    POLL: Final = 0.25
+    QUIET_AFTER: Final = 10.0
+
+    def __init__(self, log_path: Path, label: str, emit: Callable[[str], None], *, lines: bool) -> None:
+        self.path, self._label, self._emit, self._lines = log_path, label, emit, lines
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = time.monotonic()
+
+    def start(self) -> None:
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._follow, name="nsbox-build-output", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _follow(self) -> None:
+        last_line, pending, reported = "", b"", time.monotonic()
+        with open(self.path, "rb") as log_file:
+            while True:
+                stopping = self._stop.wait(self.POLL)
+                pending += log_file.read(1 << 16)
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    line = raw.decode(errors="replace").rstrip("\r").rsplit("\r", 1)[-1].rstrip()
+                    if line:
+                        last_line = line
+                        if self._lines:
+                            self._emit(f"{self._label} | {line}")
+                            reported = time.monotonic()
+                if stopping:
+                    return
+                if time.monotonic() - reported >= self.QUIET_AFTER:
+                    elapsed = time.monotonic() - self._start
+                    self._emit(f"{self._label}: running for {elapsed:.0f}s" + (f": {last_line[:160]}" if last_line else ""))
+                    reported = time.monotonic()
+
+
 @dataclass
 class RecipeBuilder:
-    """Builds recipes into cached layers; *progress* gets one line per step that is built."""
+    """Builds recipes into cached layers; *progress* gets a line when a step starts and ends,
+    and its output while it runs: every line with *output_lines*, else now and then the last."""
 
     cache: Path
     dirs: Sequence[Path]
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    output_lines: bool = False
     subuid_file: Path = subids.SUBUID_FILE  # where rootless builds look up subordinate ids
     subgid_file: Path = subids.SUBGID_FILE
 
@@ -216,24 +287,41 @@ class RecipeBuilder:
         """The full id mapping of a rootless build; SubordinateIdError says what is missing."""
         return subids.find_mapping(subuid_file=self.subuid_file, subgid_file=self.subgid_file)
 
-    def build(self, recipe: Recipe, _seen: tuple[str, ...] = ()) -> list[str]:
-        """The recipe's layer directories, bottom first, building what is not cached."""
-        if recipe.name in _seen:
-            raise RecipeError(f"{recipe.path}: base recipe cycle {' -> '.join((*_seen, recipe.name))}")
+    def build(self, recipe: Recipe) -> list[str]:
+        """The recipe's layer directories, bottom first, building what is not cached; the image
+        is remembered in the cache (``nsbox images list``, and ``prune`` keeps its layers)."""
+        return self._walk(recipe, build=True).layers
+
+    def content_key(self, recipe: Recipe) -> str:
+        """A key that changes exactly when the recipe's layers would: its base, its steps, the
+        files its copy steps take, the recipes and images it builds on. Nothing is built."""
+        return self._walk(recipe, build=False).key
+
+    def _walk(self, recipe: Recipe, *, build: bool, seen: tuple[str, ...] = ()) -> _Walk:
+        if recipe.name in seen:
+            raise RecipeError(f"{recipe.path}: base recipe cycle {' -> '.join((*seen, recipe.name))}")
         kind, value = recipe.base
         total = 1 + len(recipe.steps)
         if kind == "recipe":
             parent = find(str(value), self.dirs)
             if parent is None:
                 raise RecipeError(f"{recipe.path}: base.recipe {value!r} not found in {[str(d) for d in self.dirs]}")
-            layers = self.build(parent, (*_seen, recipe.name))
-            key = _key("recipe", layers)
+            below = self._walk(parent, build=build, seen=(*seen, recipe.name))
+            layers, history = list(below.layers), list(below.history)
+            key = _key("recipe", [Path(layer).name for layer in layers])
         elif kind == "image":
-            layers = oci.import_image(str(value), recipe.dir, self.cache)[::-1]
-            key = _key("image", layers)
+            if build:
+                layers = oci.import_image(str(value), recipe.dir, self.cache)[::-1]
+            else:
+                _kind, _path, imported = oci.image_layers(str(value), recipe.dir)
+                layers = [str(cache.layer_dir(self.cache, layer.digest)) for layer in imported]
+            history = [f"image {value}: layer {Path(layer).name}" for layer in layers]
+            key = _key("image", [Path(layer).name for layer in layers])
         else:
             key = _key(kind, value, _tool_identity(kind))
-            layers = [self._layer(key, recipe, 1, total, f"{kind} {value}", lambda dest: _build_base(kind, value, dest, self))]
+            what = describe_step(kind, value)
+            layers = [self._layer(key, recipe, 1, total, what, lambda dest: _build_base(kind, value, dest, self), build)]
+            history = [what]
         env = dict(DEFAULT_ENV)
         workdir = "/"
         for number, step in enumerate(recipe.steps, 2):
@@ -247,26 +335,25 @@ class RecipeBuilder:
             if step_kind == "copy":
                 source = recipe.dir / argument["from"]
                 key = _key(key, step, _tree_hash(source))
-                layers.append(
-                    self._layer(
-                        key,
-                        recipe,
-                        number,
-                        total,
-                        f"copy {argument['from']} -> {argument['to']}",
-                        _copier(source, argument["to"]),
-                    )
-                )
+                what = describe_step(step_kind, argument)
+                layers.append(self._layer(key, recipe, number, total, what, _copier(source, argument["to"]), build))
             else:
                 key = _key(key, step, env, workdir)
-                lowers = tuple(layers[::-1])
-                build = _runner(lowers, argument, env, workdir, self)
-                layers.append(self._layer(key, recipe, number, total, f"run {argument}", build))
-        return layers
+                what = describe_step(step_kind, argument)
+                label = f"nsbox: building image {recipe.name}: step {number}/{total}"
+                runner = _runner(tuple(layers[::-1]), argument, env, workdir, self, label)
+                layers.append(self._layer(key, recipe, number, total, what, runner, build))
+            history.append(what)
+        if build:
+            digests = [f"sha256:{Path(layer).name}" for layer in layers]
+            cache.record_image(self.cache, recipe.name, recipe.path, digests, kind="recipe", history=history, key=key)
+        return _Walk(layers, history, key)
 
-    def _layer(self, key: str, recipe: Recipe, number: int, total: int, what: str, build: Callable[[Path], None]) -> str:
+    def _layer(
+        self, key: str, recipe: Recipe, number: int, total: int, what: str, build: Callable[[Path], None], now: bool
+    ) -> str:
         final = cache.layer_dir(self.cache, key)
-        if final.is_dir():
+        if final.is_dir() or not now:
             return str(final)
 
         def interrupted() -> None:
@@ -344,18 +431,32 @@ def _build_debian(suite: str, layer: Path, builder: RecipeBuilder) -> None:
             problems.append(f"{DEBIAN_ROOTLESS}; {exc}")
     if problems:
         raise RecipeError(f"base debian {suite!r}: " + "; ".join(problems))
+    label = f"nsbox: mmdebstrap {suite}"
     if os.geteuid() != 0:
-        _build_debian_rootless(suite, layer)
+        following = OutputFollower(layer.parent / "mmdebstrap.log", label, builder.progress, lines=builder.output_lines)
+        _build_debian_rootless(suite, layer, following)
         return
     # In a mount namespace of its own, mmdebstrap's mounts (/dev, /proc, /sys in the target) never
     # show in the host's mount table, and a build killed half-way leaves none behind.
     command = ["unshare", "--mount", "--propagation", "private", *debian_command(suite, layer)]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RecipeError(f"mmdebstrap {suite} failed ({proc.returncode}):\n{proc.stderr[-OUTPUT_TAIL:]}")
+    log_path = layer.parent / "mmdebstrap.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    following = OutputFollower(log_path, label, builder.progress, lines=builder.output_lines)
+    following.start()
+    try:
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        following.stop()
+    if code != 0:
+        raise RecipeError(f"mmdebstrap {suite} failed ({code}):\n{log_path.read_text(errors='replace')[-OUTPUT_TAIL:]}")
 
 
-def _build_debian_rootless(suite: str, layer: Path) -> None:
+def _build_debian_rootless(suite: str, layer: Path, following: OutputFollower) -> None:
     """mmdebstrap --mode=unshare into a tar stream, extracted as the caller by the safe extractor.
 
     The tar headers carry the owners inside the image; extracted without privileges, every file
@@ -366,10 +467,11 @@ def _build_debian_rootless(suite: str, layer: Path) -> None:
     its own ``/dev``).
     """
     layer.mkdir()
-    with tempfile.TemporaryFile() as errors:
+    with open(following.path, "w+b") as errors:
         proc = subprocess.Popen(debian_command(suite, "-", mode="unshare"), stdout=subprocess.PIPE, stderr=errors)
         assert proc.stdout is not None
         failure: Exception | None = None
+        following.start()
         try:
             with proc.stdout:
                 extract_layer(proc.stdout, layer, as_root=False)
@@ -382,6 +484,8 @@ def _build_debian_rootless(suite: str, layer: Path) -> None:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            following.stop()
         code = proc.wait()
         errors.seek(0)
         output = errors.read().decode(errors="replace")[-OUTPUT_TAIL:]
@@ -404,12 +508,16 @@ def _copier(source: Path, to: str) -> Callable[[Path], None]:
 
 
 def _runner(
-    lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: RecipeBuilder
+    lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: RecipeBuilder, label: str
 ) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
         mapping, unmapped = _run_step_mapping(builder)
+
+        def follower(log_path: Path) -> OutputFollower:
+            return OutputFollower(log_path, label, builder.progress, lines=builder.output_lines)
+
         try:
-            _run_in_sandbox(tmp, lowers, command, env, workdir, builder.cache, mapping, unmapped)
+            _run_in_sandbox(tmp, lowers, command, env, workdir, builder.cache, mapping, unmapped, follower)
         except BaseException:
             if mapping is not None:  # also after a failure: the caller must be able to remove tmp
                 try:
@@ -454,6 +562,7 @@ def _run_in_sandbox(
     cache_dir: Path,
     mapping: subids.IdMapping | None,
     unmapped: str,
+    follower: Callable[[Path], OutputFollower],
 ) -> None:
     upper, work = tmp / "layer", tmp / "work"
     upper.mkdir()
@@ -485,7 +594,11 @@ def _run_in_sandbox(
                 os.chdir(workdir)
                 os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
 
-            result = run_once(config, target)
+            following = follower(log_path)
+            try:
+                result = run_once(config, target, while_running=following.start)
+            finally:
+                following.stop()
     output = log_path.read_text(errors="replace")[-OUTPUT_TAIL:]
     if result.setup_error is not None:
         raise RecipeError(
