@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,15 +37,173 @@ def test_images_import_list_inspect_prune(tmp_path: Path) -> None:
     digests = write_layout(tmp_path / "layout", [layer_tar([Entry("a", content=b"1")]), layer_tar([Entry("b", content=b"2")])])
     ref = f"oci:{tmp_path / 'layout'}"
     assert nsbox("images", "--cache-dir", str(cache), "import", ref).returncode == 0
-    listing = nsbox("images", "--cache-dir", str(cache), "list").stdout
-    assert ref in listing and " 2 " in listing
+    listing = nsbox("images", "list", "--cache-dir", str(cache)).stdout  # options after the subcommand too
+    assert re.search(rf"^{re.escape(ref)} +oci +2 ", listing, re.M), listing
     inspect = nsbox("images", "--cache-dir", str(cache), "inspect", ref).stdout
     assert digests["0"] in inspect and digests["1"] in inspect
-    assert nsbox("images", "--cache-dir", str(cache), "prune").stdout.strip() == "removed 0 layer(s)"
-    assert nsbox("images", "--cache-dir", str(cache), "prune", "--older-than", "0").stdout.strip() == "removed 2 layer(s)"
-    assert not [p for p in (cache / "layers" / "sha256").iterdir() if p.is_dir()]
+    assert nsbox("images", "--cache-dir", str(cache), "prune").stdout.startswith("removed 0 layer(s)")
+    dry = nsbox("images", "prune", "--cache-dir", str(cache), "--older-than", "0", "--dry-run").stdout
+    assert f"would forget image {ref}" in dry and "would remove 2 layer(s), freeing 2 B" in dry
+    assert len(layers_in(cache)) == 2
+    pruned = nsbox("images", "--cache-dir", str(cache), "prune", "--older-than", "0").stdout
+    assert "removed 2 layer(s), freed 2 B" in pruned
+    assert not layers_in(cache)
     missing = nsbox("images", "--cache-dir", str(cache), "import", f"oci:{tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def layers_in(cache: Path) -> list[str]:
+    root = cache / "layers" / "sha256"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+RECIPE = '[base]\nbusybox = true\n[[steps]]\nrun = "echo {word} > /word"\n'
+
+
+def project_with_recipe(root: Path, ini: str, word: str = "one") -> Path:
+    """A project whose ini (given as (file name, text)) puts the cache in .nscache and its recipes in images/."""
+    (root / "images" / "word").mkdir(parents=True)
+    (root / "images" / "word" / "image.toml").write_text(RECIPE.format(word=word))
+    name, text = INI_FILES[ini]
+    (root / name).write_text(text)
+    return root
+
+
+INI_FILES = {
+    "pytest.ini": ("pytest.ini", "[pytest]\nnsbox_cache_dir = .nscache\nnsbox_image_dirs =\n    images\n"),
+    "pyproject.toml": (
+        "pyproject.toml",
+        '[tool.pytest.ini_options]\nnsbox_cache_dir = ".nscache"\nnsbox_image_dirs = ["images"]\n',
+    ),
+    "tox.ini": ("tox.ini", "[pytest]\nnsbox_cache_dir = .nscache\nnsbox_image_dirs = images\n"),
+    "setup.cfg": ("setup.cfg", "[tool:pytest]\nnsbox_cache_dir = .nscache\nnsbox_image_dirs = images\n"),
+}
+
+
+@pytest.mark.parametrize("ini", INI_FILES)
+def test_the_cli_reads_the_projects_ini_as_pytest_does(tmp_path: Path, ini: str) -> None:
+    project = project_with_recipe(tmp_path, ini)
+    (project / "sub").mkdir()
+    built = nsbox("images", "build", "word", cwd=project / "sub")  # found from a subdirectory, as pytest finds it
+    assert built.returncode == 0, built.stderr
+    assert layers_in(project / ".nscache")
+    listing = nsbox("images", "list", cwd=project / "sub").stdout
+    assert re.search(r"^word +recipe +2 ", listing, re.M) and str(project / ".nscache") in listing, listing
+
+
+def test_recipe_images_are_listed_inspected_kept_by_prune_and_removed_by_rm(tmp_path: Path) -> None:
+    project = project_with_recipe(tmp_path, "pytest.ini")
+    assert nsbox("images", "build", "word", cwd=project).returncode == 0
+    inspect = nsbox("images", "inspect", "word", cwd=project).stdout
+    assert "kind     recipe" in inspect and inspect.count("layer    sha256:") == 2 and "run echo one > /word" in inspect
+    assert nsbox("images", "prune", cwd=project).stdout.startswith("removed 0 layer(s)")  # a built recipe is kept
+    first = layers_in(project / ".nscache")
+    # the recipe changes: its new run layer replaces the old one, which nothing uses any more
+    (project / "images" / "word" / "image.toml").write_text(RECIPE.format(word="two"))
+    assert nsbox("images", "build", "word", cwd=project).returncode == 0
+    dry = nsbox("images", "prune", "--dry-run", cwd=project).stdout
+    assert "would remove 1 layer(s)" in dry, dry
+    assert len(layers_in(project / ".nscache")) == 3  # --dry-run removed nothing
+    assert "removed 1 layer(s)" in nsbox("images", "prune", cwd=project).stdout
+    assert len(layers_in(project / ".nscache")) == 2 and len(set(first) & set(layers_in(project / ".nscache"))) == 1
+    assert nsbox("images", "rm", "nope", cwd=project).returncode == 1
+    removed = nsbox("images", "rm", "word", cwd=project)
+    assert removed.returncode == 0 and "forgetting image word" in removed.stdout and "removed 2 layer(s)" in removed.stdout
+    assert not layers_in(project / ".nscache")
+    assert "no images in" in nsbox("images", "list", cwd=project).stdout
+
+
+def test_a_recipe_not_built_yet_can_be_inspected(tmp_path: Path) -> None:
+    project = project_with_recipe(tmp_path, "pytest.ini")
+    inspect = nsbox("images", "inspect", "word", cwd=project)
+    assert inspect.returncode == 0, inspect.stderr
+    assert "built    no" in inspect.stdout and "step     busybox" in inspect.stdout and "step     run echo one" in inspect.stdout
+    assert not layers_in(project / ".nscache")
+    assert "recipes not built yet: word" in nsbox("images", "list", cwd=project).stdout
+
+
+def test_the_content_key_changes_exactly_when_a_rebuild_would(tmp_path: Path) -> None:
+    project = project_with_recipe(tmp_path, "pytest.ini")
+    key = nsbox("images", "key", "word", cwd=project).stdout.strip()
+    assert re.fullmatch("[0-9a-f]{64}", key) and nsbox("images", "key", "word", cwd=project).stdout.strip() == key
+    assert not layers_in(project / ".nscache")  # computing it builds nothing
+    (project / "unrelated.txt").write_text("x")
+    assert nsbox("images", "key", "word", cwd=project).stdout.strip() == key
+    nsbox("images", "build", "word", cwd=project)
+    assert f"key      {key}" in nsbox("images", "inspect", "word", cwd=project).stdout
+    (project / "images" / "word" / "image.toml").write_text(RECIPE.format(word="two"))
+    changed = nsbox("images", "key", "word", cwd=project).stdout.strip()
+    assert changed != key
+    both = nsbox("images", "key", "word", "busybox", cwd=project).stdout.strip()
+    assert re.fullmatch("[0-9a-f]{64}", both) and both not in (key, changed)
+
+
+def test_prune_and_rm_wait_until_no_run_uses_the_cache(tmp_path: Path) -> None:
+    project = project_with_recipe(tmp_path, "pytest.ini")
+    # the sandbox shares only the inner run's basetemp with the host
+    (project / "test_waits.py").write_text(
+        "import time\n"
+        "from pytest_nsbox import nsbox\n"
+        "@nsbox(image='word')\n"
+        "def test_waits(tmp_path_factory):\n"
+        "    base = tmp_path_factory.getbasetemp()\n"
+        "    (base / 'started').touch()\n"
+        "    assert open('/word').read() == 'one\\n'\n"
+        "    for _ in range(600):\n"
+        "        if (base / 'go').exists():\n"
+        "            return\n"
+        "        time.sleep(0.1)\n"
+    )
+    base = tmp_path / "base"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--basetemp={base}", "test_waits.py"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(600):
+            if (base / "started").exists() or run.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (base / "started").exists(), run.communicate()[0]
+        for command in (["prune", "--older-than", "0"], ["rm", "word"]):
+            busy = nsbox("images", *command, cwd=project)
+            assert busy.returncode == 1 and "a pytest run is using" in busy.stderr, busy.stderr
+        assert len(layers_in(project / ".nscache")) == 2
+    finally:
+        base.mkdir(exist_ok=True)
+        (base / "go").touch()
+        output = run.communicate(timeout=120)[0]
+    assert run.returncode == 0, output
+    assert re.search(r"^word +recipe +2 ", nsbox("images", "list", cwd=project).stdout, re.M)  # the run recorded it
+    assert nsbox("images", "rm", "word", cwd=project).returncode == 0
+
+
+def test_a_build_step_streams_its_output_while_it_runs(tmp_path: Path) -> None:
+    recipe = tmp_path / "rootfs_images" / "slow"
+    recipe.mkdir(parents=True)
+    (recipe / "image.toml").write_text('[base]\nbusybox = true\n[[steps]]\nrun = "echo first line; sleep 600"\n')
+    build = subprocess.Popen(
+        [sys.executable, "-m", "pytest_nsbox", "images", "--cache-dir", str(tmp_path / "cache"), "build", "slow"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert build.stderr is not None
+    try:
+        seen = []
+        for line in build.stderr:
+            seen.append(line)
+            if "step 2/2 | first line" in line:
+                break
+        assert build.poll() is None, "".join(seen)  # shown while the step still runs
+    finally:
+        build.send_signal(signal.SIGINT)
+        build.wait(timeout=60)
+    assert build.returncode != 0
+    assert not layers_in(tmp_path / "cache")[1:]  # the interrupted step published nothing
 
 
 def test_images_build_a_recipe(tmp_path: Path) -> None:
