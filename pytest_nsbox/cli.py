@@ -17,7 +17,7 @@ from .box.config import EXIT_SETUP_FAILED, SandboxConfig
 from .box.supervise import run_once
 from .box.wire import Channel
 from .errors import NsboxError
-from .images import cache, oci, recipes
+from .images import archive, cache, oci, recipes
 from .project import Project
 from .spec import NETWORKS, format_size
 
@@ -250,6 +250,39 @@ def cmd_images_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images_save(args: argparse.Namespace) -> int:
+    """Write images (with their layers) to one tar file: what a CI cache should keep (see README)."""
+    project = _project()
+    cache_dir = _cache(args, project)
+    dirs = _recipe_dirs(args, project)
+    hold = cache.InUse(cache_dir)
+    try:
+        records = cache.list_images(cache_dir)
+        chosen: list[cache.ImageRecord] = []
+        for name in args.names:
+            matching = _matching(records, name, project, dirs)
+            if not matching:
+                return _no_image(name, cache_dir)
+            chosen += matching
+        size = archive.save(cache_dir, chosen, Path(args.output))
+    finally:
+        hold.release()
+    print(f"{', '.join(args.names)}: {sum(len(r.layers) for r in chosen)} layers, {format_size(size)} in {args.output}")
+    return 0
+
+
+def cmd_images_load(args: argparse.Namespace) -> int:
+    """Put the images of a file written by 'nsbox images save' into the cache; layers it has are kept."""
+    cache_dir = _cache(args, _project())
+    hold = cache.InUse(cache_dir)
+    try:
+        names, extracted = archive.load(cache_dir, Path(args.input))
+    finally:
+        hold.release()
+    print(f"{', '.join(names)}: {extracted} layer(s) loaded into {cache_dir}")
+    return 0
+
+
 def _carry_out(removal: cache.Removal, cache_dir: Path, *, dry_run: bool, force: bool) -> int:
     """Say what *removal* frees; ask on a terminal (unless --force); remove unless --dry-run."""
     what = f"{len(removal.layers)} layer(s)"
@@ -327,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_option.add_argument(
         "--image-dir", action="append", default=argparse.SUPPRESS, help="another folder of recipes, searched first (repeatable)"
     )
-    images = sub.add_parser("images", help="the image cache: list, build, import, inspect, rm, prune")
+    images = sub.add_parser("images", help="the image cache: list, build, key, import, inspect, save, load, rm, prune")
     images.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     images.add_argument("--image-dir", action="append", default=[], help=argparse.SUPPRESS)
     images_sub = images.add_subparsers(dest="images_command", required=True)
@@ -346,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("name", help="a recipe name or an image reference")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=cmd_images_inspect)
+    save = images_sub.add_parser("save", parents=both, help=cmd_images_save.__doc__)
+    save.add_argument("names", nargs="+", metavar="NAME", help="a recipe name or an image reference")
+    save.add_argument("-o", "--output", required=True, metavar="FILE", help="the tar file to write")
+    save.set_defaults(func=cmd_images_save)
+    load = images_sub.add_parser("load", parents=[cache_option], help=cmd_images_load.__doc__)
+    load.add_argument("-i", "--input", required=True, metavar="FILE", help="a file written by 'nsbox images save'")
+    load.set_defaults(func=cmd_images_load)
     remove = images_sub.add_parser("rm", parents=both, help=cmd_images_rm.__doc__)
     remove.add_argument("names", nargs="+", metavar="NAME", help="a recipe name or an image reference")
     remove.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")

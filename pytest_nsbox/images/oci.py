@@ -175,12 +175,12 @@ def ensure_layer(cache_dir: Path, layer: Layer, name: str) -> Path:
 
     def build(tmp: Path) -> None:
         (tmp / cache.LAYER_SUBDIR).mkdir(mode=0o700)  # the image's own root entry decides what a sandbox sees
-        _extract_in_child(layer, tmp / cache.LAYER_SUBDIR, name)
+        extract_in_child(layer, tmp / cache.LAYER_SUBDIR, name)
 
     return cache.publish_layer(cache.layer_dir(cache_dir, layer.digest), build, interrupted=interrupted)
 
 
-def _extract_in_child(layer: Layer, dest: Path, name: str) -> None:
+def extract_in_child(layer: Layer, dest: Path, name: str) -> None:
     """Extract in a forked child: as root with owners kept; otherwise in a user namespace, where
     the 0/0 whiteout device may be created. Errors come back over a pipe."""
     as_root = os.geteuid() == 0

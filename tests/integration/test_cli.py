@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -220,3 +221,73 @@ def test_images_build_a_recipe(tmp_path: Path) -> None:
 def test_images_build_a_shipped_recipe_outside_any_project(tmp_path: Path) -> None:
     result = nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "busybox", cwd=tmp_path)
     assert result.returncode == 0 and "busybox: 1 layers" in result.stdout, result.stderr
+
+
+WHITEOUTS = (
+    '[base]\nbusybox = true\n[[steps]]\nrun = "rm /bin/vi && rm -rf /usr/sbin && mkdir /usr/sbin && echo new > /usr/sbin/new'
+    ' && ln /usr/sbin/new /usr/sbin/hard"\n'
+)
+
+
+def test_save_and_load_carry_an_image_to_a_new_cache_whiteouts_and_all(tmp_path: Path) -> None:
+    """What a CI cache keeps between runs: a recipe loaded into an empty cache is not rebuilt."""
+    project = tmp_path / "project"
+    (project / "rootfs_images" / "wh").mkdir(parents=True)
+    (project / "rootfs_images" / "wh" / "image.toml").write_text(WHITEOUTS)
+    (project / "pytest.ini").write_text("[pytest]\nnsbox_cache_dir = .nscache\n")
+    assert nsbox("images", "build", "wh", cwd=project).returncode == 0
+    saved = nsbox("images", "save", "wh", "-o", str(tmp_path / "images.tar"), cwd=project)
+    assert saved.returncode == 0 and "wh: 2 layers" in saved.stdout, saved.stderr
+    # a new machine: the same checkout, an empty cache
+    remove = nsbox("images", "rm", "wh", cwd=project)
+    assert remove.returncode == 0 and not layers_in(project / ".nscache")
+    loaded = nsbox("images", "load", "-i", str(tmp_path / "images.tar"), cwd=project)
+    assert loaded.returncode == 0 and "wh: 2 layer(s) loaded" in loaded.stdout, loaded.stderr
+    (project / "test_image.py").write_text(
+        "import os\n"
+        "from pytest_nsbox import nsbox\n"
+        "@nsbox(image='wh')\n"
+        "def test_image():\n"
+        "    assert os.path.exists('/bin/sh') and not os.path.exists('/bin/vi')  # a whiteout\n"
+        "    assert sorted(os.listdir('/usr/sbin')) == ['hard', 'new']  # an opaque directory\n"
+        "    assert os.stat('/usr/sbin/new').st_ino == os.stat('/usr/sbin/hard').st_ino  # a hardlink\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_image.py"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "building image" not in run.stdout + run.stderr  # the loaded layers are the recipe's own
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else oct(p.lstat().st_mode)
+        for p in root.rglob("*")
+    }
+
+
+def test_load_refuses_a_corrupt_archive_and_publishes_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "rootfs_images" / "wh").mkdir(parents=True)
+    (project / "rootfs_images" / "wh" / "image.toml").write_text(WHITEOUTS)
+    assert nsbox("images", "--cache-dir", str(tmp_path / "cache"), "build", "wh", cwd=project).returncode == 0
+    archive = tmp_path / "images.tar"
+    assert nsbox("images", "--cache-dir", str(tmp_path / "cache"), "save", "wh", "-o", str(archive), cwd=project).returncode == 0
+    data = bytearray(archive.read_bytes())
+    where = data.index(b"new\n")  # the content of /usr/sbin/new in the run step's layer
+    data[where] = ord("N")
+    archive.write_bytes(bytes(data))
+    loaded = nsbox("images", "--cache-dir", str(tmp_path / "fresh"), "load", "-i", str(archive))
+    assert loaded.returncode == 2 and "blob is corrupt" in loaded.stderr, loaded.stderr
+    assert "no images in" in nsbox("images", "--cache-dir", str(tmp_path / "fresh"), "list").stdout
+    for layer in layers_in(tmp_path / "fresh"):  # only intact layers, loaded before the corrupt one
+        assert tree(tmp_path / "fresh" / "layers" / "sha256" / layer) == tree(tmp_path / "cache" / "layers" / "sha256" / layer)
+    not_ours = tmp_path / "other.tar"
+    with tarfile.open(not_ours, "w") as other:
+        other.add(project / "rootfs_images", "rootfs_images")
+    refused = nsbox("images", "--cache-dir", str(tmp_path / "fresh"), "load", "-i", str(not_ours))
+    assert refused.returncode == 2 and "not written by nsbox images save" in refused.stderr
