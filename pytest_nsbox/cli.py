@@ -18,6 +18,7 @@ from .box.supervise import run_once
 from .box.wire import Channel
 from .errors import NsboxError
 from .images import archive, cache, oci, recipes
+from .prepare import default_disk_bound
 from .project import Project
 from .spec import NETWORKS, format_size
 
@@ -66,6 +67,7 @@ def _shell(args: argparse.Namespace, image: images.Resolved, cache_dir: Path) ->
             host_paths=[],
             mounts=mounts.MountTable.read(),
             stacks_dir=str(cache.stacks_dir(cache_dir)),
+            disk=default_disk_bound(),
         )
 
         def target(_channel: Channel) -> None:

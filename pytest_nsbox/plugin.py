@@ -28,6 +28,7 @@ OPTION_HELP: Final = {
     "--nsbox-pids": "default process limit of sandboxed tests (over ini nsbox_pids; 0: the safety cap of 1024)",
     "--nsbox-cpus": "default CPU bandwidth of sandboxed tests, e.g. 0.5 (over ini nsbox_cpus; 0: none)",
     "--nsbox-timeout": "default wall-clock timeout in seconds of sandboxed tests (over ini nsbox_timeout; 0: none)",
+    "--nsbox-disk": "bound on what each sandboxed test writes, e.g. 1G (over ini nsbox_disk; 0: the built-in bound)",
 }
 
 
@@ -43,7 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--nsbox-all", action="store_true", default=False, help="sandbox every test with the defaults (command line, ini)."
     )
     for option, name in OPTION_FIELDS.items():
-        metavar = {"image": "IMAGE", "memory": "SIZE", "pids": "N", "cpus": "CPUS", "timeout": "SECONDS"}[name]
+        metavar = {"image": "IMAGE", "memory": "SIZE", "pids": "N", "cpus": "CPUS", "timeout": "SECONDS", "disk": "SIZE"}[name]
         group.addoption(option, default=None, metavar=metavar, dest=f"nsbox_default_{name}", help=OPTION_HELP[option])
     group.addoption(
         "--nsbox-require",
@@ -60,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("nsbox_pids", "default process limit of sandboxed tests", default="")
     parser.addini("nsbox_cpus", "default CPU bandwidth of sandboxed tests, e.g. 0.5 (half a CPU)", default="")
     parser.addini("nsbox_timeout", "default wall-clock timeout (seconds) of sandboxed tests", default="")
+    parser.addini(
+        "nsbox_disk",
+        "bound on what each sandboxed test writes (writable layer, /tmp, /run, /dev/shm together), e.g. 1G "
+        "(default: half the memory available at the start of the run, shared by the xdist workers)",
+        default="",
+    )
     parser.addini(
         "nsbox_cgroup_root",
         "where sandbox cgroups go: v1, a directory name in each controller's hierarchy (default pytest-nsbox); "
@@ -121,7 +128,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     user = "root" if os.getuid() == 0 else "rootless"
     build = "prebuilt" if runner.lookahead.builder is not None else "forked"
     preparer = runner.preparer
-    defaults = describe_defaults(preparer.defaults)
+    defaults = describe_defaults(preparer.defaults, preparer.default_disk)
     return HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
 
 

@@ -12,7 +12,8 @@ import os
 import pwd
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Final
 
 import pytest
@@ -32,6 +33,7 @@ LIMITS_UNAVAILABLE: Final = "nsbox: cannot enforce the requested limits ({names}
 PLAN_FAILED: Final = "nsbox: could not plan the sandbox's mounts: {error}"
 NO_HIERARCHY: Final = "no cgroup hierarchy found"
 IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
+DEFAULT_DISK_FLOOR: Final = 256 * 2**20  # the default disk bound on a machine with little memory free
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,26 @@ def _own_home() -> str | None:
         return None
 
 
+def default_disk_bound() -> int:
+    """The disk bound of a test that sets none: half the memory available now (the machine's
+    MemAvailable, or what pytest's own cgroup may still use if that is less), divided among the
+    run's xdist workers, in whole MiB; never less than DEFAULT_DISK_FLOOR."""
+    available = _mem_available()
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    bound = available // 2 // workers // 2**20 * 2**20
+    return max(bound, DEFAULT_DISK_FLOOR)
+
+
+def _mem_available() -> int:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 2 * DEFAULT_DISK_FLOOR
+    own = cgroups.own_memory_headroom()
+    return min(available, own) if own is not None else available
+
+
 class Preparer:
     """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
 
@@ -116,12 +138,13 @@ class Preparer:
         self.cgroup_root = cgroup_root
         self.cache_dir = cache_dir_setting(cache_dir, config.rootpath)
         self._images: dict[str, images.Resolved] = {}
-        self._plans: dict[tuple[images.Resolved, str, str], mounts.MountPlan] = {}
+        self._plans: dict[tuple[images.Resolved, str, str, int | None], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
         self._manager_detected = False
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
         self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
+        self.default_disk = default_disk_bound()
 
     def close(self) -> None:
         if self._cache_hold is not None:
@@ -155,7 +178,7 @@ class Preparer:
         if not probe.linux().ok:
             return Refused(probe.linux().describe(), unavailable=True)
         try:
-            plan = self.plan(self.resolve_image(spec.image), spec.network)
+            plan = self.plan(self.resolve_image(spec.image), spec.network, spec.disk)
         except images.ImageError as exc:
             return Refused(IMAGE_FAILED.format(error=exc, nodeid=item.nodeid), unavailable=False)
         except OSError as exc:
@@ -174,11 +197,12 @@ class Preparer:
             return None
 
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
+        """The item's spec: its markers over the defaults, a hook's changes, the default disk bound."""
         spec = spec_from_markers(marks_of(item), item.nodeid, self.defaults)
-        if not self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():
-            return spec  # item.ihook costs a conftest lookup per item
-        changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
-        return changed if changed is not None else spec
+        if self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():  # item.ihook costs a conftest lookup per item
+            changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+            spec = changed if changed is not None else spec
+        return spec if spec.disk is not None else replace(spec, disk=self.default_disk)
 
     def check_spec(self, item: pytest.Item) -> str | None:
         """Why the item's markers are invalid, or None."""
@@ -204,10 +228,10 @@ class Preparer:
             self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]
 
-    def plan(self, image: images.Resolved, network: str) -> mounts.MountPlan:
-        """The mount plan for *image* and *network* from the current directory (cached)."""
+    def plan(self, image: images.Resolved, network: str, disk: int | None) -> mounts.MountPlan:
+        """The mount plan for *image*, *network* and the *disk* bound from the current directory (cached)."""
         cwd = os.getcwd()
-        key = (image, network, cwd)
+        key = (image, network, cwd, disk)
         if key not in self._plans:
             self._plans[key] = mounts.build_plan(
                 image=image,
@@ -222,6 +246,7 @@ class Preparer:
                 ),
                 mounts=mounts.MountTable.read(),
                 stacks_dir=str(layer_cache.stacks_dir(self.cache_dir)),
+                disk=disk,
             )
         return self._plans[key]
 

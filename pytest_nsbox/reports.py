@@ -35,6 +35,12 @@ SETUP_FAILED: Final = "nsbox: could not build the sandbox: step {step} failed: {
 NOT_INSIDE: Final = "nsbox: refusing to run the test: {message}"
 MEMORY_EXCEEDED: Final = "nsbox: test exceeded its memory limit of {limit} (peak {peak}, {count} process{plural} OOM-killed)"
 PIDS_EXCEEDED: Final = "nsbox: pids limit {limit} reached ({count} fork(s) refused)"
+DISK_FULL: Final = (
+    "nsbox: disk limit of {limit} reached: what the test wrote (its writable layer, /tmp, /var/tmp, /run, /dev/shm) "
+    "filled it{detail}"
+)
+DISK_USAGE: Final = "disk_usage"  # record kind: C's look at the scratch tmpfs when the test ended
+DISK_FULL_MARGIN: Final = 64 * 2**10  # less free than this when the test ended: the bound was reached
 MEMORY_TOO_SMALL: Final = (
     "nsbox: memory limit of {limit} is too small for a sandbox to start here: {measured}; "
     "use memory={smallest!r} or more (plus what the test itself needs)"
@@ -63,8 +69,9 @@ LIMIT_PROPERTIES: Final = {
     "pids": "nsbox_pids_limit",
     "cpus": "nsbox_cpus_limit",
     "timeout": "nsbox_timeout_limit",  # seconds
+    "disk": "nsbox_disk_limit",  # bytes
 }
-CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, timeout, signal:SIGSEGV, exit, stream, internal
+CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal
 PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
 PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
 PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
@@ -208,7 +215,23 @@ def limit_violation(spec: SandboxSpec, result: SandboxResult) -> Cause | None:
         )
     if usage.pids_limit_hits:
         return Cause(PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits), "pids")
-    return None
+    return disk_full(spec, result.records)
+
+
+def disk_full(spec: SandboxSpec, records: list[dict[str, Any]]) -> Cause | None:
+    """The disk bound was reached: when the test ended, its scratch tmpfs had (almost) no room
+    or no inode left (a test that deleted what it wrote after ENOSPC is not caught)."""
+    record = next((r for r in records if r["kind"] == DISK_USAGE), None)
+    if record is None or spec.disk is None:
+        return None
+    try:
+        free, free_inodes = int(record["free"]), int(record["free_inodes"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if free >= DISK_FULL_MARGIN and free_inodes > 0:
+        return None
+    detail = " (no inode left)" if free_inodes <= 0 else ""
+    return Cause(DISK_FULL.format(limit=format_size(spec.disk), detail=detail), "disk")
 
 
 def trim_stack(dump: str) -> str:

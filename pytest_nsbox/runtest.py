@@ -9,6 +9,7 @@ While a test runs, the builder builds the next item's sandbox (``Lookahead``).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -35,6 +36,7 @@ CHILD_REPORTER: Final = "nsbox-child-reporter"
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
+DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
 def start_memory_floor(cost: int | None) -> int:
@@ -442,8 +444,18 @@ def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carrier
             filename=w.filename,
             lineno=w.lineno,
         )
+    send_disk_usage(channel)
     for record in carriers.collect(item):
         channel.send(**record)
+
+
+def send_disk_usage(channel: Channel) -> None:
+    """In C, after the test: how full the sandbox's scratch tmpfs is (/tmp is a directory of it)."""
+    try:
+        usage = os.statvfs(DISK_PROBE)
+    except OSError:
+        return
+    channel.send(reports.DISK_USAGE, free=usage.f_bavail * usage.f_frsize, free_inodes=usage.f_favail)
 
 
 def replay_warning(record: dict[str, Any]) -> None:

@@ -40,10 +40,11 @@ class SandboxSpec:
     cpus: float | None = None
     timeout: float | None = None  # seconds, whole test (setup + call + teardown)
     network: Network = "none"
+    disk: int | None = None  # bytes; None: the default bound (P fills it in before the sandbox is built)
 
     def requested_limits(self) -> dict[str, object]:
         """The resource limits this spec asks for, by marker argument name (public: hooks use it)."""
-        limits = {"memory": self.memory, "pids": self.pids, "cpus": self.cpus, "timeout": self.timeout}
+        limits = {"memory": self.memory, "pids": self.pids, "cpus": self.cpus, "timeout": self.timeout, "disk": self.disk}
         return {name: value for name, value in limits.items() if value is not None}
 
 
@@ -98,6 +99,16 @@ def _parse_positive_float(value: object, what: str) -> float:
     return number
 
 
+MIN_DISK: Final = 2**20  # the sandbox's own files (init layer, mount points) need room
+
+
+def _parse_disk(value: object) -> int:
+    size = parse_size(value)
+    if size < MIN_DISK:
+        raise ValueError("at least 1M: the sandbox's own files need room")
+    return size
+
+
 def _parse_image(value: object) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -119,6 +130,7 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "cpus": lambda v: _parse_positive_float(v, "a positive number of CPUs, e.g. 0.5"),
     "timeout": lambda v: _parse_positive_float(v, "a positive number of seconds"),
     "network": _parse_network,
+    "disk": lambda v: _parse_disk(v),
 }
 
 
@@ -138,10 +150,11 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
-FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network")
-# Limits a marker may turn off (None or 0) for one test. pids cannot go below the safety cap:
-# None/0 drops a command-line or ini pids default, and DEFAULT_PIDS still applies.
-SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout")
+FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk")
+# Limits a marker may turn off (None or 0) for one test. pids and disk cannot go unbounded:
+# None/0 drops a command-line or ini default, and the built-in bound (DEFAULT_PIDS, the default
+# disk bound) still applies.
+SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout", "disk")
 
 
 def marker_signature(
@@ -152,9 +165,11 @@ def marker_signature(
     cpus: float | _Unset | None = UNSET,
     timeout: float | _Unset | None = UNSET,
     network: Network | _Unset | None = UNSET,
+    disk: int | str | _Unset | None = UNSET,
 ) -> dict[str, object]:
     """The ``nsbox`` marker's signature: Python writes the 'unexpected keyword' errors."""
     given = {"image": image, "memory": memory, "pids": pids, "cpus": cpus, "timeout": timeout, "network": network}
+    given["disk"] = disk
     return {name: value for name, value in given.items() if value is not UNSET}
 
 
@@ -166,18 +181,20 @@ def nsbox(
     cpus: float | _Unset | None = UNSET,
     timeout: float | _Unset | None = UNSET,
     network: Network | _Unset | None = UNSET,
+    disk: int | str | _Unset | None = UNSET,
 ) -> Any:
     """Run the test in fresh namespaces over a throwaway overlay of rootfs *image*.
 
     Same as ``@pytest.mark.nsbox(...)``; also usable bare, as ``@nsbox``.
     ``memory`` is int bytes or '512K'/'256M'/'2G'; ``pids`` a process cap; ``cpus`` CPU
-    bandwidth (0.5 = half a CPU); ``timeout`` wall-clock seconds; ``network`` 'none' or 'host'.
-    ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids:
-    down to the safety cap of 1024 processes).
+    bandwidth (0.5 = half a CPU); ``timeout`` wall-clock seconds; ``network`` 'none' or 'host';
+    ``disk`` a size bounding everything the test writes (the writable layer, /tmp, /run, /dev/shm).
+    ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids and
+    disk: down to the built-in bounds, 1024 processes and the default disk bound).
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
-    kwargs = marker_signature(image, memory=memory, pids=pids, cpus=cpus, timeout=timeout, network=network)
+    kwargs = marker_signature(image, memory=memory, pids=pids, cpus=cpus, timeout=timeout, network=network, disk=disk)
     return pytest.mark.nsbox(**kwargs)
 
 
@@ -198,6 +215,7 @@ INI_FIELDS: Final = {
     "nsbox_pids": "pids",
     "nsbox_cpus": "cpus",
     "nsbox_timeout": "timeout",
+    "nsbox_disk": "disk",
 }
 OPTION_FIELDS: Final = {f"--nsbox-{field}": field for field in INI_FIELDS.values()}
 _OFF_WORDS: Final = ("0", "none", "off")
@@ -294,8 +312,9 @@ def spec_from_marker(args: tuple[object, ...], kwargs: Mapping[str, object], nod
     return spec_from_markers([Mark(args, kwargs)], nodeid, defaults)
 
 
-def describe_defaults(defaults: Defaults) -> str:
-    """The active defaults, for the pytest header: ``image=host, pids=1024 (built-in), memory=256 MiB (ini)``."""
+def describe_defaults(defaults: Defaults, default_disk: int | None = None) -> str:
+    """The active defaults, for the pytest header: ``image=host, pids=1024 (built-in), memory=256 MiB (ini)``;
+    *default_disk* is the built-in disk bound of this run."""
     spec, sources = defaults.spec, defaults.sources
     parts = [f"image={spec.image}" + (f" ({sources['image']})" if "image" in sources else "")]
     shown: dict[str, str | None] = {
@@ -303,10 +322,13 @@ def describe_defaults(defaults: Defaults) -> str:
         "pids": str(spec.pids) if spec.pids is not None else None,
         "cpus": f"{spec.cpus:g}" if spec.cpus is not None else None,
         "timeout": f"{spec.timeout:g}s" if spec.timeout is not None else None,
+        "disk": format_size(spec.disk) if spec.disk is not None else None,
     }
     for name, text in shown.items():
         if text is not None:
             parts.append(f"{name}={text} ({sources.get(name, 'built-in')})")
         elif name == "pids":
             parts.append(f"pids={DEFAULT_PIDS} (built-in)")
+        elif name == "disk" and default_disk is not None:
+            parts.append(f"disk={format_size(default_disk)} (built-in)")
     return ", ".join(parts)

@@ -449,6 +449,38 @@ def own_cgroup_v2() -> str:
     return "/"
 
 
+def own_memory_headroom() -> int | None:
+    """How much more memory this process's cgroup (and its ancestors) may use: the smallest
+    ``limit - usage`` on the way up (v2 memory.max/memory.current, v1 memory.limit_in_bytes/
+    memory.usage_in_bytes); None when no limit applies or it cannot be read."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    if (CGROUP_MOUNT / "cgroup.controllers").exists():
+        path, limit_file, usage_file = own_cgroup_v2(), "memory.max", "memory.current"
+        base = CGROUP_MOUNT
+    else:
+        path = next((line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")), "")
+        limit_file, usage_file, base = "memory.limit_in_bytes", "memory.usage_in_bytes", CGROUP_MOUNT / "memory"
+    if not path:
+        return None
+    headroom: int | None = None
+    current = base / path.strip("/")
+    while True:
+        try:
+            limit_text = (current / limit_file).read_text().strip()
+            usage = int((current / usage_file).read_text())
+            if limit_text != "max" and int(limit_text) < 2**62:
+                room = max(int(limit_text) - usage, 0)
+                headroom = room if headroom is None else min(headroom, room)
+        except (OSError, ValueError):
+            pass
+        if current == base or base not in current.parents:
+            return headroom
+        current = current.parent
+
+
 def detect(root_setting: str = "") -> CgroupManager | None:
     """The manager for this host: v2 when /sys/fs/cgroup is a cgroup2 mount, v1 when the
     v1 controllers are mounted, else None. *root_setting* (ini nsbox_cgroup_root) overrides

@@ -7,7 +7,9 @@ in the prebuilt form) runs it after unshare and before pivot_root. Each step has
 The filesystem rule (``sandbox_paths`` says which host paths, ``build_plan`` mounts them):
 
 * ``/`` is the image under a throwaway writable layer (image "host": the host's directories);
-* ``/tmp``, ``/var/tmp``, ``/run``, ``/dev/shm`` are fresh, empty tmpfs (FRESH_DIRS), whatever the image;
+* ``/tmp``, ``/var/tmp``, ``/run``, ``/dev/shm`` are fresh, empty directories (FRESH_DIRS), whatever
+  the image, of the sandbox's scratch tmpfs, which also holds every writable layer: one size
+  bound (the ``disk`` limit) covers everything the sandbox writes outside basetemp;
 * the rootdir and the current directory are the host's, each under a throwaway writable layer of
   its own, wherever they live and whatever the image;
 * pytest's basetemp is the host's, read-write: what a test writes there survives;
@@ -185,6 +187,28 @@ class MountFs:
             target = _b(self.target)
         data = self.data.encode() if self.data else None
         L.mount(_b(self.source or self.fstype), target, self.fstype.encode(), self.flags, data)
+
+
+@dataclass(frozen=True, slots=True)
+class BindScratchDir:
+    """A fresh directory of the scratch tmpfs at *target* (itself, if *target* is *source*): every
+    such place shares the scratch's one size bound, the sandbox's ``disk`` limit."""
+
+    name: str
+    source: str  # a new directory on the scratch tmpfs
+    target: str
+    mode: int
+    root: str | None = None  # set: *target* is a path inside this root, resolved as make_path_in_root does
+
+    def run(self) -> None:
+        os.makedirs(self.source, exist_ok=True)
+        os.chmod(self.source, self.mode)
+        if self.root is not None:
+            target = make_path_in_root(self.root, self.target, directory=True)
+        else:
+            os.makedirs(self.target, exist_ok=True)
+            target = _b(self.target)
+        L.mount(_b(self.source), target, None, L.MS_BIND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,9 +548,9 @@ class _PlanWriter:
         if not self.mounts.below(host_path):
             self.overlay(host_path, [host_path], inside=True)
             return
-        self.steps.append(
-            MountFs("mount_host_path_tmpfs", "tmpfs", host_path, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-dir", self.root)
-        )
+        self.layers += 1
+        holder = f"{self.scratch}/dirs/{self.layers}"
+        self.steps.append(BindScratchDir("mount_host_path_dir", holder, host_path, 0o755, self.root))
         symlinks: list[tuple[str, str]] = []
         for entry in sorted(os.scandir(host_path), key=lambda e: e.name):
             inside = f"{host_path.rstrip('/')}/{entry.name}"
@@ -733,6 +757,7 @@ def build_plan(
     stacks_dir: str | None = None,
     address_families: tuple[int, ...] | None = None,
     fresh_var_tmp: bool = True,
+    disk: int | None = None,
 ) -> MountPlan:
     """Build every mount step for one sandbox, by the filesystem rule of the module doc.
     ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
@@ -741,19 +766,26 @@ def build_plan(
     ``address_families`` (network="none"): the families the sandbox's loopback gets an address
     of, so that name resolution answers as on the host; default: configured_families().
     ``fresh_var_tmp=False`` (a recipe's run step): /var/tmp is the image's, part of the layer.
+
+    ``disk``: the size of the scratch tmpfs, which holds every place the sandbox can write (the
+    writable layers, ``/tmp``, ``/var/tmp``, ``/run``, ``/dev``, ``/dev/shm``, the root of image
+    "host"): one bound for all of them (None: the kernel's default, half of the RAM).
     """
     b = _PlanWriter(scratch, mounts)
     root, init = b.root, f"{scratch}/init"
     resolv = read_resolv_conf() if host_resolv_conf is None else host_resolv_conf
     hosts = read_image_file(image, HOSTS)
     init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, resolv, hosts).items())
+    scratch_options = "mode=0755" + (f",size={disk}" if disk is not None else "")
+    fresh_dir = f"{scratch}/fresh"
     head: list[Step] = [
         MakeRootSlave(),
-        MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-scratch"),
+        # its source names the sandbox's "/" too: for image "host" that is a directory of it
+        MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, scratch_options, ROOT_SOURCE),
         MakeTree("write_init_layer", dirs=(f"{scratch}/upper", f"{scratch}/work"), files=init_files),
     ]
     if image == "host":
-        head.append(MountFs("mount_root_tmpfs", "tmpfs", root, L.MS_NOSUID | L.MS_NODEV, "mode=0755", ROOT_SOURCE))
+        head.append(BindScratchDir("mount_root_dir", root, root, 0o755))  # a mount point, for pivot_root
         b.host_tree("/", root, init)
         visible = [hp for hp in host_paths if _under_fresh_or_replaced(hp.path) or not hp.readonly]
     elif isinstance(image, tuple):
@@ -766,12 +798,12 @@ def build_plan(
     image_steps = list(b.steps)
     b.steps.clear()
     fresh: list[Step] = [
-        MountFs("mount_tmp", "tmpfs", f"{root}/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-tmp"),
-        MountFs("mount_run", "tmpfs", f"{root}/run", L.MS_NOSUID | L.MS_NODEV, "mode=0755", "nsbox-run"),
-        MountFs("mount_minimal_dev", "tmpfs", f"{root}/dev", L.MS_NOSUID, "mode=0755", "nsbox-dev"),
+        BindScratchDir("mount_tmp", f"{fresh_dir}/tmp", f"{root}/tmp", 0o1777),
+        BindScratchDir("mount_run", f"{fresh_dir}/run", f"{root}/run", 0o755),
+        BindScratchDir("mount_minimal_dev", f"{fresh_dir}/dev", f"{root}/dev", 0o755),
         BindDevNodes(f"{root}/dev"),
         MountFs("mount_devpts", "devpts", f"{root}/dev/pts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
-        MountFs("mount_dev_shm", "tmpfs", f"{root}/dev/shm", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-shm"),
+        BindScratchDir("mount_dev_shm", f"{fresh_dir}/shm", f"{root}/dev/shm", 0o1777),
         MakeTree(
             "link_dev",
             symlinks=(
@@ -789,7 +821,7 @@ def build_plan(
         else:
             b.bind(hp.path, hp.path, hp.readonly)
     if fresh_var_tmp:
-        var_tmp = MountFs("mount_var_tmp", "tmpfs", "/var/tmp", L.MS_NOSUID | L.MS_NODEV, "mode=1777", "nsbox-var-tmp", root)
+        var_tmp = BindScratchDir("mount_var_tmp", f"{fresh_dir}/var-tmp", "/var/tmp", 0o1777, root)
         fresh.insert(1, var_tmp)
     proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     tail: list[Step] = [

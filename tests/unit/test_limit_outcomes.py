@@ -127,3 +127,16 @@ def test_usage_reads_counters_opened_ahead(tmp_path: Path) -> None:
     assert cgroup.usage() == cgroups.Usage(memory_peak=8192, oom_kills=3, pids_limit_hits=0)
     cgroup._close_counters()
     assert cgroup._counter_fds == {}
+
+
+def test_a_full_disk_bound_is_the_cause() -> None:
+    spec = SandboxSpec(disk=8 * 2**20)
+    full = SandboxResult(records=[{"kind": "disk_usage", "free": 4096, "free_inodes": 100}])
+    cause = limit_violation(spec, full)
+    assert cause is not None and cause.name == "disk" and "disk limit of 8 MiB reached" in cause.message
+    no_inodes = SandboxResult(records=[{"kind": "disk_usage", "free": 2**20, "free_inodes": 0}])
+    assert "no inode left" in limit_violation(spec, no_inodes).message  # type: ignore[union-attr]
+    room = SandboxResult(records=[{"kind": "disk_usage", "free": 2**20, "free_inodes": 100}])
+    assert limit_violation(spec, room) is None
+    forged = SandboxResult(records=[{"kind": "disk_usage", "free": "lots"}])
+    assert limit_violation(spec, forged) is None  # the record comes from the test's process: checked

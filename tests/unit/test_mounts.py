@@ -260,6 +260,29 @@ def test_a_throwaway_path_with_mounts_below_is_rebuilt_one_level_down(tmp_path: 
     )
     overlays = {s.target for s in plan.steps if isinstance(s, mounts.MountOverlay) and s.root is not None}
     assert overlays == {f"{project}/data", f"{project}/src"}
-    assert any(isinstance(s, mounts.MountFs) and s.target == str(project) and s.fstype == "tmpfs" for s in plan.steps)
+    assert any(isinstance(s, mounts.BindScratchDir) and s.target == str(project) for s in plan.steps)
     links = [s for s in plan.steps if isinstance(s, mounts.MakeLinks)]
     assert links and links[0].symlinks == ((f"{project}/link", "src"),)
+
+
+@pytest.mark.parametrize("image", ["host", "/images/tiny"])
+def test_every_writable_place_is_on_the_one_bounded_scratch(tmp_path: Path, image: str) -> None:
+    plan = mounts.build_plan(
+        image=image,
+        network="none",
+        scratch=str(tmp_path / "s"),
+        host_paths=[],
+        mounts=mounts.MountTable.parse("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+        host_resolv_conf="",
+        address_families=(),
+        disk=64 * 2**20,
+    )
+    tmpfs = [s for s in plan.steps if isinstance(s, mounts.MountFs) and s.fstype == "tmpfs"]
+    scratch = (str(tmp_path / "s"), f"mode=0755,size={64 * 2**20}", mounts.ROOT_SOURCE)
+    assert [(s.target, s.data, s.source) for s in tmpfs] == [scratch]
+    fresh = {s.target.rpartition("/root")[2] or s.target: s for s in plan.steps if isinstance(s, mounts.BindScratchDir)}
+    for place in ["/tmp", "/var/tmp", "/run", "/dev", "/dev/shm"]:
+        assert place in fresh and fresh[place].source.startswith(f"{tmp_path / 's'}/"), place
+    assert oct(fresh["/tmp"].mode) == oct(0o1777) and oct(fresh["/dev/shm"].mode) == oct(0o1777)
+    uppers = [s.upper for s in plan.steps if isinstance(s, mounts.MountOverlay)]
+    assert uppers and all(u.startswith(f"{tmp_path / 's'}/") for u in uppers)

@@ -42,6 +42,7 @@ def test_format_size(size: int, text: str) -> None:
 
 def test_marker_overrides_ini_defaults() -> None:
     ini = {"nsbox_image": "tests/images/tiny", "nsbox_memory": "64M", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": "5"}
+    ini["nsbox_disk"] = ""
     defaults = defaults_from_ini(ini.__getitem__)
     assert defaults.spec == SandboxSpec(image="tests/images/tiny", memory=64 * 2**20, timeout=5.0)
     spec = spec_from_marker((), {"memory": "1G", "network": "host"}, "t.py::test_x", defaults)
@@ -50,7 +51,7 @@ def test_marker_overrides_ini_defaults() -> None:
 
 
 def test_bad_ini_value_names_the_ini_key() -> None:
-    ini = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "many", "nsbox_cpus": "", "nsbox_timeout": ""}
+    ini = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "many", "nsbox_cpus": "", "nsbox_timeout": "", "nsbox_disk": ""}
     with pytest.raises(SpecError, match=r"invalid pids 'many' from ini nsbox_pids \(expected a positive integer\)"):
         defaults_from_ini(ini.__getitem__)
 
@@ -97,7 +98,7 @@ def test_requested_limits() -> None:
     assert SandboxSpec(memory=1, timeout=2.0).requested_limits() == {"memory": 1, "timeout": 2.0}
 
 
-NO_INI = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": ""}
+NO_INI = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": "", "nsbox_disk": ""}
 
 
 def test_precedence_marker_over_command_line_over_ini() -> None:
@@ -178,3 +179,18 @@ def test_start_memory_floor_is_twice_an_empty_sandbox_in_whole_mib(cost: int | N
     from pytest_nsbox.runtest import start_memory_floor
 
     assert start_memory_floor(cost) == floor
+
+
+def test_disk_takes_a_size_of_at_least_one_mib() -> None:
+    assert spec_from_marker((), {"disk": "64M"}, "t", Defaults()).disk == 64 * 2**20
+    with pytest.raises(SpecError, match=r"invalid disk '512K' from nsbox marker on t \(at least 1M"):
+        spec_from_marker((), {"disk": "512K"}, "t", Defaults())
+
+
+def test_marker_disk_none_falls_back_to_the_built_in_bound_not_to_none() -> None:
+    ini = {**NO_INI, "nsbox_disk": "2G"}
+    defaults = defaults_from(ini.__getitem__, {"--nsbox-disk": "1G"})
+    assert defaults.spec.disk == 2**30 and defaults.sources["disk"] == "command line"
+    assert spec_from_marker((), {"disk": None}, "t", defaults).disk is None  # P fills in the built-in bound
+    assert "disk=1 GiB (command line)" in describe_defaults(defaults, 5 * 2**30)
+    assert "disk=5 GiB (built-in)" in describe_defaults(Defaults(), 5 * 2**30)
