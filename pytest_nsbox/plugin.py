@@ -9,7 +9,7 @@ import pytest
 
 from . import reruns, runtest, timers
 from .errors import NsboxError
-from .spec import OPTION_FIELDS, defaults_from, describe_defaults
+from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, with_drop_env
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
@@ -19,7 +19,8 @@ MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
-    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test."
+    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test; "
+    "drop_env=['*_TOKEN', ...]: environment variables the test does not get (over ini nsbox_drop_env)."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
 OPTION_HELP: Final = {
@@ -73,6 +74,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
         default="",
     )
+    parser.addini(
+        DROP_ENV_INI,
+        "environment variables sandboxed tests do not get: fnmatch patterns of names, one a line, e.g. *_TOKEN "
+        "(default: none)",
+        type="linelist",
+        default=[],
+    )
     parser.addini("nsbox_image_dirs", "more folders of image recipes (<name>/image.toml)", type="linelist", default=[])
     parser.addini(
         "nsbox_prebuild",
@@ -96,6 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         options = {option: config.getoption(f"nsbox_default_{name}") for option, name in OPTION_FIELDS.items()}
         defaults = defaults_from(lambda name: str(config.getini(name)), options)
+        defaults = with_drop_env(defaults, list(config.getini(DROP_ENV_INI)))
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
