@@ -116,3 +116,57 @@ def link(serial: int, keyring: int) -> None:
 
 def invalidate(serial: int) -> None:
     keyctl(KEYCTL_INVALIDATE, serial)
+
+
+# --- a seccomp filter that refuses the key calls (as Docker's default profile does) -------------
+
+_AUDIT_ARCH: Final = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # <linux/audit.h>
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06  # <linux/bpf_common.h>
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000  # <linux/seccomp.h>
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def refuse_key_calls(err: int, *, only_join: bool = False) -> None:
+    """Install a seccomp filter in the calling process (and so in every process it starts):
+    add_key, request_key and keyctl fail with *err*; with *only_join*, only
+    keyctl(KEYCTL_JOIN_SESSION_KEYRING, ...) does. For good: call it in a process of its own."""
+    machine = os.uname().machine
+    add, request, ctl = _NUMBERS[machine]
+    refuse = (_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | err)
+    allow = (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW)
+    if only_join:
+        program = [
+            (_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+            (_BPF_JEQ_K, 0, 4, _AUDIT_ARCH[machine]),
+            (_BPF_LD_W_ABS, 0, 0, 0),  # .nr
+            (_BPF_JEQ_K, 0, 2, ctl),
+            (_BPF_LD_W_ABS, 0, 0, 16),  # .args[0], low half (little-endian)
+            (_BPF_JEQ_K, 1, 0, KEYCTL_JOIN_SESSION_KEYRING),
+            allow,
+            refuse,
+        ]
+    else:
+        program = [
+            (_BPF_LD_W_ABS, 0, 0, 4),
+            (_BPF_JEQ_K, 0, 5, _AUDIT_ARCH[machine]),
+            (_BPF_LD_W_ABS, 0, 0, 0),
+            (_BPF_JEQ_K, 3, 0, add),
+            (_BPF_JEQ_K, 2, 0, request),
+            (_BPF_JEQ_K, 1, 0, ctl),
+            allow,
+            refuse,
+        ]
+    filters = (_SockFilter * len(program))(*(_SockFilter(*instruction) for instruction in program))
+    fprog = _SockFprog(len(program), filters)
+    for option, arg2, arg3 in ((_PR_SET_NO_NEW_PRIVS, 1, 0), (_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog))):
+        if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)):
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl({option}): {os.strerror(err)}")

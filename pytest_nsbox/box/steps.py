@@ -202,8 +202,16 @@ def join_session_keyring() -> None:
     try:
         L.keyctl(L.KEYCTL_JOIN_SESSION_KEYRING, 0)
     except OSError as exc:
-        if exc.errno not in KEYRINGS_REFUSED or _session_keyring_reachable():
+        if exc.errno not in KEYRINGS_REFUSED:
             raise
+        if _session_keyring_reachable():
+            raise OSError(exc.errno, f"{exc.strerror}. Hint: {JOIN_REFUSED_HINT}") from None
+
+
+JOIN_REFUSED_HINT: Final = (
+    "something (a seccomp filter, a security module) refuses this call but not the session keyring "
+    "itself, so the test would keep pytest's; allow keyctl(KEYCTL_JOIN_SESSION_KEYRING)"
+)
 
 
 def _session_keyring_reachable() -> bool:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import platform
 import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.both_build_modes]
+pytestmark = [
+    pytest.mark.needs_userns,
+    pytest.mark.needs_overlay_userns,
+    pytest.mark.both_build_modes,
+    # kernel_keys knows these machines' syscall numbers (as pytest_nsbox.box._linux does)
+    pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="keyctl(2) by number: x86_64 and aarch64"),
+]
 
 KEYRING_CONFTEST = """
 import os
@@ -277,3 +284,50 @@ def test_bad_drop_env_in_the_ini_is_a_usage_error(run_inner, pytester: pytest.Py
     result = run_inner("def test_x():\n    pass\n")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*invalid drop_env *'GOOD_*', 'BAD=1'* from ini nsbox_drop_env*"])
+
+
+REFUSING_CONFTEST = """
+import errno
+import kernel_keys as K
+
+def pytest_configure(config):
+    K.refuse_key_calls(errno.{err}, only_join={only_join})  # pytest's process and all it starts
+"""
+
+
+def test_without_keyrings_a_sandbox_is_built_all_the_same(run_inner) -> None:
+    """keyctl refused altogether (a kernel without keyrings, Docker's seccomp profile): there is no
+    keyring to leave, and none the test could reach."""
+    result = run_inner(
+        """
+        import errno, pytest
+        import kernel_keys as K
+
+        @pytest.mark.nsbox
+        def test_no_keyrings():
+            with pytest.raises(OSError) as exc:
+                K.keyring_id(K.KEY_SPEC_SESSION_KEYRING)
+            assert exc.value.errno == errno.ENOSYS
+        """,
+        "--nsbox-require",
+        conftest=REFUSING_CONFTEST.format(err="ENOSYS", only_join=False),
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_a_session_keyring_that_cannot_be_left_fails_closed(run_inner) -> None:
+    """Joining refused while pytest's session keyring stays reachable: no sandbox, a setup error naming the step."""
+    result = run_inner(
+        """
+        import pytest
+
+        @pytest.mark.nsbox
+        def test_never_runs():
+            raise AssertionError("ran with pytest's session keyring")
+        """,
+        conftest=REFUSING_CONFTEST.format(err="EPERM", only_join=True),
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*join_session_keyring*KEYCTL_JOIN_SESSION_KEYRING*not permitted (EPERM). Hint: *the test would keep pytest's*"]
+    )
