@@ -170,7 +170,7 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 ENV_PROBE = """
-import ctypes, os, subprocess, sys
+import ctypes, os, posix, subprocess, sys
 import pytest
 from pytest_nsbox import nsbox
 
@@ -182,7 +182,7 @@ def seen():
     libc.getenv.restype = ctypes.c_char_p
     found = set()
     for name, value in SECRETS.items():
-        if os.environ.get(name) == value or os.environb.get(name.encode()) == value.encode():
+        if os.environ.get(name) == value or posix.environ.get(name.encode()) == value.encode():
             found.add(name + " in os.environ")
         if libc.getenv(name.encode()) is not None:
             found.add(name + " in getenv(3)")
