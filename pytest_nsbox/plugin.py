@@ -8,13 +8,19 @@ from typing import Final
 import pytest
 
 from . import reruns, runtest, timers
+from .budget import MemoryLedger, default_ledger_dir
 from .errors import NsboxError
-from .spec import OPTION_FIELDS, defaults_from, describe_defaults
+from .prepare import memory_available
+from .spec import OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
 MEMORY_SUMMARY_TITLE: Final = "nsbox: peak memory of sandboxed tests"
 _peaks: dict[str, tuple[int, int | None]] = {}  # nodeid: (peak, limit) of this session; a rerun's highest
+_waits: dict[str, float] = {}  # nodeid: seconds the test waited for the memory budget (also from xdist workers)
+BUDGET_SUMMARY: Final = (
+    "nsbox: {count} sandboxed test(s) waited for the memory budget: {total:.1f}s in total, longest {longest:.1f}s ({nodeid})"
+)
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
@@ -83,6 +89,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
+        "--nsbox-memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="sandboxes with a memory limit start only while their limits fit in SIZE, shared by the xdist workers and "
+        "your other runs (over ini nsbox_memory_budget; default: the memory available at the start; 0: no budget).",
+    )
+    parser.addini(
+        "nsbox_memory_budget",
+        "memory budget of sandboxes with a memory limit, shared by xdist workers and concurrent runs (0: none)",
+        default="",
+    )
+    group.addoption(
         "--nsbox-memory-report",
         type=int,
         default=10,
@@ -98,6 +116,10 @@ def pytest_configure(config: pytest.Config) -> None:
         defaults = defaults_from(lambda name: str(config.getini(name)), options)
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
+    try:
+        budget = memory_budget(config)
+    except NsboxError as exc:
+        raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
         config,
         defaults,
@@ -106,12 +128,34 @@ def pytest_configure(config: pytest.Config) -> None:
         cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
         cache_dir=str(config.getini("nsbox_cache_dir")),
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
+        budget=budget,
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
+    _waits.clear()
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
+
+
+def memory_budget(config: pytest.Config) -> MemoryLedger | None:
+    """The run's memory ledger: --nsbox-memory-budget over ini nsbox_memory_budget over the memory
+    available now; None when the budget is off ("0", "none", "off")."""
+    option = config.getoption("nsbox_memory_budget")
+    if option is not None:
+        raw, source = str(option), "command line"
+    else:
+        raw, source = str(config.getini("nsbox_memory_budget")).strip(), "ini"
+    if raw.strip().lower() in ("0", "none", "off"):
+        return None
+    if raw:
+        try:
+            size = parse_size(raw)
+        except ValueError as exc:
+            where = "option --nsbox-memory-budget" if source == "command line" else "ini nsbox_memory_budget"
+            raise NsboxError(f"invalid memory budget {raw!r} from {where} ({exc})") from None
+        return MemoryLedger(default_ledger_dir(), size, source)
+    return MemoryLedger(default_ledger_dir(), memory_available(), "available at the start")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -129,7 +173,10 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     build = "prebuilt" if runner.lookahead.builder is not None else "forked"
     preparer = runner.preparer
     defaults = describe_defaults(preparer.defaults, preparer.default_disk)
-    return HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
+    header = HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
+    if runner.budget is not None:
+        header += f"; memory budget {format_size(runner.budget.budget)} ({runner.budget.source})"
+    return header
 
 
 @pytest.hookimpl(trylast=True)
@@ -168,6 +215,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "teardown":
         return
     properties = dict(report.user_properties)
+    waited = properties.get(runtest.BUDGET_WAIT_PROPERTY)
+    if isinstance(waited, int | float):
+        _waits[report.nodeid] = _waits.get(report.nodeid, 0.0) + float(waited)
     peak = properties.get("nsbox_memory_peak")
     if isinstance(peak, int):
         limit = properties.get("nsbox_memory_limit")
@@ -176,6 +226,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    waited = {nodeid: seconds for nodeid, seconds in _waits.items() if seconds > 0}
+    if waited:
+        longest = max(waited, key=waited.__getitem__)
+        terminalreporter.write_line(
+            BUDGET_SUMMARY.format(count=len(waited), total=sum(waited.values()), longest=waited[longest], nodeid=longest)
+        )
     count = int(config.getoption("nsbox_memory_report") or 0)
     if count <= 0 or not _peaks:
         return

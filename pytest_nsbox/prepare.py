@@ -113,13 +113,14 @@ def default_disk_bound() -> int:
     """The disk bound of a test that sets none: half the memory available now (the machine's
     MemAvailable, or what pytest's own cgroup may still use if that is less), divided among the
     run's xdist workers, in whole MiB; never less than DEFAULT_DISK_FLOOR."""
-    available = _mem_available()
+    available = memory_available()
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
     bound = available // 2 // workers // 2**20 * 2**20
     return max(bound, DEFAULT_DISK_FLOOR)
 
 
-def _mem_available() -> int:
+def memory_available() -> int:
+    """What pytest may still use: the machine's MemAvailable, or its cgroup's headroom if less."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024

@@ -25,6 +25,7 @@ from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
+from .budget import BudgetError, MemoryLedger
 from .carry import Carriers
 from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
@@ -36,6 +37,7 @@ CHILD_REPORTER: Final = "nsbox-child-reporter"
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
+BUDGET_WAIT_PROPERTY: Final = "nsbox_budget_wait"  # user_properties: seconds the test waited for the memory budget
 DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
@@ -179,8 +181,10 @@ class SandboxRunner:
         cgroup_root: str = "",
         cache_dir: str = "",
         prebuild_ahead: bool = True,
+        budget: MemoryLedger | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget
         self.sandbox_all = sandbox_all
         self.require = require
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
@@ -211,6 +215,10 @@ class SandboxRunner:
         """
         reruns.start_attempt(item)
         prepared, ticket = self.lookahead.take(item)
+        too_big = self._beyond_budget(prepared)
+        if too_big is not None:  # the user's value: an ERROR, and nothing of the test runs
+            self.lookahead.discard(prepared, ticket)
+            prepared, ticket = Refused(too_big, unavailable=False), None
         outcome = reports.SandboxReports()
         before_teardown: list[pytest.TestReport] = []
         if isinstance(prepared, Refused):
@@ -230,7 +238,12 @@ class SandboxRunner:
                 before_teardown.append(item.ihook.pytest_runtest_makereport(item=item, call=setup))
                 yield from before_teardown
             else:
-                result = self._run(item, nextitem, prepared, ticket)
+                admission = self.budget.admit(prepared.spec.memory) if self.budget and prepared.spec.memory else None
+                try:
+                    result = self._run(item, nextitem, prepared, ticket)
+                finally:
+                    if admission is not None and self.budget is not None:
+                        self.budget.release(admission)
                 too_small = self.too_small_to_start(prepared, result)
                 for problem in self.carriers.apply(item, result.records):
                     warnings.warn(NsboxWarning(reports.NOT_CARRIED.format(nodeid=item.nodeid, problem=problem)), stacklevel=1)
@@ -238,6 +251,9 @@ class SandboxRunner:
                 if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
                     result = replace(result, records=[])
                 outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
+                if admission is not None:
+                    for report in outcome.reports:
+                        report.user_properties.append((BUDGET_WAIT_PROPERTY, round(admission.waited, 3)))
                 if too_small is not None:
                     outcome.reports = [reports.failure_report(item, "setup", too_small)]
                     outcome.others = []
@@ -251,6 +267,16 @@ class SandboxRunner:
         in_sandbox = outcome.teardown()
         keep_wider = rerun_follows([*before_teardown, *([in_sandbox] if in_sandbox is not None else [])])
         yield self._teardown_outside(item, nextitem, in_sandbox, keep_wider=keep_wider)
+
+    def _beyond_budget(self, prepared: Prepared | Refused) -> str | None:
+        """Why the test's memory limit can never be admitted (bigger than the whole budget), or None."""
+        if self.budget is None or not isinstance(prepared, Prepared) or prepared.spec.memory is None:
+            return None
+        try:
+            self.budget.check(prepared.spec.memory)
+        except BudgetError as exc:
+            return str(exc)
+        return None
 
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
         # now: the cwd the wider fixtures left
