@@ -192,6 +192,8 @@ class SandboxRunner:
         self.lookahead = Lookahead(self.preparer, builder)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
+        self.reporter = ChildReporter(config)
+        config.pluginmanager.register(self.reporter, CHILD_REPORTER)
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
 
     def wants(self, item: pytest.Item) -> bool:
@@ -290,7 +292,7 @@ class SandboxRunner:
         timers.before_fork(item)
         return self.supervisor.run(
             config,
-            lambda channel: run_protocol_in_child(item, channel, self.carriers),
+            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter),
             prebuilt=built,
             timeout=prepared.spec.timeout,
             cgroup=prepared.cgroup,
@@ -366,15 +368,18 @@ class SandboxRunner:
 class ChildReporter:
     """In C: sends every report logged for the item to P, in the order it is logged.
 
-    Registered on the sandboxed session's own config in C only, so a pytest session run inside
-    the test (pytester's ``runpytest``/``inline_run``) keeps its reports to itself. The phase
+    Registered once per session on the session's own config, in P, where it has no channel and
+    does nothing; C gives it the channel to P (registering a plugin in C for every test would
+    cost milliseconds: pytest parses the new plugin for fixtures and replays historic hooks). A
+    pytest session run inside the test (pytester's ``runpytest``/``inline_run``) has a config and
+    a reporter of its own, without a channel, and keeps its reports to itself. The phase
     reports (setup, call, teardown of the item) are marked: P's phase logic works off them,
     while other reports (subtests, other plugins' reports) are logged in P as they came.
     """
 
-    def __init__(self, config: pytest.Config, channel: Channel) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.channel = channel
+        self.channel: Channel | None = None  # set in C only
         self._in_phase = 0  # > 0 while a runtest phase hook runs (reports made then are not phase reports)
         self._phase_report: pytest.TestReport | None = None
         self.interactive = False  # the test waits at pdb's prompt
@@ -392,6 +397,8 @@ class ChildReporter:
         return (yield from self._phase())
 
     def _phase(self) -> Generator[None, None, None]:
+        if self.channel is None:
+            return (yield)
         self._in_phase += 1
         try:
             return (yield)
@@ -403,12 +410,14 @@ class ChildReporter:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
-        if self._in_phase == 0:
+        if self.channel is not None and self._in_phase == 0:
             self._phase_report = report  # the protocol's own report of the phase, logged next
         return report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.channel is None:
+            return
         config = self.config
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
         self.channel.send("report", data=data, phase=report is self._phase_report)
@@ -418,7 +427,7 @@ class ChildReporter:
         try:
             return (yield)
         finally:
-            if compat.pdb_shown(report):  # set after the report was sent; also on "q"
+            if self.channel is not None and compat.pdb_shown(report):  # set after the report was sent; also on "q"
                 self.channel.send(reports.PDB_SHOWN, when=report.when)
 
     def pytest_enter_pdb(self) -> None:
@@ -429,7 +438,7 @@ class ChildReporter:
 
     def set_interactive(self, active: bool) -> None:
         """Tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
-        if self.interactive != active:
+        if self.channel is not None and self.interactive != active:
             self.interactive = active
             self.channel.send(INTERACTIVE, active=active)
 
@@ -441,12 +450,11 @@ def child_channel(config: pytest.Config) -> Channel | None:
     return reporter.channel if isinstance(reporter, ChildReporter) else None
 
 
-def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers) -> None:
-    """In C: pytest's runtest protocol for the item; reports go out as they are logged, then
-    what the carriers collected."""
+def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers, reporter: ChildReporter) -> None:
+    """In C: pytest's runtest protocol for the item; reports go out as they are logged (by
+    *reporter*, registered in P), then what the carriers collected."""
     config = item.config
-    reporter = ChildReporter(config, channel)
-    config.pluginmanager.register(reporter, CHILD_REPORTER)
+    reporter.channel = channel
     compat.log_only_to(config, keep=(reporter, item.session))  # P presents the reports, not C
     compat.own_no_wider_fixtures(item)
     for record in carriers.before(item):
