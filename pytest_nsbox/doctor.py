@@ -181,10 +181,10 @@ def cache_finding(project: Project, defaults: Defaults) -> Finding:
     """Can the image cache be written (where the ini's default image needs it)?"""
     cache_dir = project.cache_dir()
     existing = cache_dir
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.exists(existing) and existing != existing.parent:  # False also where stat is refused
         existing = existing.parent
     what = f"image cache {cache_dir}"
-    if os.access(existing, os.W_OK | os.X_OK) and existing.is_dir():
+    if os.access(existing, os.W_OK | os.X_OK) and os.path.isdir(existing):
         return Finding("ok", what, "ok" if existing == cache_dir else f"ok (created on first use under {existing})")
     reason = f"{existing} is not writable by {cgroups.user_name()} (uid {os.getuid()})"
     fix = "set ini nsbox_cache_dir to a directory you can write, or unset it ($XDG_CACHE_HOME/pytest-nsbox)"

@@ -390,8 +390,10 @@ class ManagerV1(CgroupManager):
         return Availability(True)
 
     def fix(self, controllers: list[str]) -> str:
-        """What root runs once to hand this root over to the real user."""
-        return v1_fix(self.root_name, [c for c in V1_CONTROLLERS if c in controllers] or list(V1_CONTROLLERS))
+        """What root runs once to hand this root over to the real user (in every hierarchy
+        mounted: the limits a test may ask for need all three)."""
+        mounted = [c for c in V1_CONTROLLERS if (CGROUP_MOUNT / c / "cgroup.procs").exists()]
+        return v1_fix(self.root_name, mounted or [c for c in V1_CONTROLLERS if c in controllers])
 
     def create(self, limits: Limits) -> Cgroup:
         name = self._next_name()
