@@ -32,8 +32,7 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     from . import doctor
 
     found = doctor.diagnose(_project(), os.environ)
-    for finding in found:
-        print("\n".join(finding.lines()))
+    print("\n".join(doctor.render(found)))
     status = doctor.exit_status(found)
     print(f"{'ok' if status == 0 else 'FAIL':<5} {doctor.OK_EXIT if status == 0 else doctor.FAIL_EXIT}")
     return status

@@ -56,6 +56,19 @@ class Finding:
         return [head, *([f"      fix: {self.fix}"] if self.fix else [])]
 
 
+def render(found: list[Finding]) -> list[str]:
+    """The report's lines; a fix the finding before gave already is not repeated."""
+    lines: list[str] = []
+    previous = ""
+    for finding in found:
+        shown = finding.lines()
+        if finding.fix and finding.fix == previous:
+            shown[-1] = "      fix: as above"
+        previous = finding.fix or previous
+        lines += shown
+    return lines
+
+
 def _probe(result: probe.Probe, bad: Status) -> Finding:
     if result.ok:
         return Finding("ok", result.what, "ok")
@@ -157,7 +170,7 @@ def cgroup_findings(root_setting: str, source: str, defaults: Defaults) -> list[
 
 def _own_cgroup(manager: cgroups.CgroupManager) -> str:
     if isinstance(manager, cgroups.ManagerV2):
-        return f" (pytest's own cgroup here: {cgroups.CGROUP_MOUNT}{cgroups.own_cgroup_v2()})"
+        return f" (pytest's own cgroup here: {cgroups.CGROUP_MOUNT / cgroups.own_cgroup_v2().strip('/')})"
     return ""
 
 

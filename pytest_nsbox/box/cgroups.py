@@ -512,9 +512,10 @@ class ManagerV2(CgroupManager):
     def _common_ancestor(self) -> Path | None:
         """The lowest cgroup that holds both pytest and the root (None: the root holds pytest)."""
         try:
-            relative = "/" + str(self.root.relative_to(CGROUP_MOUNT)).strip(".").strip("/")
+            below = self.root.relative_to(CGROUP_MOUNT).as_posix()
         except ValueError:
             return None
+        relative = "/" if below == "." else f"/{below}"
         own = self._own()
         common = os.path.commonpath([own, relative]) if own.startswith("/") else "/"
         return None if common == relative else CGROUP_MOUNT / common.strip("/")

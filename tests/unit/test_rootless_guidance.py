@@ -178,3 +178,8 @@ def test_the_notice_says_which_defaults_are_off() -> None:
     )
     one = plugin.defaults_off_notice({prepare.MEMORY_REPORT_OFF: "REASON"})
     assert one.endswith("So the peak-memory report is off; `nsbox doctor` says how to get it")
+
+
+def test_a_fix_is_printed_once_for_findings_in_a_row() -> None:
+    found = [doctor.Finding("WARN", "a", "x", "FIX"), doctor.Finding("WARN", "b", "y", "FIX"), doctor.Finding("ok", "c", "ok")]
+    assert doctor.render(found) == ["WARN  a: x", "      fix: FIX", "WARN  b: y", "      fix: as above", "ok    c: ok"]
