@@ -393,7 +393,9 @@ class ManagerV1(CgroupManager):
         """What root runs once to hand this root over to the real user (in every hierarchy
         mounted: the limits a test may ask for need all three)."""
         mounted = [c for c in V1_CONTROLLERS if (CGROUP_MOUNT / c / "cgroup.procs").exists()]
-        return v1_fix(self.root_name, mounted or [c for c in V1_CONTROLLERS if c in controllers])
+        # the default root is root's (created and removed by its runs): a user gets one of their own
+        name = self.root_name if self.configured or os.getuid() == 0 else f"{DEFAULT_ROOT_NAME}-{user_name()}"
+        return v1_fix(name, mounted or [c for c in V1_CONTROLLERS if c in controllers])
 
     def create(self, limits: Limits) -> Cgroup:
         name = self._next_name()

@@ -53,6 +53,12 @@ def test_v1_fix_names_the_real_user_and_the_real_paths(as_nobody: str) -> None:
     assert "nsbox_cgroup_root = ci-root" in fix and "$USER" not in fix
 
 
+def test_v1_fix_for_the_default_root_hands_over_a_root_of_the_users_own(as_nobody: str) -> None:
+    fix = cgroups.ManagerV1(cgroups.DEFAULT_ROOT_NAME).fix(["memory"])
+    assert f"chown -R {as_nobody}: " in fix and f"nsbox_cgroup_root = pytest-nsbox-{as_nobody} " in fix
+    assert cgroups.ManagerV1("ci-root").fix(["memory"]).endswith("(or env PYTEST_NSBOX_CGROUP_ROOT=ci-root)")
+
+
 def test_v2_fix_is_delegation_by_systemd_or_by_root(as_nobody: str) -> None:
     fix = cgroups.v2_fix()
     assert f"'systemd-run --user --scope -p Delegate=yes {os.path.realpath(sys.executable)} -m pytest ...'" in fix
