@@ -41,6 +41,10 @@ GIVES: Final = {
 }
 LIMIT_OF: Final = {"memory": "memory", "pids": "pids", "cpu": "cpus"}
 OK_EXIT: Final = "sandboxes can be built with this configuration"
+NO_HIERARCHY_FIX: Final = (
+    "mount the cgroup filesystem (as root: mount -t cgroup2 cgroup2 /sys/fs/cgroup); "
+    "in a container, start it with a writable cgroup filesystem of its own"
+)
 FAIL_EXIT: Final = "sandboxed tests would be skipped or error with this configuration (each FAIL above says why)"
 
 
@@ -142,7 +146,8 @@ def cgroup_findings(root_setting: str, source: str, defaults: Defaults) -> list[
     configured_limits = [c for c in CONTROLLERS if getattr(defaults.spec, LIMIT_OF[c]) is not None]
     if manager is None:
         status: Status = "FAIL" if configured_limits or root_setting else "WARN"
-        return [Finding(status, "cgroups", probe.NO_CGROUP_HIERARCHY, _consequence(configured_limits))]
+        detail = f"{probe.NO_CGROUP_HIERARCHY}; {_consequence(configured_limits)}"
+        return [Finding(status, "cgroups", detail, NO_HIERARCHY_FIX)]
     where = _where(manager)
     found = [Finding("info", f"cgroup v{manager.version}", f"sandbox cgroups go to {where}" + _own_cgroup(manager))]
     checks = {c: manager.check([c], dry_run=True) for c in CONTROLLERS}

@@ -171,7 +171,7 @@ def test_doctor_fails_only_what_the_configuration_needs(
 def test_doctor_without_any_cgroup_hierarchy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cgroups, "detect", lambda setting: None)
     (finding,) = doctor.cgroup_findings("", "default", Defaults())
-    assert finding.status == "WARN" and "default pids cap" in finding.fix
+    assert finding.status == "WARN" and "default pids cap" in finding.detail and finding.fix == doctor.NO_HIERARCHY_FIX
     (finding,) = doctor.cgroup_findings("", "default", defaults_from(lambda name: "64M" if name == "nsbox_memory" else ""))
     assert finding.status == "FAIL"
 
