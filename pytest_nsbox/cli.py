@@ -27,21 +27,15 @@ EXIT_USAGE = 2  # what argparse uses for bad arguments; also for errors the user
 
 
 def cmd_doctor(_args: argparse.Namespace) -> int:
-    """Probe what this host supports; exit 1 if sandboxes cannot be built."""
-    results = probe.all_probes()
-    for result in results:
-        print(("ok    " if result.ok else "FAIL  ") + result.describe())
-    for result in probe.optional_probes():
-        print(("ok    " if result.ok else "WARN  ") + result.describe())
-    if probe.prebuild_supported():
-        how = "ahead of each test by a builder process; the test " + (
-            "forks straight into its sandbox (root)" if os.geteuid() == 0 else "enters it through one more fork (rootless)"
-        )
-    else:
-        how = "when each test starts (setns through a pidfd needs Linux 5.8)"
-    print(f"info  sandboxes are built {how}")
-    print(f"uid {os.getuid()}, kernel {os.uname().release}, python {sys.version.split()[0]}")
-    return 0 if all(r.ok for r in results) else 1
+    """Probe the setup the plugin would use here (the project's ini, the environment); exit 1 if
+    sandboxed tests would be skipped or error with it (see pytest_nsbox.doctor for the rule)."""
+    from . import doctor
+
+    found = doctor.diagnose(_project(), os.environ)
+    print("\n".join(doctor.render(found)))
+    status = doctor.exit_status(found)
+    print(f"{'ok' if status == 0 else 'FAIL':<5} {doctor.OK_EXIT if status == 0 else doctor.FAIL_EXIT}")
+    return status
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

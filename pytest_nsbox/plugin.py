@@ -7,22 +7,27 @@ from typing import Final
 
 import pytest
 
-from . import reruns, runtest, timers
+from . import probe, reruns, runtest, timers
 from .budget import MemoryLedger, default_ledger_dir
 from .errors import NsboxError
 from .prepare import memory_available
 from .spec import OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
-CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
+CGROUP_ROOT_ENV: Final = probe.CGROUP_ROOT_ENV
 MEMORY_SUMMARY_TITLE: Final = "nsbox: peak memory of sandboxed tests"
+DEFAULTS_OFF_NOTICE: Final = (
+    "nsbox: no cgroup could be had for sandboxed tests: {reason}. So {off} {verb} off; `nsbox doctor` says how to get {them}"
+)
+DEFAULTS_OFF_KEY: Final = "nsbox_defaults_off"  # in an xdist worker's workeroutput
 _peaks: dict[str, tuple[int, int | None]] = {}  # nodeid: (peak, limit) of this session; a rerun's highest
 _waits: dict[str, float] = {}  # nodeid: seconds the test waited for the memory budget (also from xdist workers)
 BUDGET_SUMMARY: Final = (
     "nsbox: {count} sandboxed test(s) waited for the memory budget: {total:.1f}s in total, longest {longest:.1f}s ({nodeid})"
 )
+_defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
 MARKER_HELP: Final = (
-    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
+    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
     "memory/pids/cpus/timeout=None or 0 turns such a default off for the test."
@@ -125,7 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
         defaults,
         sandbox_all=bool(config.getoption("nsbox_all")),
         require=bool(config.getoption("nsbox_require")),
-        cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
+        cgroup_root=probe.cgroup_root_setting(str(config.getini(probe.CGROUP_ROOT_INI)))[0],
         cache_dir=str(config.getini("nsbox_cache_dir")),
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
         budget=budget,
@@ -133,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
     _waits.clear()
+    _defaults_off.clear()
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
@@ -162,6 +168,32 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None:
         runner.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand what sandboxed tests went without to the controller, which prints
+    the run's one notice (workers print nothing)."""
+    runner = session.config.stash.get(RUNNER_KEY, None)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if runner is not None and isinstance(workeroutput, dict) and runner.preparer.defaults_off:
+        workeroutput[DEFAULTS_OFF_KEY] = dict(runner.preparer.defaults_off)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """In the xdist controller: collect each worker's defaults_off (see pytest_sessionfinish)."""
+    off = getattr(node, "workeroutput", {}).get(DEFAULTS_OFF_KEY)
+    if isinstance(off, dict):
+        for what, reason in off.items():
+            _defaults_off.setdefault(str(what), str(reason))
+
+
+def defaults_off_notice(off: dict[str, str]) -> str:
+    """The run's one notice: which defaults sandboxed tests went without, and why."""
+    what = sorted(off)  # the pids cap first
+    listed = " and ".join(what) if len(what) <= 2 else ", ".join(what[:-1]) + " and " + what[-1]
+    verb, them = ("are", "them") if len(what) > 1 else ("is", "it")
+    return DEFAULTS_OFF_NOTICE.format(reason=off[what[0]], off=listed, verb=verb, them=them)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -232,6 +264,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_line(
             BUDGET_SUMMARY.format(count=len(waited), total=sum(waited.values()), longest=waited[longest], nodeid=longest)
         )
+    runner = config.stash.get(RUNNER_KEY, None)
+    off = {**(runner.preparer.defaults_off if runner is not None else {}), **_defaults_off}
+    if off:
+        terminalreporter.write_line(defaults_off_notice(off), yellow=True)
     count = int(config.getoption("nsbox_memory_report") or 0)
     if count <= 0 or not _peaks:
         return

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 MARKER: Final = "nsbox"
 LIMITS_UNAVAILABLE: Final = "nsbox: cannot enforce the requested limits ({names}): {reason}{fix}"
 PLAN_FAILED: Final = "nsbox: could not plan the sandbox's mounts: {error}"
-NO_HIERARCHY: Final = "no cgroup hierarchy found"
+NO_HIERARCHY: Final = probe.NO_CGROUP_HIERARCHY
+# what a sandboxed test loses where no cgroup can be had (see Preparer.defaults_off)
+PIDS_CAP_OFF: Final = f"the default pids cap ({DEFAULT_PIDS}) of sandboxed tests"
+MEMORY_REPORT_OFF: Final = "the peak-memory report"
 IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
 DEFAULT_DISK_FLOOR: Final = 256 * 2**20  # the default disk bound on a machine with little memory free
 
@@ -146,6 +149,7 @@ class Preparer:
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
         self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
         self.default_disk = default_disk_bound()
+        self.defaults_off: dict[str, str] = {}  # what a sandboxed test lost for want of a cgroup: reason
 
     def close(self) -> None:
         if self._cache_hold is not None:
@@ -274,6 +278,7 @@ class Preparer:
         manager = self.cgroup_manager()
         if manager is None:
             if not requested:
+                self._lost(["pids", "memory"], NO_HIERARCHY)
                 return None
             raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=NO_HIERARCHY, fix=""))
         defaults = cgroups.Limits(memory=spec.memory, pids=spec.pids or DEFAULT_PIDS, cpus=spec.cpus, account_memory=True)
@@ -283,6 +288,9 @@ class Preparer:
                 problem = self._available(manager, requested)
                 fix = f". Hint: {problem.fix}" if problem.fix else ""
                 raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=problem.reason, fix=fix))
+            for controller in wanted:
+                if not self._available(manager, [controller]).ok:
+                    self._lost([controller], self._available(manager, [controller]).reason)
             wanted = [c for c in wanted if self._available(manager, [c]).ok]
         limits = cgroups.Limits(
             memory=spec.memory,
@@ -298,7 +306,14 @@ class Preparer:
             if requested:
                 raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=str(exc), fix="")) from None
             log.debug("nsbox: default limits not applied: %s", exc)
+            self._lost(limits.controllers(), str(exc))
             return None
+
+    def _lost(self, controllers: list[str], reason: str) -> None:
+        """Note which defaults a sandboxed test went without (the run's one notice lists them)."""
+        for controller, what in (("pids", PIDS_CAP_OFF), ("memory", MEMORY_REPORT_OFF)):
+            if controller in controllers:
+                self.defaults_off.setdefault(what, reason)
 
     def _available(self, manager: cgroups.CgroupManager, controllers: list[str]) -> cgroups.Availability:
         """Whether *controllers* can be had, probed once per session."""

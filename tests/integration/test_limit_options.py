@@ -149,7 +149,7 @@ def test_header_names_mode_and_defaults(run_inner, pytester: pytest.Pytester, bu
     result.stdout.fnmatch_lines(
         [
             f"nsbox: {user}, {build_mode}, cgroup v[12]; defaults: image=host, memory=256 MiB (command line), "
-            "pids=1024 (built-in), cpus=0.5 (ini), disk=* (built-in)"
+            "pids=1024 (built-in), cpus=0.5 (ini), disk=* (built-in); memory budget * (available at the start)"
         ]
     )
 
