@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 CHILD_REPORTER: Final = "nsbox-child-reporter"
 USER_NOT_APPLIED: Final = (
-    "nsbox: image {image!r} asks for User {user!r}; its sandboxed tests run as root inside (you outside), "
-    "as pytest does (User applies to 'nsbox shell' and recipe run steps)"
+    "nsbox: image {image!r} asks for User {user!r}; its sandboxed tests run as root inside (your uid outside): "
+    "a test is pytest's own process (the User applies to 'nsbox shell' and recipe run steps)"
 )
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
