@@ -231,3 +231,25 @@ def test_a_process_run_in_the_image_gets_dockers_environment() -> None:
     defaults = {"PATH": "/bin", "HOME": "/root", "LANG": "C.UTF-8"}
     assert run_environment(image, app, defaults) == {"PATH": "/opt/bin", "HOME": "/srv", "LANG": "C.UTF-8"}
     assert run_environment(ImageConfig(), app, defaults)["HOME"] == "/home/app"
+
+
+# --- a recipe's config ------------------------------------------------------------------------------
+
+
+def test_a_recipe_makes_its_config_from_its_base_and_its_env_and_workdir_steps(tmp_path: Path) -> None:
+    from pytest_nsbox.images import recipes
+
+    for name, toml in {
+        "base": "[base]\nscratch = true\n[[steps]]\nenv = { A = '1', B = '1' }\n[[steps]]\nworkdir = '/srv'\n",
+        "top": "[base]\nrecipe = 'base'\n[[steps]]\nenv = { B = '2' }\n[[steps]]\nworkdir = 'app'\n",
+    }.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        (tmp_path / "images" / name / "image.toml").write_text(toml)
+    builder = recipes.RecipeBuilder(tmp_path / "cache", [tmp_path / "images"], progress=lambda line: None)
+    top = recipes.find("top", [tmp_path / "images"])
+    assert top is not None
+    layers, config = builder.build_with_config(top)
+    assert len(layers) == 1
+    assert config == ImageConfig(env=(("A", "1"), ("B", "2")), workdir="/srv/app")
+    base = recipes.find("base", [tmp_path / "images"])
+    assert base is not None and builder.build_with_config(base)[1] == ImageConfig(env=(("A", "1"), ("B", "1")), workdir="/srv")
