@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 def pytest_nsbox_resolve_image(config: pytest.Config, name: str) -> str | None:
     """Return the rootfs directory (or "host") for image *name*, or None to defer.
 
+    An image given this way has no config: its tests keep pytest's environment.
+
     .. versionadded:: 0.1
     """
 

@@ -23,6 +23,7 @@ from .box import cgroups, mounts
 from .box.config import SandboxConfig
 from .errors import NsboxError
 from .images import cache as layer_cache
+from .images.config import environment_for_tests
 from .project import cache_dir_setting
 from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
 
@@ -46,6 +47,13 @@ class Prepared:
     spec: SandboxSpec
     plan: mounts.MountPlan
     cgroup: cgroups.Cgroup | None
+    image: images.ResolvedImage | None = None
+
+    def environment(self) -> dict[str, str]:
+        """What the test sets over pytest's environment: the image's Env (see images.config)."""
+        if self.image is None or self.image.config is None:
+            return {}
+        return environment_for_tests(self.image.config)
 
     def config(self) -> SandboxConfig:
         """The sandbox's config, with the current working directory (read now: wider-scoped
@@ -141,7 +149,7 @@ class Preparer:
         self.defaults = defaults
         self.cgroup_root = cgroup_root
         self.cache_dir = cache_dir_setting(cache_dir, config.rootpath)
-        self._images: dict[str, images.Resolved] = {}
+        self._images: dict[str, images.ResolvedImage] = {}
         self._plans: dict[tuple[images.Resolved, str, str, int | None], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
@@ -183,7 +191,8 @@ class Preparer:
         if not probe.linux().ok:
             return Refused(probe.linux().describe(), unavailable=True)
         try:
-            plan = self.plan(self.resolve_image(spec.image), spec.network, spec.disk)
+            image = self.resolve_image(spec.image)
+            plan = self.plan(image.root, spec.network, spec.disk)
         except images.ImageError as exc:
             return Refused(IMAGE_FAILED.format(error=exc, nodeid=item.nodeid), unavailable=False)
         except OSError as exc:
@@ -192,12 +201,12 @@ class Preparer:
             cgroup = self.cgroup_for(spec)
         except LimitsUnavailable as exc:
             return Refused(str(exc), unavailable=True)
-        return Prepared(spec, plan, cgroup)
+        return Prepared(spec, plan, cgroup, image)
 
     def another(self, prepared: Prepared) -> Prepared | None:
         """A second sandbox like *prepared* (a cgroup of its own), or None if none can be had."""
         try:
-            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec))
+            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec), prepared.image)
         except LimitsUnavailable:
             return None
 
@@ -222,10 +231,11 @@ class Preparer:
         manager = self._manager if self._manager_detected else cgroups.detect(self.cgroup_root)
         return f"cgroup v{manager.version}" if manager is not None else "no cgroups"
 
-    def resolve_image(self, name: str) -> images.Resolved:
+    def resolve_image(self, name: str) -> images.ResolvedImage:
+        """The image's root and config; one a plugin's pytest_nsbox_resolve_image gives has no config."""
         hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)
         if hooked is not None:
-            return str(hooked)
+            return images.ResolvedImage(str(hooked))
         if name not in self._images:
             if name != images.HOST and self._cache_hold is None:
                 self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run

@@ -34,6 +34,10 @@ from .spec import Defaults, format_size
 log = logging.getLogger(__name__)
 
 CHILD_REPORTER: Final = "nsbox-child-reporter"
+USER_NOT_APPLIED: Final = (
+    "nsbox: image {image!r} asks for User {user!r}; its sandboxed tests run as root inside (your uid outside): "
+    "a test is pytest's own process (the User applies to 'nsbox shell' and recipe run steps)"
+)
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
@@ -195,6 +199,7 @@ class SandboxRunner:
         self.reporter = ChildReporter(config)
         config.pluginmanager.register(self.reporter, CHILD_REPORTER)
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
+        self._warned_users: set[str] = set()  # images whose User a test does not take: warned once
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -233,6 +238,7 @@ class SandboxRunner:
         else:
             if ticket is None:
                 ticket = self.lookahead.submit(prepared)
+            self._warn_user_not_applied(prepared)
             setup = pytest.CallInfo.from_call(lambda: compat.setup_wider_fixtures(item), when="setup")
             if setup.excinfo is not None:
                 self.lookahead.discard(prepared, ticket)
@@ -280,9 +286,18 @@ class SandboxRunner:
             return str(exc)
         return None
 
+    def _warn_user_not_applied(self, prepared: Prepared) -> None:
+        """The test process is pytest's: root inside whatever User the image asks for. Say so,
+        once per image, rather than fail every test of an image with a USER line."""
+        image, user = prepared.spec.image, prepared.image.user if prepared.image is not None else None
+        if user is not None and not user.is_root and image not in self._warned_users:
+            self._warned_users.add(image)
+            warnings.warn(NsboxWarning(USER_NOT_APPLIED.format(image=image, user=user.spec)), stacklevel=1)
+
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
         # now: the cwd the wider fixtures left
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
+        environment = prepared.environment()
         built = self.lookahead.built(ticket)
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
@@ -292,7 +307,7 @@ class SandboxRunner:
         timers.before_fork(item)
         return self.supervisor.run(
             config,
-            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter),
+            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter, environment),
             prebuilt=built,
             timeout=prepared.spec.timeout,
             cgroup=prepared.cgroup,
@@ -450,9 +465,13 @@ def child_channel(config: pytest.Config) -> Channel | None:
     return reporter.channel if isinstance(reporter, ChildReporter) else None
 
 
-def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers, reporter: ChildReporter) -> None:
-    """In C: pytest's runtest protocol for the item; reports go out as they are logged (by
+def run_protocol_in_child(
+    item: pytest.Item, channel: Channel, carriers: Carriers, reporter: ChildReporter, environment: dict[str, str] | None = None
+) -> None:
+    """In C: pytest's runtest protocol for the item, with the image's *environment* set over
+    pytest's (nothing to restore: C is thrown away); reports go out as they are logged (by
     *reporter*, registered in P), then what the carriers collected."""
+    os.environ.update(environment or {})
     config = item.config
     reporter.channel = channel
     compat.log_only_to(config, keep=(reporter, item.session))  # P presents the reports, not C
