@@ -25,6 +25,21 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
             "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy' "
             "(did you mean 'memory'?); valid keywords: image, memory, pids, cpus, timeout, network",
         ),
+        (
+            'memory="64M", expect_limits="memroy"',
+            "invalid expect_limits 'memroy' from nsbox marker on test_inner.py::test_bad ('memroy' is not a limit a test "
+            "may expect; did you mean 'memory'? expected 'memory', 'pids', or a tuple of them)",
+        ),
+        (
+            'timeout=5, expect_limits=("timeout",)',
+            "invalid expect_limits ('timeout',) from nsbox marker on test_inner.py::test_bad (timeout is not a limit a "
+            "test may expect: a test that wants something to run out of time uses its own timer",
+        ),
+        (
+            'expect_limits="memory"',
+            "nsbox marker on test_inner.py::test_bad: expect_limits names memory, but the test has no memory limit; "
+            "give memory=... in the marker (or --nsbox-memory, ini nsbox_memory), or drop 'memory' from expect_limits",
+        ),
         ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
         ('image="no-such-image"', "unknown image 'no-such-image'"),
         ('image="oci:whatever"', "whatever does not exist"),
