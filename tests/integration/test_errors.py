@@ -109,7 +109,31 @@ def test_sandbox_that_cannot_be_built_is_skipped_with_step_and_hint(run_inner, p
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.nsbox(image='host', *, memory=None, *network='none'*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.nsbox(image='host', *, memory=None, *network='none', expect_limits=()*"])
+
+
+def test_a_spec_hook_that_drops_an_expected_limit_is_an_error(run_inner) -> None:
+    """pytest_nsbox_modify_spec may not leave expect_limits naming a limit the spec no longer sets."""
+    result = run_inner(
+        f"""
+        import pytest
+
+        @pytest.mark.nsbox(memory="64M", expect_limits="memory")
+        def test_limited():
+            print({BODY_RAN!r})
+        """,
+        conftest="""
+        import dataclasses
+
+        def pytest_nsbox_modify_spec(item, spec):
+            return dataclasses.replace(spec, memory=None)
+        """,
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*spec of test_inner.py::test_limited from pytest_nsbox_modify_spec: expect_limits names memory, but the test*"]
+    )
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
 
 
 def test_plugin_can_be_disabled(run_inner) -> None:
