@@ -204,7 +204,7 @@ class Cause:
     expected: bool = False  # the marker's expect_limits names it: it does not fail the test by itself
 
 
-def test_process_killed(result: SandboxResult) -> bool:
+def ended_by_sigkill(result: SandboxResult) -> bool:
     """Whether the test process (C) died by SIGKILL, or its end is unknown: with OOM kills
     counted, the OOM killer may have chosen C itself, which no expect_limits covers."""
     status = result.test_status
@@ -225,7 +225,7 @@ def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
         plural = "es" if usage.oom_kills != 1 else ""
         message = MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural)
         expected = "memory" in spec.expect_limits
-        if expected and test_process_killed(result):
+        if expected and ended_by_sigkill(result):
             expected, message = False, TEST_PROCESS_OOM_KILLED.format(message=message)
         hits.append(Cause(message, "memory", expected=expected))
     if usage.pids_limit_hits:
