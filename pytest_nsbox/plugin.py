@@ -32,8 +32,8 @@ MARKER_HELP: Final = (
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
     "memory/pids/cpus/timeout=None or 0 turns such a default off for the test. "
-    "expect_limits='memory', 'pids' or both (a tuple): hitting that limit (a process the test starts "
-    "OOM-killed, forks refused) does not fail the test by itself."
+    "expect_limits='memory', 'pids', 'disk' or a tuple of them: hitting that limit (a process the test "
+    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
 OPTION_HELP: Final = {

@@ -74,7 +74,7 @@ LIMIT_PROPERTIES: Final = {
     "disk": "nsbox_disk_limit",  # bytes
 }
 CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal
-EXPECTED_PROPERTY: Final = "nsbox_expected_limit"  # memory, pids: a limit hit the marker expects (one per limit)
+EXPECTED_PROPERTY: Final = "nsbox_expected_limit"  # memory, pids, disk: a limit hit the marker expects (one per limit)
 PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
 PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
 PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
@@ -214,7 +214,8 @@ def ended_by_sigkill(result: SandboxResult) -> bool:
 def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
     """Every limit the sandbox hit, from the kernel's own counters, in order: timeout, memory,
     pids, disk; each marked ``expected`` where the marker's expect_limits covers it: a memory hit
-    only if the test process itself survived (a process it started was OOM-killed), a pids hit always."""
+    only if the test process itself survived (a process it started was OOM-killed), a pids or disk
+    hit always."""
     usage, hits = result.usage, []
     if result.timed_out:
         stack = trim_stack(result.stack)
@@ -233,6 +234,7 @@ def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
         hits.append(Cause(message, "pids", expected="pids" in spec.expect_limits))
     disk = disk_full(spec, result.records)
     if disk is not None:
+        disk.expected = "disk" in spec.expect_limits
         hits.append(disk)
     for hit in hits:
         if hit.expected:

@@ -25,8 +25,8 @@ SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # Limits a test may expect to hit (expect_limits): the kernel counts their hits.
-EXPECTABLE: Final = ("memory", "pids")
-EXPECTABLE_GRAMMAR: Final = "'memory', 'pids', or a tuple of them"
+EXPECTABLE: Final = ("memory", "pids", "disk")
+EXPECTABLE_GRAMMAR: Final = "'memory', 'pids', 'disk', or a tuple of them"
 NOT_EXPECTABLE: Final = {
     "timeout": (
         "timeout is not a limit a test may expect: a test that wants something to run out of time "
@@ -228,8 +228,8 @@ def nsbox(
     ``disk`` a size bounding everything the test writes (the writable layer, /tmp, /run, /dev/shm).
     ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids and
     disk: down to the built-in bounds, 1024 processes and the default disk bound).
-    ``expect_limits`` ('memory', 'pids' or both, in a tuple) names limits the test means to hit:
-    a process it starts OOM-killed, or forks refused, do not fail it by themselves.
+    ``expect_limits`` ('memory', 'pids', 'disk', or a tuple of them) names limits the test means
+    to hit: a process it starts OOM-killed, forks refused, or ENOSPC do not fail it by themselves.
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
@@ -340,7 +340,8 @@ def check_expected_limits(spec: SandboxSpec, source: str) -> None:
     """Each limit *spec* expects must be one it sets: otherwise there is nothing to expect."""
     for name in spec.expect_limits:
         if getattr(spec, name) is None:
-            cap = f" (the safety cap of {DEFAULT_PIDS} is not a limit a test may expect)" if name == "pids" else ""
+            built_in = {"pids": f"the safety cap of {DEFAULT_PIDS}", "disk": "the built-in disk bound"}.get(name)
+            cap = f" ({built_in} is not a limit a test may expect)" if built_in else ""
             raise SpecError(
                 f"{source}: expect_limits names {name}, but the test has no {name} limit{cap}; "
                 f"give {name}=... in the marker (or --nsbox-{name}, ini nsbox_{name}), or drop {name!r} from expect_limits"

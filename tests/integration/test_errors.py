@@ -28,7 +28,7 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
         (
             'memory="64M", expect_limits="memroy"',
             "invalid expect_limits 'memroy' from nsbox marker on test_inner.py::test_bad ('memroy' is not a limit a test "
-            "may expect; did you mean 'memory'? expected 'memory', 'pids', or a tuple of them)",
+            "may expect; did you mean 'memory'? expected 'memory', 'pids', 'disk', or a tuple of them)",
         ),
         (
             'timeout=5, expect_limits=("timeout",)',

@@ -382,6 +382,18 @@ def test_an_expected_limit_not_hit_adds_nothing(item: pytest.Item) -> None:
     assert all(reports.EXPECTED_PROPERTY not in dict(r.user_properties) for r in out.reports)
 
 
+def test_an_expected_full_disk_leaves_a_passed_test_passed(item: pytest.Item) -> None:
+    spec = SandboxSpec(disk=8 * MiB, expect_limits=("disk",))
+    records = [*sent(item, "setup", "call", "teardown"), {"kind": reports.DISK_USAGE, "free": 0, "free_inodes": 10}]
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), done=True), spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "passed")]
+    disk_text = reports.DISK_FULL.format(limit="8 MiB", detail="")
+    assert (reports.LIMIT_SECTION, expected(disk_text)) in out.reports[1].sections
+    assert dict(out.reports[1].user_properties)[reports.EXPECTED_PROPERTY] == "disk"
+    unexpected = assemble(item, SandboxResult(records=records, test_status=exited(0), done=True), SandboxSpec(disk=8 * MiB))
+    assert text(unexpected.reports[1]) == disk_text
+
+
 def test_a_timeout_is_never_expected(item: pytest.Item) -> None:
     spec = SandboxSpec(pids=32, timeout=2, expect_limits=("pids",))
     result = SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGKILL), timed_out=True, usage=PIDS_USAGE)

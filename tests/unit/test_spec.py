@@ -205,6 +205,7 @@ def test_marker_disk_none_falls_back_to_the_built_in_bound_not_to_none() -> None
         ("memory", ("memory",)),
         ("pids", ("pids",)),
         (("pids", "memory"), ("memory", "pids")),  # one order, whatever the marker's
+        (("disk", "pids", "memory"), ("memory", "pids", "disk")),
         (["memory"], ("memory",)),
         ({"pids"}, ("pids",)),
         ((), ()),
@@ -212,7 +213,7 @@ def test_marker_disk_none_falls_back_to_the_built_in_bound_not_to_none() -> None
     ],
 )
 def test_expect_limits_names_limits_the_test_sets(value: object, expected: tuple[str, ...]) -> None:
-    spec = spec_from_marker((), {"memory": "64M", "pids": 32, "expect_limits": value}, "t.py::test_x", Defaults())
+    spec = spec_from_marker((), {"memory": "64M", "pids": 32, "disk": "8M", "expect_limits": value}, "t.py::test_x", Defaults())
     assert spec.expect_limits == expected
 
 
@@ -232,12 +233,12 @@ def test_expect_limits_may_name_a_limit_from_the_defaults() -> None:
         (
             {"memory": "64M", "expect_limits": "memroy"},
             "invalid expect_limits 'memroy' from nsbox marker on t.py::test_x ('memroy' is not a limit a test may expect; "
-            "did you mean 'memory'? expected 'memory', 'pids', or a tuple of them)",
+            "did you mean 'memory'? expected 'memory', 'pids', 'disk', or a tuple of them)",
         ),
         (
-            {"memory": "64M", "expect_limits": ("memory", "disk")},
-            "invalid expect_limits ('memory', 'disk') from nsbox marker on t.py::test_x ('disk' is not a limit a test may "
-            "expect; expected 'memory', 'pids', or a tuple of them)",
+            {"memory": "64M", "expect_limits": ("memory", "swap")},
+            "invalid expect_limits ('memory', 'swap') from nsbox marker on t.py::test_x ('swap' is not a limit a test may "
+            "expect; expected 'memory', 'pids', 'disk', or a tuple of them)",
         ),
         (
             {"timeout": 5, "expect_limits": "timeout"},
@@ -247,7 +248,7 @@ def test_expect_limits_may_name_a_limit_from_the_defaults() -> None:
         ({"cpus": 0.5, "expect_limits": ["cpus"]}, "invalid expect_limits ['cpus'] from nsbox marker on t.py::test_x (cpus is"),
         (
             {"memory": "64M", "expect_limits": 1},
-            "invalid expect_limits 1 from nsbox marker on t.py::test_x (expected 'memory', 'pids', or a tuple of them)",
+            "invalid expect_limits 1 from nsbox marker on t.py::test_x (expected 'memory', 'pids', 'disk', or a tuple of them)",
         ),
         ({"memory": "64M", "expect_limits": ""}, "invalid expect_limits '' from nsbox marker on t.py::test_x"),
         ({"memory": "64M", "expect_limits": ("memory", 2)}, "invalid expect_limits ('memory', 2) from nsbox marker"),
@@ -262,6 +263,11 @@ def test_expect_limits_may_name_a_limit_from_the_defaults() -> None:
             f"{DEFAULT_PIDS} is not a limit a test may expect); give pids=... in the marker",
         ),
         ({"memory": None, "expect_limits": "memory"}, "nsbox marker on t.py::test_x: expect_limits names memory, but"),
+        (
+            {"expect_limits": "disk"},
+            "nsbox marker on t.py::test_x: expect_limits names disk, but the test has no disk limit (the built-in disk "
+            "bound is not a limit a test may expect); give disk=... in the marker",
+        ),
         (
             {"memory": "64M", "expect_lmits": "memory"},
             "nsbox marker on t.py::test_x: nsbox() got an unexpected keyword argument 'expect_lmits' "
