@@ -109,7 +109,9 @@ def test_sandbox_that_cannot_be_built_is_skipped_with_step_and_hint(run_inner, p
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.nsbox(image='host', *, memory=None, *network='none', disk=None, expect_limits=()*"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.nsbox(image='host', *, memory=None, *network='none', disk=None, expect_limits=()*"]
+    )
 
 
 def test_a_spec_hook_that_drops_an_expected_limit_is_an_error(run_inner) -> None:
