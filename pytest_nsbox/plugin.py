@@ -27,10 +27,13 @@ BUDGET_SUMMARY: Final = (
 )
 _defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
 MARKER_HELP: Final = (
-    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None): "
+    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None, "
+    "expect_limits=()): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
-    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test."
+    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test. "
+    "expect_limits='memory', 'pids', 'disk' or a tuple of them: hitting that limit (a process the test "
+    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
 OPTION_HELP: Final = {

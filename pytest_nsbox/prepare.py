@@ -25,7 +25,7 @@ from .errors import NsboxError
 from .images import cache as layer_cache
 from .images.config import environment_for_tests
 from .project import cache_dir_setting
-from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
+from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, check_expected_limits, spec_from_markers
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,10 @@ class Preparer:
         """The item's spec: its markers over the defaults, a hook's changes, the default disk bound."""
         spec = spec_from_markers(marks_of(item), item.nodeid, self.defaults)
         if self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():  # item.ihook costs a conftest lookup per item
-            changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
-            spec = changed if changed is not None else spec
+            changed: SandboxSpec | None = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+            if changed is not None:
+                check_expected_limits(changed, f"spec of {item.nodeid} from pytest_nsbox_modify_spec")
+                spec = changed
         return spec if spec.disk is not None else replace(spec, disk=self.default_disk)
 
     def check_spec(self, item: pytest.Item) -> str | None:
@@ -307,6 +309,7 @@ class Preparer:
             pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
             cpus=spec.cpus,
             account_memory="memory" in wanted,
+            oom_group="memory" not in spec.expect_limits,  # an expected OOM kill ends only its victim
         )
         if not limits.controllers():
             return None
