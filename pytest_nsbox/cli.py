@@ -18,6 +18,7 @@ from .box.supervise import run_once
 from .box.wire import Channel
 from .errors import NsboxError
 from .images import archive, cache, oci, recipes
+from .images.config import become, id_mapping_for, run_environment
 from .prepare import default_disk_bound
 from .project import Project
 from .spec import NETWORKS, format_size
@@ -27,21 +28,15 @@ EXIT_USAGE = 2  # what argparse uses for bad arguments; also for errors the user
 
 
 def cmd_doctor(_args: argparse.Namespace) -> int:
-    """Probe what this host supports; exit 1 if sandboxes cannot be built."""
-    results = probe.all_probes()
-    for result in results:
-        print(("ok    " if result.ok else "FAIL  ") + result.describe())
-    for result in probe.optional_probes():
-        print(("ok    " if result.ok else "WARN  ") + result.describe())
-    if probe.prebuild_supported():
-        how = "ahead of each test by a builder process; the test " + (
-            "forks straight into its sandbox (root)" if os.geteuid() == 0 else "enters it through one more fork (rootless)"
-        )
-    else:
-        how = "when each test starts (setns through a pidfd needs Linux 5.8)"
-    print(f"info  sandboxes are built {how}")
-    print(f"uid {os.getuid()}, kernel {os.uname().release}, python {sys.version.split()[0]}")
-    return 0 if all(r.ok for r in results) else 1
+    """Probe the setup the plugin would use here (the project's ini, the environment); exit 1 if
+    sandboxed tests would be skipped or error with it (see pytest_nsbox.doctor for the rule)."""
+    from . import doctor
+
+    found = doctor.diagnose(_project(), os.environ)
+    print("\n".join(doctor.render(found)))
+    status = doctor.exit_status(found)
+    print(f"{'ok' if status == 0 else 'FAIL':<5} {doctor.OK_EXIT if status == 0 else doctor.FAIL_EXIT}")
+    return status
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -57,11 +52,22 @@ def cmd_shell(args: argparse.Namespace) -> int:
             hold.release()
 
 
-def _shell(args: argparse.Namespace, image: images.Resolved, cache_dir: Path) -> int:
+def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Path) -> int:
+    """An imported image or a recipe applies its config as ``docker run`` does: the environment
+    is the image's Env (plus PATH and HOME if it sets none, and the caller's TERM), the command
+    runs in its WorkingDir (created if missing) as its User. "host" and a rootfs directory keep
+    the caller's environment, and run in "/" as root."""
     command = args.command or [os.environ.get("SHELL", "/bin/sh")]
+    user, env, workdir = image.user, None, "/"
+    if image.config is not None:
+        env = run_environment(image.config, user)
+        if "TERM" in os.environ and "TERM" not in env:
+            env["TERM"] = os.environ["TERM"]
+        workdir = image.config.workdir or "/"
+    mapping = id_mapping_for(user, args.image)
     with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
-            image=image,
+            image=image.root,
             network=args.network,
             scratch=scratch,
             host_paths=[],
@@ -71,9 +77,15 @@ def _shell(args: argparse.Namespace, image: images.Resolved, cache_dir: Path) ->
         )
 
         def target(_channel: Channel) -> None:
-            os.execvp(command[0], command)
+            os.makedirs(workdir, exist_ok=True)
+            os.chdir(workdir)
+            if user is not None and not user.is_root:
+                become(user)
+            if env is None:
+                os.execvp(command[0], command)
+            os.execvpe(command[0], command, env)
 
-        result = run_once(SandboxConfig.create(plan, args.network, "/"), target)
+        result = run_once(SandboxConfig.create(plan, args.network, "/", id_mapping=mapping), target)
     error = result.setup_error
     if error:
         print(f"nsbox: {error['step']} failed: {error['message']}", file=sys.stderr)

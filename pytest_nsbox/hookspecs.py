@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 def pytest_nsbox_resolve_image(config: pytest.Config, name: str) -> str | None:
     """Return the rootfs directory (or "host") for image *name*, or None to defer.
 
+    An image given this way has no config: its tests keep pytest's environment.
+
     .. versionadded:: 0.1
     """
 
@@ -26,6 +28,8 @@ def pytest_nsbox_resolve_image(config: pytest.Config, name: str) -> str | None:
 @pytest.hookspec(firstresult=True)
 def pytest_nsbox_modify_spec(item: pytest.Item, spec: SandboxSpec) -> SandboxSpec | None:
     """Return a changed spec for *item* (e.g. ``dataclasses.replace(spec, network="host")``), or None.
+
+    A changed spec whose ``expect_limits`` names a limit it does not set is an error of the test.
 
     .. versionadded:: 0.1
     """

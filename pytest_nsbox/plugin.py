@@ -7,19 +7,33 @@ from typing import Final
 
 import pytest
 
-from . import reruns, runtest, timers
+from . import probe, reruns, runtest, timers
+from .budget import MemoryLedger, default_ledger_dir
 from .errors import NsboxError
-from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, with_drop_env
+from .prepare import memory_available
+from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size, with_drop_env
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
-CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
+CGROUP_ROOT_ENV: Final = probe.CGROUP_ROOT_ENV
 MEMORY_SUMMARY_TITLE: Final = "nsbox: peak memory of sandboxed tests"
+DEFAULTS_OFF_NOTICE: Final = (
+    "nsbox: no cgroup could be had for sandboxed tests: {reason}. So {off} {verb} off; `nsbox doctor` says how to get {them}"
+)
+DEFAULTS_OFF_KEY: Final = "nsbox_defaults_off"  # in an xdist worker's workeroutput
 _peaks: dict[str, tuple[int, int | None]] = {}  # nodeid: (peak, limit) of this session; a rerun's highest
+_waits: dict[str, float] = {}  # nodeid: seconds the test waited for the memory budget (also from xdist workers)
+BUDGET_SUMMARY: Final = (
+    "nsbox: {count} sandboxed test(s) waited for the memory budget: {total:.1f}s in total, longest {longest:.1f}s ({nodeid})"
+)
+_defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
 MARKER_HELP: Final = (
-    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none'): "
+    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None, "
+    "expect_limits=(), drop_env=None): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
-    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test; "
+    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test. "
+    "expect_limits='memory', 'pids', 'disk' or a tuple of them: hitting that limit (a process the test "
+    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself. "
     "drop_env=['*_TOKEN', ...]: environment variables the test does not get (over ini nsbox_drop_env)."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
@@ -91,6 +105,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
+        "--nsbox-memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="sandboxes with a memory limit start only while their limits fit in SIZE, shared by the xdist workers and "
+        "your other runs (over ini nsbox_memory_budget; default: the memory available at the start; 0: no budget).",
+    )
+    parser.addini(
+        "nsbox_memory_budget",
+        "memory budget of sandboxes with a memory limit, shared by xdist workers and concurrent runs (0: none)",
+        default="",
+    )
+    group.addoption(
         "--nsbox-memory-report",
         type=int,
         default=10,
@@ -107,26 +133,79 @@ def pytest_configure(config: pytest.Config) -> None:
         defaults = with_drop_env(defaults, list(config.getini(DROP_ENV_INI)))
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
+    try:
+        budget = memory_budget(config)
+    except NsboxError as exc:
+        raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     runner = runtest.SandboxRunner(
         config,
         defaults,
         sandbox_all=bool(config.getoption("nsbox_all")),
         require=bool(config.getoption("nsbox_require")),
-        cgroup_root=str(config.getini("nsbox_cgroup_root")) or os.environ.get(CGROUP_ROOT_ENV, ""),
+        cgroup_root=probe.cgroup_root_setting(str(config.getini(probe.CGROUP_ROOT_INI)))[0],
         cache_dir=str(config.getini("nsbox_cache_dir")),
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
+        budget=budget,
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
+    _waits.clear()
+    _defaults_off.clear()
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
+
+
+def memory_budget(config: pytest.Config) -> MemoryLedger | None:
+    """The run's memory ledger: --nsbox-memory-budget over ini nsbox_memory_budget over the memory
+    available now; None when the budget is off ("0", "none", "off")."""
+    option = config.getoption("nsbox_memory_budget")
+    if option is not None:
+        raw, source = str(option), "command line"
+    else:
+        raw, source = str(config.getini("nsbox_memory_budget")).strip(), "ini"
+    if raw.strip().lower() in ("0", "none", "off"):
+        return None
+    if raw:
+        try:
+            size = parse_size(raw)
+        except ValueError as exc:
+            where = "option --nsbox-memory-budget" if source == "command line" else "ini nsbox_memory_budget"
+            raise NsboxError(f"invalid memory budget {raw!r} from {where} ({exc})") from None
+        return MemoryLedger(default_ledger_dir(), size, source)
+    return MemoryLedger(default_ledger_dir(), memory_available(), "available at the start")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None:
         runner.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand what sandboxed tests went without to the controller, which prints
+    the run's one notice (workers print nothing)."""
+    runner = session.config.stash.get(RUNNER_KEY, None)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if runner is not None and isinstance(workeroutput, dict) and runner.preparer.defaults_off:
+        workeroutput[DEFAULTS_OFF_KEY] = dict(runner.preparer.defaults_off)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """In the xdist controller: collect each worker's defaults_off (see pytest_sessionfinish)."""
+    off = getattr(node, "workeroutput", {}).get(DEFAULTS_OFF_KEY)
+    if isinstance(off, dict):
+        for what, reason in off.items():
+            _defaults_off.setdefault(str(what), str(reason))
+
+
+def defaults_off_notice(off: dict[str, str]) -> str:
+    """The run's one notice: which defaults sandboxed tests went without, and why."""
+    what = sorted(off)  # the pids cap first
+    listed = " and ".join(what) if len(what) <= 2 else ", ".join(what[:-1]) + " and " + what[-1]
+    verb, them = ("are", "them") if len(what) > 1 else ("is", "it")
+    return DEFAULTS_OFF_NOTICE.format(reason=off[what[0]], off=listed, verb=verb, them=them)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -138,7 +217,10 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     build = "prebuilt" if runner.lookahead.builder is not None else "forked"
     preparer = runner.preparer
     defaults = describe_defaults(preparer.defaults, preparer.default_disk)
-    return HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
+    header = HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
+    if runner.budget is not None:
+        header += f"; memory budget {format_size(runner.budget.budget)} ({runner.budget.source})"
+    return header
 
 
 @pytest.hookimpl(trylast=True)
@@ -177,6 +259,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "teardown":
         return
     properties = dict(report.user_properties)
+    waited = properties.get(runtest.BUDGET_WAIT_PROPERTY)
+    if isinstance(waited, int | float):
+        _waits[report.nodeid] = _waits.get(report.nodeid, 0.0) + float(waited)
     peak = properties.get("nsbox_memory_peak")
     if isinstance(peak, int):
         limit = properties.get("nsbox_memory_limit")
@@ -185,6 +270,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    waited = {nodeid: seconds for nodeid, seconds in _waits.items() if seconds > 0}
+    if waited:
+        longest = max(waited, key=waited.__getitem__)
+        terminalreporter.write_line(
+            BUDGET_SUMMARY.format(count=len(waited), total=sum(waited.values()), longest=waited[longest], nodeid=longest)
+        )
+    runner = config.stash.get(RUNNER_KEY, None)
+    off = {**(runner.preparer.defaults_off if runner is not None else {}), **_defaults_off}
+    if off:
+        terminalreporter.write_line(defaults_off_notice(off), yellow=True)
     count = int(config.getoption("nsbox_memory_report") or 0)
     if count <= 0 or not _peaks:
         return

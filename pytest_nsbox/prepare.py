@@ -23,15 +23,19 @@ from .box import cgroups, mounts
 from .box.config import SandboxConfig
 from .errors import NsboxError
 from .images import cache as layer_cache
+from .images.config import environment_for_tests
 from .project import cache_dir_setting
-from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
+from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, check_expected_limits, spec_from_markers
 
 log = logging.getLogger(__name__)
 
 MARKER: Final = "nsbox"
 LIMITS_UNAVAILABLE: Final = "nsbox: cannot enforce the requested limits ({names}): {reason}{fix}"
 PLAN_FAILED: Final = "nsbox: could not plan the sandbox's mounts: {error}"
-NO_HIERARCHY: Final = "no cgroup hierarchy found"
+NO_HIERARCHY: Final = probe.NO_CGROUP_HIERARCHY
+# what a sandboxed test loses where no cgroup can be had (see Preparer.defaults_off)
+PIDS_CAP_OFF: Final = f"the default pids cap ({DEFAULT_PIDS}) of sandboxed tests"
+MEMORY_REPORT_OFF: Final = "the peak-memory report"
 IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
 DEFAULT_DISK_FLOOR: Final = 256 * 2**20  # the default disk bound on a machine with little memory free
 
@@ -43,6 +47,13 @@ class Prepared:
     spec: SandboxSpec
     plan: mounts.MountPlan
     cgroup: cgroups.Cgroup | None
+    image: images.ResolvedImage | None = None
+
+    def environment(self) -> dict[str, str]:
+        """What the test sets over pytest's environment: the image's Env (see images.config)."""
+        if self.image is None or self.image.config is None:
+            return {}
+        return environment_for_tests(self.image.config)
 
     def config(self) -> SandboxConfig:
         """The sandbox's config, with the current working directory (read now: wider-scoped
@@ -114,13 +125,14 @@ def default_disk_bound() -> int:
     """The disk bound of a test that sets none: half the memory available now (the machine's
     MemAvailable, or what pytest's own cgroup may still use if that is less), divided among the
     run's xdist workers, in whole MiB; never less than DEFAULT_DISK_FLOOR."""
-    available = _mem_available()
+    available = memory_available()
     workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
     bound = available // 2 // workers // 2**20 * 2**20
     return max(bound, DEFAULT_DISK_FLOOR)
 
 
-def _mem_available() -> int:
+def memory_available() -> int:
+    """What pytest may still use: the machine's MemAvailable, or its cgroup's headroom if less."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
@@ -138,7 +150,7 @@ class Preparer:
         self.defaults = defaults
         self.cgroup_root = cgroup_root
         self.cache_dir = cache_dir_setting(cache_dir, config.rootpath)
-        self._images: dict[str, images.Resolved] = {}
+        self._images: dict[str, images.ResolvedImage] = {}
         self._plans: dict[tuple[images.Resolved, str, str, int | None], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
@@ -146,6 +158,7 @@ class Preparer:
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
         self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
         self.default_disk = default_disk_bound()
+        self.defaults_off: dict[str, str] = {}  # what a sandboxed test lost for want of a cgroup: reason
 
     def close(self) -> None:
         if self._cache_hold is not None:
@@ -179,7 +192,8 @@ class Preparer:
         if not probe.linux().ok:
             return Refused(probe.linux().describe(), unavailable=True)
         try:
-            plan = self.plan(self.resolve_image(spec.image), spec.network, spec.disk)
+            image = self.resolve_image(spec.image)
+            plan = self.plan(image.root, spec.network, spec.disk)
         except images.ImageError as exc:
             return Refused(IMAGE_FAILED.format(error=exc, nodeid=item.nodeid), unavailable=False)
         except OSError as exc:
@@ -188,12 +202,12 @@ class Preparer:
             cgroup = self.cgroup_for(spec)
         except LimitsUnavailable as exc:
             return Refused(str(exc), unavailable=True)
-        return Prepared(spec, plan, cgroup)
+        return Prepared(spec, plan, cgroup, image)
 
     def another(self, prepared: Prepared) -> Prepared | None:
         """A second sandbox like *prepared* (a cgroup of its own), or None if none can be had."""
         try:
-            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec))
+            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec), prepared.image)
         except LimitsUnavailable:
             return None
 
@@ -201,8 +215,10 @@ class Preparer:
         """The item's spec: its markers over the defaults, a hook's changes, the default disk bound."""
         spec = spec_from_markers(marks_of(item), item.nodeid, self.defaults)
         if self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():  # item.ihook costs a conftest lookup per item
-            changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
-            spec = changed if changed is not None else spec
+            changed: SandboxSpec | None = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+            if changed is not None:
+                check_expected_limits(changed, f"spec of {item.nodeid} from pytest_nsbox_modify_spec")
+                spec = changed
         return spec if spec.disk is not None else replace(spec, disk=self.default_disk)
 
     def check_spec(self, item: pytest.Item) -> str | None:
@@ -218,10 +234,11 @@ class Preparer:
         manager = self._manager if self._manager_detected else cgroups.detect(self.cgroup_root)
         return f"cgroup v{manager.version}" if manager is not None else "no cgroups"
 
-    def resolve_image(self, name: str) -> images.Resolved:
+    def resolve_image(self, name: str) -> images.ResolvedImage:
+        """The image's root and config; one a plugin's pytest_nsbox_resolve_image gives has no config."""
         hooked = self.config.hook.pytest_nsbox_resolve_image(config=self.config, name=name)
         if hooked is not None:
-            return str(hooked)
+            return images.ResolvedImage(str(hooked))
         if name not in self._images:
             if name != images.HOST and self._cache_hold is None:
                 self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
@@ -274,6 +291,7 @@ class Preparer:
         manager = self.cgroup_manager()
         if manager is None:
             if not requested:
+                self._lost(["pids", "memory"], NO_HIERARCHY)
                 return None
             raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=NO_HIERARCHY, fix=""))
         defaults = cgroups.Limits(memory=spec.memory, pids=spec.pids or DEFAULT_PIDS, cpus=spec.cpus, account_memory=True)
@@ -283,12 +301,16 @@ class Preparer:
                 problem = self._available(manager, requested)
                 fix = f". Hint: {problem.fix}" if problem.fix else ""
                 raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=problem.reason, fix=fix))
+            for controller in wanted:
+                if not self._available(manager, [controller]).ok:
+                    self._lost([controller], self._available(manager, [controller]).reason)
             wanted = [c for c in wanted if self._available(manager, [c]).ok]
         limits = cgroups.Limits(
             memory=spec.memory,
             pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
             cpus=spec.cpus,
             account_memory="memory" in wanted,
+            oom_group="memory" not in spec.expect_limits,  # an expected OOM kill ends only its victim
         )
         if not limits.controllers():
             return None
@@ -298,7 +320,14 @@ class Preparer:
             if requested:
                 raise LimitsUnavailable(LIMITS_UNAVAILABLE.format(names=", ".join(requested), reason=str(exc), fix="")) from None
             log.debug("nsbox: default limits not applied: %s", exc)
+            self._lost(limits.controllers(), str(exc))
             return None
+
+    def _lost(self, controllers: list[str], reason: str) -> None:
+        """Note which defaults a sandboxed test went without (the run's one notice lists them)."""
+        for controller, what in (("pids", PIDS_CAP_OFF), ("memory", MEMORY_REPORT_OFF)):
+            if controller in controllers:
+                self.defaults_off.setdefault(what, reason)
 
     def _available(self, manager: cgroups.CgroupManager, controllers: list[str]) -> cgroups.Availability:
         """Whether *controllers* can be had, probed once per session."""

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -20,6 +20,10 @@ from typing import Final
 from .box import _linux as L
 from .box.child import run_in_child
 from .box.steps import enter_user_namespace
+
+CGROUP_ROOT_ENV: Final = "PYTEST_NSBOX_CGROUP_ROOT"
+CGROUP_ROOT_INI: Final = "nsbox_cgroup_root"
+APPARMOR_PROFILE: Final = "/etc/apparmor.d/pytest-nsbox"
 
 SYSCTLS: Final = {
     "user.max_user_namespaces": "/proc/sys/user/max_user_namespaces",
@@ -49,17 +53,45 @@ def read_sysctl(name: str) -> str | None:
         return None
 
 
+def cgroup_root_setting(ini_value: str, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Where sandbox cgroups go, as the plugin and ``nsbox doctor`` both decide it: the ini's
+    ``nsbox_cgroup_root``, else env ``PYTEST_NSBOX_CGROUP_ROOT``, else the default ('').
+    Returns (value, where it came from)."""
+    if ini_value.strip():
+        return ini_value.strip(), f"ini {CGROUP_ROOT_INI}"
+    env = (os.environ if environ is None else environ).get(CGROUP_ROOT_ENV, "").strip()
+    if env:
+        return env, f"env {CGROUP_ROOT_ENV}"
+    return "", "default"
+
+
+def apparmor_hint() -> str:
+    """The two ways out of AppArmor's restriction on unprivileged user namespaces, and what each means."""
+    python = os.path.realpath(sys.executable)
+    profile = (
+        f"abi <abi/4.0>, include <tunables/global> profile pytest-nsbox {python} flags=(unconfined) "
+        "{ userns, include if exists <local/pytest-nsbox> }"
+    )
+    return (
+        "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1, "
+        "as on Ubuntu 24.04 and GitHub's runners). Either, as root, give this interpreter a profile that allows them: "
+        f"write '{profile}' to {APPARMOR_PROFILE} and run 'apparmor_parser -r {APPARMOR_PROFILE}' "
+        f"(only {python} and what it runs may then create user namespaces; the profile names the interpreter's "
+        "real path, so a new Python needs its own); or, as root, lift the restriction for every program: "
+        "'sysctl -w kernel.apparmor_restrict_unprivileged_userns=0' (until reboot; to keep it, put the line "
+        "kernel.apparmor_restrict_unprivileged_userns=0 in /etc/sysctl.d/60-userns.conf; this undoes a hardening "
+        "the distribution chose for the whole host)"
+    )
+
+
 def userns_hint() -> str:
     """Why user namespaces may be refused here, from the sysctls actually set."""
     if read_sysctl("user.max_user_namespaces") == "0":
-        return "user namespaces are disabled: run 'sysctl -w user.max_user_namespaces=15000'"
+        return "user namespaces are disabled: as root, run 'sysctl -w user.max_user_namespaces=15000'"
     if os.getuid() != 0 and read_sysctl("kernel.unprivileged_userns_clone") == "0":
-        return "unprivileged user namespaces are disabled: run 'sysctl -w kernel.unprivileged_userns_clone=1'"
+        return "unprivileged user namespaces are disabled: as root, run 'sysctl -w kernel.unprivileged_userns_clone=1'"
     if os.getuid() != 0 and read_sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
-        return (
-            "AppArmor restricts unprivileged user namespaces: run "
-            "'sysctl -w kernel.apparmor_restrict_unprivileged_userns=0' or give the interpreter an AppArmor profile"
-        )
+        return apparmor_hint()
     if os.path.exists("/.dockerenv") or os.environ.get("container"):
         return "this looks like a container whose seccomp profile forbids unshare(2): run it with user namespaces allowed"
     return "check that the kernel is built with CONFIG_USER_NS and that no seccomp or LSM policy blocks unshare(2)"
@@ -143,15 +175,20 @@ def prebuild_supported() -> bool:
 
 
 @functools.cache
-def cgroup_limits(root_setting: str = "") -> Probe:
-    """Can this process create sandbox cgroups with memory, pids and cpu limits?"""
+def cgroup_limits(ini_root: str = "") -> Probe:
+    """Can this process create sandbox cgroups with memory, pids and cpu limits, where the plugin
+    puts them (*ini_root*: the ini's nsbox_cgroup_root; else the env var, see cgroup_root_setting)?
+    Changes nothing (a dry-run check)."""
     from .box import cgroups
 
-    manager = cgroups.detect(root_setting or os.environ.get("PYTEST_NSBOX_CGROUP_ROOT", ""))
+    manager = cgroups.detect(cgroup_root_setting(ini_root)[0])
     if manager is None:
-        return Probe(False, "cgroup limits", "no cgroup hierarchy found")
-    result = manager.check(["memory", "pids", "cpu"])
+        return Probe(False, "cgroup limits", NO_CGROUP_HIERARCHY)
+    result = manager.check(["memory", "pids", "cpu"], dry_run=True)
     return Probe(result.ok, f"cgroup v{manager.version} limits", result.reason, result.fix)
+
+
+NO_CGROUP_HIERARCHY: Final = "no cgroup hierarchy found (neither cgroup v2 at /sys/fs/cgroup nor v1 memory/pids controllers)"
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
+from .budget import BudgetError, MemoryLedger
 from .carry import Carriers
 from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
@@ -33,9 +34,14 @@ from .spec import Defaults, format_size
 log = logging.getLogger(__name__)
 
 CHILD_REPORTER: Final = "nsbox-child-reporter"
+USER_NOT_APPLIED: Final = (
+    "nsbox: image {image!r} asks for User {user!r}; its sandboxed tests run as root inside (your uid outside): "
+    "a test is pytest's own process (the User applies to 'nsbox shell' and recipe run steps)"
+)
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
+BUDGET_WAIT_PROPERTY: Final = "nsbox_budget_wait"  # user_properties: seconds the test waited for the memory budget
 DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
@@ -179,8 +185,10 @@ class SandboxRunner:
         cgroup_root: str = "",
         cache_dir: str = "",
         prebuild_ahead: bool = True,
+        budget: MemoryLedger | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget
         self.sandbox_all = sandbox_all
         self.require = require
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
@@ -188,7 +196,10 @@ class SandboxRunner:
         self.lookahead = Lookahead(self.preparer, builder)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
+        self.reporter = ChildReporter(config)
+        config.pluginmanager.register(self.reporter, CHILD_REPORTER)
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
+        self._warned_users: set[str] = set()  # images whose User a test does not take: warned once
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -211,6 +222,10 @@ class SandboxRunner:
         """
         reruns.start_attempt(item)
         prepared, ticket = self.lookahead.take(item)
+        too_big = self._beyond_budget(prepared)
+        if too_big is not None:  # the user's value: an ERROR, and nothing of the test runs
+            self.lookahead.discard(prepared, ticket)
+            prepared, ticket = Refused(too_big, unavailable=False), None
         outcome = reports.SandboxReports()
         before_teardown: list[pytest.TestReport] = []
         if isinstance(prepared, Refused):
@@ -223,6 +238,7 @@ class SandboxRunner:
         else:
             if ticket is None:
                 ticket = self.lookahead.submit(prepared)
+            self._warn_user_not_applied(prepared)
             setup = pytest.CallInfo.from_call(lambda: compat.setup_wider_fixtures(item), when="setup")
             if setup.excinfo is not None:
                 self.lookahead.discard(prepared, ticket)
@@ -230,7 +246,12 @@ class SandboxRunner:
                 before_teardown.append(item.ihook.pytest_runtest_makereport(item=item, call=setup))
                 yield from before_teardown
             else:
-                result = self._run(item, nextitem, prepared, ticket)
+                admission = self.budget.admit(prepared.spec.memory) if self.budget and prepared.spec.memory else None
+                try:
+                    result = self._run(item, nextitem, prepared, ticket)
+                finally:
+                    if admission is not None and self.budget is not None:
+                        self.budget.release(admission)
                 too_small = self.too_small_to_start(prepared, result)
                 for problem in self.carriers.apply(item, result.records):
                     warnings.warn(NsboxWarning(reports.NOT_CARRIED.format(nodeid=item.nodeid, problem=problem)), stacklevel=1)
@@ -238,6 +259,9 @@ class SandboxRunner:
                 if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
                     result = replace(result, records=[])
                 outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
+                if admission is not None:
+                    for report in outcome.reports:
+                        report.user_properties.append((BUDGET_WAIT_PROPERTY, round(admission.waited, 3)))
                 if too_small is not None:
                     outcome.reports = [reports.failure_report(item, "setup", too_small)]
                     outcome.others = []
@@ -252,9 +276,28 @@ class SandboxRunner:
         keep_wider = rerun_follows([*before_teardown, *([in_sandbox] if in_sandbox is not None else [])])
         yield self._teardown_outside(item, nextitem, in_sandbox, keep_wider=keep_wider)
 
+    def _beyond_budget(self, prepared: Prepared | Refused) -> str | None:
+        """Why the test's memory limit can never be admitted (bigger than the whole budget), or None."""
+        if self.budget is None or not isinstance(prepared, Prepared) or prepared.spec.memory is None:
+            return None
+        try:
+            self.budget.check(prepared.spec.memory)
+        except BudgetError as exc:
+            return str(exc)
+        return None
+
+    def _warn_user_not_applied(self, prepared: Prepared) -> None:
+        """The test process is pytest's: root inside whatever User the image asks for. Say so,
+        once per image, rather than fail every test of an image with a USER line."""
+        image, user = prepared.spec.image, prepared.image.user if prepared.image is not None else None
+        if user is not None and not user.is_root and image not in self._warned_users:
+            self._warned_users.add(image)
+            warnings.warn(NsboxWarning(USER_NOT_APPLIED.format(image=image, user=user.spec)), stacklevel=1)
+
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None, prepared: Prepared, ticket: int | None) -> SandboxResult:
         # now: the cwd the wider fixtures left
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
+        environment = prepared.environment()
         built = self.lookahead.built(ticket)
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
@@ -264,7 +307,7 @@ class SandboxRunner:
         timers.before_fork(item)
         return self.supervisor.run(
             config,
-            lambda channel: run_protocol_in_child(item, channel, self.carriers),
+            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter, environment),
             prebuilt=built,
             timeout=prepared.spec.timeout,
             cgroup=prepared.cgroup,
@@ -340,15 +383,18 @@ class SandboxRunner:
 class ChildReporter:
     """In C: sends every report logged for the item to P, in the order it is logged.
 
-    Registered on the sandboxed session's own config in C only, so a pytest session run inside
-    the test (pytester's ``runpytest``/``inline_run``) keeps its reports to itself. The phase
+    Registered once per session on the session's own config, in P, where it has no channel and
+    does nothing; C gives it the channel to P (registering a plugin in C for every test would
+    cost milliseconds: pytest parses the new plugin for fixtures and replays historic hooks). A
+    pytest session run inside the test (pytester's ``runpytest``/``inline_run``) has a config and
+    a reporter of its own, without a channel, and keeps its reports to itself. The phase
     reports (setup, call, teardown of the item) are marked: P's phase logic works off them,
     while other reports (subtests, other plugins' reports) are logged in P as they came.
     """
 
-    def __init__(self, config: pytest.Config, channel: Channel) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.channel = channel
+        self.channel: Channel | None = None  # set in C only
         self._in_phase = 0  # > 0 while a runtest phase hook runs (reports made then are not phase reports)
         self._phase_report: pytest.TestReport | None = None
         self.interactive = False  # the test waits at pdb's prompt
@@ -366,6 +412,8 @@ class ChildReporter:
         return (yield from self._phase())
 
     def _phase(self) -> Generator[None, None, None]:
+        if self.channel is None:
+            return (yield)
         self._in_phase += 1
         try:
             return (yield)
@@ -377,12 +425,14 @@ class ChildReporter:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
-        if self._in_phase == 0:
+        if self.channel is not None and self._in_phase == 0:
             self._phase_report = report  # the protocol's own report of the phase, logged next
         return report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.channel is None:
+            return
         config = self.config
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
         self.channel.send("report", data=data, phase=report is self._phase_report)
@@ -392,7 +442,7 @@ class ChildReporter:
         try:
             return (yield)
         finally:
-            if compat.pdb_shown(report):  # set after the report was sent; also on "q"
+            if self.channel is not None and compat.pdb_shown(report):  # set after the report was sent; also on "q"
                 self.channel.send(reports.PDB_SHOWN, when=report.when)
 
     def pytest_enter_pdb(self) -> None:
@@ -403,7 +453,7 @@ class ChildReporter:
 
     def set_interactive(self, active: bool) -> None:
         """Tell P the test waits for the user (pdb's prompt) or goes on (see box.config.INTERACTIVE)."""
-        if self.interactive != active:
+        if self.channel is not None and self.interactive != active:
             self.interactive = active
             self.channel.send(INTERACTIVE, active=active)
 
@@ -415,12 +465,15 @@ def child_channel(config: pytest.Config) -> Channel | None:
     return reporter.channel if isinstance(reporter, ChildReporter) else None
 
 
-def run_protocol_in_child(item: pytest.Item, channel: Channel, carriers: Carriers) -> None:
-    """In C: pytest's runtest protocol for the item; reports go out as they are logged, then
-    what the carriers collected."""
+def run_protocol_in_child(
+    item: pytest.Item, channel: Channel, carriers: Carriers, reporter: ChildReporter, environment: dict[str, str] | None = None
+) -> None:
+    """In C: pytest's runtest protocol for the item, with the image's *environment* set over
+    pytest's (nothing to restore: C is thrown away); reports go out as they are logged (by
+    *reporter*, registered in P), then what the carriers collected."""
+    os.environ.update(environment or {})
     config = item.config
-    reporter = ChildReporter(config, channel)
-    config.pluginmanager.register(reporter, CHILD_REPORTER)
+    reporter.channel = channel
     compat.log_only_to(config, keep=(reporter, item.session))  # P presents the reports, not C
     compat.own_no_wider_fixtures(item)
     for record in carriers.before(item):

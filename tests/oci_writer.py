@@ -10,11 +10,13 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -80,11 +82,20 @@ def _put_blob(layout: Path, data: bytes) -> str:
     return digest
 
 
-def write_layout(layout: Path, layers: list[bytes], tag: str = "latest") -> dict[str, str]:
-    """An OCI image layout with one image; returns {layer index: digest, 'manifest': digest}."""
+def config_blob(config: Any = None) -> bytes:
+    """An image config document; *config* (its "config" object: Env, WorkingDir, User) as given."""
+    document: dict[str, Any] = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    if config is not None:
+        document["config"] = config
+    return json.dumps(document).encode()
+
+
+def write_layout(layout: Path, layers: list[bytes], tag: str = "latest", config: Any = None) -> dict[str, str]:
+    """An OCI image layout with one image (*config*: its config's "config" object); returns
+    {layer index: digest, 'manifest': digest}."""
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config = config_blob(config)
     descriptors = []
     for data in layers:
         media = "application/vnd.oci.image.layer.v1.tar" + (
@@ -118,17 +129,17 @@ def write_layout(layout: Path, layers: list[bytes], tag: str = "latest") -> dict
     return result
 
 
-def write_oci_archive(path: Path, layers: list[bytes], tag: str = "latest") -> None:
+def write_oci_archive(path: Path, layers: list[bytes], tag: str = "latest", config: Any = None) -> None:
     layout = path.with_suffix(".layout")
-    write_layout(layout, layers, tag)
+    write_layout(layout, layers, tag, config)
     with tarfile.open(path, "w") as archive:
         for item in sorted(layout.rglob("*")):
             archive.add(item, arcname=str(item.relative_to(layout)), recursive=False)
     shutil.rmtree(layout)
 
 
-def write_docker_archive(path: Path, layers: list[bytes]) -> None:
-    """The legacy `docker save` layout: <id>/layer.tar per layer and a manifest.json."""
+def write_docker_archive(path: Path, layers: list[bytes], config: Any = None) -> None:
+    """The legacy `docker save` layout: <id>/layer.tar per layer, a manifest.json and the config file."""
     with tarfile.open(path, "w") as archive:
         names = []
         for data in layers:
@@ -138,10 +149,25 @@ def write_docker_archive(path: Path, layers: list[bytes]) -> None:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
         manifest = json.dumps([{"Config": "config.json", "RepoTags": ["test:latest"], "Layers": names}]).encode()
-        for name, data in (("manifest.json", manifest), ("config.json", b"{}")):
+        config_data = config_blob(config) if config is not None else b"{}"
+        for name, data in (("manifest.json", manifest), ("config.json", config_data)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
+
+
+def host_shell_entries() -> list[Entry]:
+    """The host's /bin/sh and the shared libraries it loads, at the paths it loads them from: an
+    image with a shell whose builtins (echo, pwd, read, cd) need nothing else."""
+    shell = os.path.realpath("/bin/sh")
+    paths = {"bin/sh": shell}
+    ldd = subprocess.run(["ldd", shell], capture_output=True, text=True, check=True).stdout
+    for line in ldd.splitlines():
+        words = line.split()
+        loaded = words[2] if len(words) > 2 and words[1] == "=>" else words[0]
+        if loaded.startswith("/"):
+            paths[loaded.lstrip("/")] = os.path.realpath(loaded)
+    return [Entry(name, content=Path(real).read_bytes(), mode=0o755) for name, real in paths.items()]
 
 
 def tree_snapshot(path: Path) -> list[str]:
@@ -149,4 +175,13 @@ def tree_snapshot(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
-__all__ = ["Entry", "layer_tar", "tree_snapshot", "write_docker_archive", "write_layout", "write_oci_archive"]
+__all__ = [
+    "Entry",
+    "config_blob",
+    "host_shell_entries",
+    "layer_tar",
+    "tree_snapshot",
+    "write_docker_archive",
+    "write_layout",
+    "write_oci_archive",
+]

@@ -14,6 +14,8 @@ VENV=${NSBOX_VENV:-$REPO/.venv}
 OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
+# what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound (charged to memory), doctor
+UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py"
 
 apt_install() {
   # Debian packages the project needs: python3-venv (the rootless venv), uidmap (rootless image builds).
@@ -118,14 +120,14 @@ run_rootless() {
       chown $ROOTLESS_USER: $d $d/cgroup.procs $d/cgroup.subtree_control $d/cgroup.threads
       cd '$work' && runuser -u $ROOTLESS_USER -- env -i HOME=/home/$ROOTLESS_USER PATH=/usr/bin:/bin \
         PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' PYTEST_NSBOX_CGROUP_ROOT=$ROOTLESS_USER \
-        .venv/bin/python -m pytest -p no:cacheprovider tests/integration/test_limits.py"
+        .venv/bin/python -m pytest -p no:cacheprovider $UML_TESTS"
   fi
 }
 
 run_uml_limits() {
   # cgroup v2 as root: the guest's pytest lives in the root cgroup, sandboxes are its children.
   echo "== limits tests on cgroup v2 (User-Mode Linux), as root"
-  tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider tests/integration/test_limits.py"
+  tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider $UML_TESTS"
 }
 
 run_wheel() {
@@ -223,6 +225,10 @@ EOF
     grep -qF -- "$line" "$work/pytest.log" || { echo "the project's run lacks: $line" >&2; return 1; }
   done
   [ "$status" -eq 1 ] || { echo "the project's run exited $status, expected 1 (one test fails on purpose)" >&2; return 1; }
+  # the installed CLI reads the project's ini (its nsbox_cache_dir) and lists the recipe the run built
+  (cd "$project" && "$work/venv/bin/nsbox" images list) > "$work/list.log"
+  grep -qE "^busybox +recipe +1 " "$work/list.log" && grep -qF "in $work/cache" "$work/list.log" \
+    || { cat "$work/list.log"; echo "nsbox images list (from the project) does not show the busybox image the run built" >&2; return 1; }
   echo "== the wheel: ok"
 }
 

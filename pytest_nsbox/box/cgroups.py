@@ -7,6 +7,11 @@ in it on a timeout (``Cgroup.kill``), reads the counters once the test is over (
 releases it once every process is gone (``release``). Every cgroup is named
 ``nsbox-<pid>-<seq>`` under a root we own; cgroups of dead pytest processes are swept at start,
 and nothing else is ever written to.
+
+The roots: a root the user configures (ini ``nsbox_cgroup_root``, env ``PYTEST_NSBOX_CGROUP_ROOT``)
+must exist (an admin creates it once and hands it over); it is never created, removed or
+written to, only the ``nsbox-*`` children. Only the v1 default root (``pytest-nsbox``, usable by
+root) is created on demand, and removed at the end of a session when no run uses it any more.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import errno
 import functools
 import logging
 import os
+import pwd
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +45,14 @@ log = logging.getLogger(__name__)
 KILL_TIMEOUT: Final = 5.0  # seconds kill() waits for the cgroup to be empty
 
 
+def user_name() -> str:
+    """The name of the real user (for fixes to copy and paste; never a literal ``$USER``)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 class CgroupError(NsboxError):
     """A cgroup could not be created, limited or read; the message says what was attempted."""
 
@@ -48,6 +63,9 @@ class Limits:
     pids: int | None = None
     cpus: float | None = None
     account_memory: bool = False  # a memory cgroup without a limit, for the peak
+    # v2: an OOM kill ends every process of the sandbox (memory.oom.group); off when the test
+    # expects a process it starts to be OOM-killed, and goes on (v1 always kills one process)
+    oom_group: bool = True
 
     def controllers(self) -> list[str]:
         wanted = [("memory", self.memory is not None or self.account_memory), ("pids", self.pids is not None)]
@@ -251,7 +269,8 @@ class CgroupV2(Cgroup):
             _write(path / "memory.max", str(limits.memory))
             if (path / "memory.swap.max").exists():  # no swap accounting: nothing to cap
                 _write(path / "memory.swap.max", "0")
-            _write(path / "memory.oom.group", "1")  # an OOM ends the whole sandbox
+            if limits.oom_group:
+                _write(path / "memory.oom.group", "1")  # an OOM ends the whole sandbox
         if limits.pids is not None:
             _write(path / "pids.max", str(limits.pids))
         if limits.cpus is not None:
@@ -276,6 +295,7 @@ class Availability:
     ok: bool
     reason: str = ""
     fix: str = ""
+    note: str = ""  # what a run would change to make it work (a dry-run check)
 
 
 class CgroupManager(abc.ABC):
@@ -291,7 +311,9 @@ class CgroupManager(abc.ABC):
         return f"nsbox-{os.getpid()}-{self._seq}"
 
     @abc.abstractmethod
-    def check(self, controllers: list[str]) -> Availability: ...
+    def check(self, controllers: list[str], *, dry_run: bool = False) -> Availability:
+        """Can sandbox cgroups with *controllers* be created? *dry_run*: change nothing on the
+        way (``nsbox doctor``; a run may enable controllers in a v2 root's subtree_control)."""
 
     @abc.abstractmethod
     def create(self, limits: Limits) -> Cgroup: ...
@@ -325,10 +347,15 @@ class CgroupManager(abc.ABC):
 class ManagerV1(CgroupManager):
     version = 1
 
-    def __init__(self, root_name: str) -> None:
+    def __init__(self, root_name: str, *, configured: bool | None = None) -> None:
         super().__init__()
         self.root_name = root_name
-        self.owns_root = root_name == DEFAULT_ROOT_NAME  # a configured root is the admin's
+        # a configured root is the admin's: it must exist, and is never created or removed
+        self.configured = root_name != DEFAULT_ROOT_NAME if configured is None else configured
+
+    @property
+    def owns_root(self) -> bool:
+        return not self.configured
 
     def close(self) -> None:
         """Remove our default roots if no run uses them any more (rmdir fails otherwise)."""
@@ -342,7 +369,7 @@ class ManagerV1(CgroupManager):
     def roots(self) -> list[Path]:
         return [CGROUP_MOUNT / ctrl / self.root_name for ctrl in V1_CONTROLLERS]
 
-    def check(self, controllers: list[str]) -> Availability:
+    def check(self, controllers: list[str], *, dry_run: bool = False) -> Availability:
         for ctrl in controllers:
             hierarchy = CGROUP_MOUNT / ctrl
             if not (hierarchy / "cgroup.procs").exists():
@@ -350,10 +377,29 @@ class ManagerV1(CgroupManager):
             root = hierarchy / self.root_name
             if root.is_dir():
                 if not os.access(root, os.W_OK) or not os.access(root / "tasks", os.W_OK):
-                    return Availability(False, f"{root} is not writable by uid {os.getuid()}", _v1_fix(self.root_name))
+                    owner = _owner(root)
+                    return Availability(
+                        False,
+                        f"{root} (owned by {owner}) is not writable by {user_name()} (uid {os.getuid()})",
+                        self.fix(controllers),
+                    )
+            elif self.configured:
+                return Availability(
+                    False,
+                    f"the configured cgroup root {root} does not exist, and pytest-nsbox does not create it",
+                    self.fix(controllers),
+                )
             elif not os.access(hierarchy, os.W_OK):
-                return Availability(False, f"cannot create {root} (uid {os.getuid()})", _v1_fix(self.root_name))
+                return Availability(False, f"cannot create {root} as {user_name()} (uid {os.getuid()})", self.fix(controllers))
         return Availability(True)
+
+    def fix(self, controllers: list[str]) -> str:
+        """What root runs once to hand this root over to the real user (in every hierarchy
+        mounted: the limits a test may ask for need all three)."""
+        mounted = [c for c in V1_CONTROLLERS if (CGROUP_MOUNT / c / "cgroup.procs").exists()]
+        # the default root is root's (created and removed by its runs): a user gets one of their own
+        name = self.root_name if self.configured or os.getuid() == 0 else f"{DEFAULT_ROOT_NAME}-{user_name()}"
+        return v1_fix(name, mounted or [c for c in V1_CONTROLLERS if c in controllers])
 
     def create(self, limits: Limits) -> Cgroup:
         name = self._next_name()
@@ -361,15 +407,15 @@ class ManagerV1(CgroupManager):
         try:
             for ctrl in limits.controllers():
                 path = f"{CGROUP_MOUNT}/{ctrl}/{self.root_name}/{name}"
-                for attempt in range(3):  # another run may remove an empty root between the two mkdirs
+                for attempt in range(3):  # another run may remove an empty default root between the two mkdirs
                     try:
                         os.mkdir(path)
                         break
                     except FileNotFoundError:
-                        if attempt == 2:
+                        if attempt == 2 or not self.owns_root:
                             raise
                         with contextlib.suppress(FileExistsError):
-                            os.mkdir(os.path.dirname(path))  # the root only: never its parents
+                            os.mkdir(os.path.dirname(path))  # the default root only: never its parents
                 dirs[ctrl] = Path(path)
             cgroup = CgroupV1(name, dirs)
             cgroup.apply(limits)
@@ -383,40 +429,102 @@ class ManagerV1(CgroupManager):
         return cgroup
 
 
-def _v1_fix(root_name: str) -> str:
-    dirs = " ".join(f"/sys/fs/cgroup/{c}/{root_name}" for c in V1_CONTROLLERS)
-    return f"as root: mkdir -p {dirs} && chown -R $USER {dirs}; then set ini nsbox_cgroup_root = {root_name}"
+def _owner(path: Path) -> str:
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "?"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def v1_fix(root_name: str, controllers: list[str]) -> str:
+    """The commands root runs once so that the real user can use *root_name* on cgroup v1."""
+    dirs = " ".join(f"{CGROUP_MOUNT}/{c}/{root_name}" for c in controllers)
+    user = user_name()
+    handover = f"mkdir -p {dirs}" + (f" && chown -R {user}: {dirs}" if os.getuid() != 0 else "")
+    then = f"then set ini nsbox_cgroup_root = {root_name} (or env PYTEST_NSBOX_CGROUP_ROOT={root_name})"
+    return f"as root, once: {handover}; {then}"
 
 
 class ManagerV2(CgroupManager):
     version = 2
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, configured: bool = False, own: str | None = None) -> None:
         super().__init__()
         self.root = root
+        self.configured = configured  # named by the user: never created
+        self.own = own  # pytest's cgroup (relative to the cgroup2 mount); None: read when needed
 
     def roots(self) -> list[Path]:
         return [self.root]
 
-    def check(self, controllers: list[str]) -> Availability:
+    def fix(self) -> str:
+        return v2_fix(configured=self.configured)
+
+    def check(self, controllers: list[str], *, dry_run: bool = False) -> Availability:
+        user = f"{user_name()} (uid {os.getuid()})"
+        if not self.root.is_dir():
+            what = "the configured cgroup root" if self.configured else "the cgroup"
+            return Availability(False, f"{what} {self.root} does not exist, and pytest-nsbox does not create it", self.fix())
         try:
             enabled = (self.root / "cgroup.subtree_control").read_text().split()
-        except OSError as exc:
-            return Availability(False, f"cannot read {self.root}/cgroup.subtree_control: {exc.strerror}", _V2_FIX)
-        missing = [c for c in controllers if c not in enabled]
-        if missing:
             available = (self.root / "cgroup.controllers").read_text().split()
-            if any(c not in available for c in missing):
-                return Availability(
-                    False, f"controllers {', '.join(missing)} are not available in {self.root} (delegated: {available})", _V2_FIX
-                )
-            try:
-                _write(self.root / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
-            except CgroupError as exc:
-                return Availability(False, str(exc), _V2_FIX)
+        except OSError as exc:
+            return Availability(False, f"cannot read {self.root}/cgroup.subtree_control: {exc.strerror}", self.fix())
+        missing = [c for c in controllers if c not in enabled]
+        unavailable = [c for c in missing if c not in available]
+        if unavailable:
+            reason = (
+                f"controllers {', '.join(unavailable)} are not delegated to {self.root} "
+                f"(its cgroup.controllers: {' '.join(available) or 'none'})"
+            )
+            return Availability(False, reason, self.fix())
         if not os.access(self.root, os.W_OK):
-            return Availability(False, f"{self.root} is not writable by uid {os.getuid()}", _V2_FIX)
+            reason = f"{self.root} (owned by {_owner(self.root)}) is not writable by {user}: it is not delegated to you"
+            return Availability(False, reason, self.fix())
+        ancestor = self._common_ancestor()
+        if ancestor is not None and not os.access(ancestor / "cgroup.procs", os.W_OK):
+            reason = (
+                f"pytest's cgroup {CGROUP_MOUNT}{self._own()} is outside {self.root}: moving a sandbox there needs "
+                f"write access to {ancestor}/cgroup.procs, which {user} lacks"
+            )
+            return Availability(False, reason, self.fix())
+        if not missing:
+            return Availability(True)
+        plus = " ".join(f"+{c}" for c in missing)
+        if dry_run:
+            control = self.root / "cgroup.subtree_control"
+            if not os.access(control, os.W_OK):
+                reason = f"controllers {', '.join(missing)} are not enabled in {control}, which {user} cannot write"
+                return Availability(False, reason, self.fix())
+            if self.root != CGROUP_MOUNT and _has_processes(self.root):
+                reason = f"{self.root} has processes of its own: cgroup v2 cannot enable {plus} in its subtree_control (EBUSY)"
+                return Availability(False, reason, self.fix())
+            return Availability(True, note=f"a run enables {plus} in {control}")
+        try:
+            _write(self.root / "cgroup.subtree_control", plus)
+        except CgroupError as exc:
+            return Availability(False, str(exc), self.fix())
         return Availability(True)
+
+    def _own(self) -> str:
+        if self.own is None:
+            self.own = own_cgroup_v2()
+        return self.own
+
+    def _common_ancestor(self) -> Path | None:
+        """The lowest cgroup that holds both pytest and the root (None: the root holds pytest)."""
+        try:
+            below = self.root.relative_to(CGROUP_MOUNT).as_posix()
+        except ValueError:
+            return None
+        relative = "/" if below == "." else f"/{below}"
+        own = self._own()
+        common = os.path.commonpath([own, relative]) if own.startswith("/") else "/"
+        return None if common == relative else CGROUP_MOUNT / common.strip("/")
 
     def create(self, limits: Limits) -> Cgroup:
         name = self._next_name()
@@ -435,10 +543,33 @@ class ManagerV2(CgroupManager):
         return cgroup
 
 
-_V2_FIX = (
-    "run pytest in a delegated cgroup v2 subtree, e.g. 'systemd-run --user --scope -p Delegate=yes pytest ...', "
-    "or set ini nsbox_cgroup_root to a directory below /sys/fs/cgroup that you own, with the controllers enabled"
-)
+def _has_processes(path: Path) -> bool:
+    try:
+        return bool((path / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
+V2_SUBTREE_NAME: Final = "nsbox-{user}"
+
+
+def v2_fix(*, configured: bool = False) -> str:
+    """How the real user gets a delegated cgroup v2 subtree: from systemd, or from root once."""
+    user = user_name()
+    python = os.path.realpath(sys.executable)
+    tree = f"{CGROUP_MOUNT}/{V2_SUBTREE_NAME.format(user=user)}"
+    name = V2_SUBTREE_NAME.format(user=user)
+    command = f"systemd-run --user --scope -p Delegate=yes {python} -m pytest ..."
+    systemd = f"run pytest in a scope systemd delegates to you: '{command}'"
+    admin = (
+        f"as root, once: mkdir -p {tree}/runner && echo '+memory +pids +cpu' > {tree}/cgroup.subtree_control && "
+        f"chown {user}: {tree} {tree}/cgroup.procs {tree}/cgroup.subtree_control {tree}/cgroup.threads && "
+        f"chown -R {user}: {tree}/runner; start the shell that runs pytest inside it "
+        f"(as root: echo SHELL_PID > {tree}/runner/cgroup.procs) and set ini nsbox_cgroup_root = {name}"
+    )
+    if configured:
+        return f"{admin}; or drop nsbox_cgroup_root and {systemd}"
+    return f"{systemd}; or {admin}"
 
 
 def own_cgroup_v2() -> str:
@@ -483,18 +614,18 @@ def own_memory_headroom() -> int | None:
 
 def detect(root_setting: str = "") -> CgroupManager | None:
     """The manager for this host: v2 when /sys/fs/cgroup is a cgroup2 mount, v1 when the
-    v1 controllers are mounted, else None. *root_setting* (ini nsbox_cgroup_root) overrides
-    where sandbox cgroups go."""
+    v1 controllers are mounted, else None. *root_setting* (ini nsbox_cgroup_root, else env
+    PYTEST_NSBOX_CGROUP_ROOT) overrides where sandbox cgroups go; such a root must exist."""
     if not CGROUP_MOUNT.is_dir():
         return None
     if (CGROUP_MOUNT / "cgroup.controllers").exists():
-        if root_setting:
-            return ManagerV2(CGROUP_MOUNT / root_setting.strip("/"))
         own = own_cgroup_v2()
+        if root_setting.strip("/"):
+            return ManagerV2(CGROUP_MOUNT / root_setting.strip("/"), configured=True, own=own)
         here = CGROUP_MOUNT / own.strip("/")
         # In the root cgroup, processes and child cgroups may coexist; elsewhere the
         # no-internal-processes rule puts sandboxes beside P, under its (delegated) parent.
-        return ManagerV2(here if own == "/" else here.parent)
+        return ManagerV2(here if own == "/" else here.parent, own=own)
     if (CGROUP_MOUNT / "memory" / "cgroup.procs").exists() or (CGROUP_MOUNT / "pids" / "cgroup.procs").exists():
-        return ManagerV1(root_setting.strip("/") or DEFAULT_ROOT_NAME)
+        return ManagerV1(root_setting.strip("/") or DEFAULT_ROOT_NAME, configured=bool(root_setting.strip("/")))
     return None

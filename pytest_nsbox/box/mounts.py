@@ -285,9 +285,10 @@ class MountOverlay:
     @property
     def options(self) -> str:
         lowerdir = ":".join(escape_overlay_path(p) for p in self.lowers)
-        return (
-            f"lowerdir={lowerdir},upperdir={escape_overlay_path(self.upper)},workdir={escape_overlay_path(self.work)},userxattr"
-        )
+        # xino=on: inode numbers from readdir and stat agree (the upper layer is a tmpfs, the lower
+        # ones another filesystem); the kernel turns it off where the inode numbers do not fit.
+        upper, work = escape_overlay_path(self.upper), escape_overlay_path(self.work)
+        return f"lowerdir={lowerdir},upperdir={upper},workdir={work},userxattr,xino=on"
 
     def run(self) -> None:
         for path in (self.upper, self.work):

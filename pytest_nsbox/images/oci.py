@@ -21,6 +21,7 @@ from ..box import _linux as L
 from ..box.child import describe_exception, run_in_child
 from ..box.steps import write_id_maps
 from . import cache
+from .config import ImageConfig, parse_image_config, resolve_user
 from .errors import ImageImportError
 from .extract import DecompressionError, RefusedMember, decompressed, extract_layer
 
@@ -97,8 +98,8 @@ def _verified(data: bytes, digest: str, name: str) -> bytes:
     return data
 
 
-def oci_layers(kind: str, path: Path, tag: str | None, name: str) -> list[Layer]:
-    """The layers of an OCI layout directory or oci-archive, bottom first."""
+def oci_layers(kind: str, path: Path, tag: str | None, name: str) -> tuple[list[Layer], ImageConfig]:
+    """The layers of an OCI layout directory or oci-archive, bottom first, and its config."""
     if kind == "oci":
         if not (path / "index.json").is_file():
             raise ImageImportError(f"image {name!r}: {path} is not an OCI image layout (no index.json)")
@@ -135,7 +136,9 @@ def oci_layers(kind: str, path: Path, tag: str | None, name: str) -> list[Layer]
         index = json.loads(member_bytes("index.json"))
     manifest = _select_manifest(index, tag, name, read)
     layers = [Layer(d["digest"], opener(d["digest"])) for d in manifest.get("layers") or []]
-    return layers
+    descriptor = manifest.get("config")
+    config = parse_image_config(json.loads(read(descriptor["digest"])), name) if descriptor else ImageConfig()
+    return layers, config
 
 
 def _open_archive(path: Path, name: str) -> tarfile.TarFile:
@@ -145,8 +148,9 @@ def _open_archive(path: Path, name: str) -> tarfile.TarFile:
         raise ImageImportError(f"image {name!r}: cannot read archive {path}: {exc}") from None
 
 
-def docker_layers(path: Path, name: str) -> list[Layer]:
-    """The layers of a ``docker save`` archive (legacy layout and the OCI-hybrid one), bottom first."""
+def docker_layers(path: Path, name: str) -> tuple[list[Layer], ImageConfig]:
+    """The layers of a ``docker save`` archive (legacy layout and the OCI-hybrid one), bottom
+    first, and its config (the manifest's ``Config`` file)."""
     archive = _open_archive(path, name)
     members = {m.name.removeprefix("./"): m for m in archive.getmembers()}
     handle = archive.extractfile(members["manifest.json"]) if "manifest.json" in members else None
@@ -164,7 +168,14 @@ def docker_layers(path: Path, name: str) -> list[Layer]:
         data = data_handle.read()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         layers.append(Layer(digest, (lambda d=data: io.BytesIO(d))))
-    return layers
+    config = ImageConfig()
+    if manifest[0].get("Config"):
+        info = members.get(str(manifest[0]["Config"]).removeprefix("./"))
+        config_handle = archive.extractfile(info) if info is not None else None
+        if config_handle is None:
+            raise ImageImportError(f"image {name!r}: config {manifest[0]['Config']} missing from {path}")
+        config = parse_image_config(json.loads(config_handle.read()), name)
+    return layers, config
 
 
 def ensure_layer(cache_dir: Path, layer: Layer, name: str) -> Path:
@@ -211,23 +222,36 @@ def extract_in_child(layer: Layer, dest: Path, name: str) -> None:
 
 def image_layers(name: str, base: Path) -> tuple[str, Path, list[Layer]]:
     """(kind, path, layers bottom first) of the reference *name*, read but not extracted."""
+    kind, path, layers, _config = image_contents(name, base)
+    return kind, path, layers
+
+
+def image_contents(name: str, base: Path) -> tuple[str, Path, list[Layer], ImageConfig]:
+    """(kind, path, layers bottom first, config) of the reference *name*, read but not extracted."""
     kind, path, tag = parse_reference(name, base)
     if not path.exists():
         raise ImageImportError(f"image {name!r}: {path} does not exist")
     try:
-        layers = docker_layers(path, name) if kind == "docker-archive" else oci_layers(kind, path, tag, name)
+        layers, config = docker_layers(path, name) if kind == "docker-archive" else oci_layers(kind, path, tag, name)
     except (OSError, KeyError, TypeError, AttributeError, ValueError, tarfile.TarError) as exc:
         raise ImageImportError(f"image {name!r}: malformed image ({type(exc).__name__}: {exc})") from None
-    return kind, path, layers
+    return kind, path, layers, config
 
 
 def import_image(name: str, base: Path, cache_dir: Path) -> list[str]:
     """Import *name* (an oci:, oci-archive: or docker-archive: reference); its layer dirs, top first."""
-    kind, path, layers = image_layers(name, base)
+    return import_with_config(name, base, cache_dir)[0]
+
+
+def import_with_config(name: str, base: Path, cache_dir: Path) -> tuple[list[str], ImageConfig]:
+    """Import *name*: its layer dirs, top first, and its config (checked, its User resolvable
+    in the image's own /etc/passwd and /etc/group)."""
+    kind, path, layers, config = image_contents(name, base)
     if not layers:
         raise ImageImportError(f"image {name!r}: no layers")
     if len(layers) > MAX_LAYERS:
         raise ImageImportError(f"image {name!r}: {len(layers)} layers; overlayfs takes at most {MAX_LAYERS} plus the init layer")
     dirs = [str(ensure_layer(cache_dir, layer, name)) for layer in layers]
     cache.record_image(cache_dir, name, path, [layer.digest for layer in layers], kind=kind)
-    return dirs[::-1]
+    resolve_user(config, dirs[::-1], name)  # a User name must be in the image's /etc/passwd
+    return dirs[::-1], config

@@ -16,13 +16,21 @@ run = "apt-get -o APT::Sandbox::User=root install -y --no-install-recommends cur
 [[steps]]
 copy = { from = "files/motd", to = "/etc/motd" }
 [[steps]]
-env = { LANG = "C.UTF-8" }        # for the run steps after it
+env = { LANG = "C.UTF-8" }        # for the run steps after it, and the image's Env
+[[steps]]
+workdir = "/srv"                  # the cwd of later run steps, and the image's WorkingDir
 ```
 
 A layer's key is the hash of its parent's key and its own definition (plus the content of the
 files a ``copy`` step takes), so changing step 3 rebuilds from step 3 on, like a Dockerfile. A
 ``run`` step runs ``/bin/sh -c`` in a sandbox over the layers so far (network "host"), and its
 writable layer, whiteouts included, becomes the step's layer.
+
+A recipe's image has a config (``ImageConfig``) like an imported image: its base's (an imported
+image's, a base recipe's; none for debian, busybox and scratch), with its ``env`` steps added to
+the Env and its ``workdir`` steps setting the WorkingDir, like a Dockerfile's FROM, ENV and
+WORKDIR. A ``run`` step runs with that Env over ``DEFAULT_ENV``, in the WorkingDir (created if
+missing), as the base image's User (which must be mapped: see below).
 
 Rootless (see ``subids``): the debian base is built with ``mmdebstrap --mode=unshare`` into a tar
 stream that is extracted as the caller, so every file is the caller's (root in a sandbox) and the
@@ -57,6 +65,7 @@ from ..box.config import SandboxConfig
 from ..box.supervise import run_once
 from ..box.wire import Channel
 from . import cache, oci
+from .config import ImageConfig, ImageUser, become, resolve_user, run_environment
 from .errors import RecipeError
 from .extract import RefusedMember, extract_layer
 
@@ -88,6 +97,10 @@ SINGLE_UID_NOTE: Final = (
     "note: this step ran with only your uid mapped (as root), so commands that switch users or change owners "
     "(apt without APT::Sandbox::User=root, dpkg, useradd, chown) fail; {reason}"
 )
+USER_NOT_MAPPED: Final = (
+    "the image asks for User {user!r} (uid {uid}, gid {gid}), but this run step maps only your uid (as root): {reason}"
+)
+USER_OUT_OF_RANGE: Final = "the image asks for User {user!r} (uid {uid}, gid {gid}); a run step maps ids 0..{last} only"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +189,12 @@ def parse(path: Path) -> Recipe:
         step_kind, argument = next(iter(step.items()))
         if step_kind in ("run", "workdir") and not (isinstance(argument, str) and argument):
             raise RecipeError(f"{where}.{step_kind} must be a non-empty string")
-        if step_kind == "env" and not (isinstance(argument, dict) and all(isinstance(v, str) for v in argument.values())):
-            raise RecipeError(f"{where}.env must be a table of strings")
+        if step_kind == "env" and not (
+            isinstance(argument, dict)
+            and all(isinstance(v, str) and "\0" not in v for v in argument.values())
+            and all(k and "=" not in k and "\0" not in k for k in argument)
+        ):
+            raise RecipeError(f"{where}.env must be a table of strings (keys without '=')")
         if step_kind == "copy":
             if not (isinstance(argument, dict) and set(argument) == {"from", "to"} and str(argument["to"]).startswith("/")):
                 raise RecipeError(f"{where}.copy must be {{ from = 'relative/path', to = '/absolute/path' }}")
@@ -218,6 +235,7 @@ class _Walk:
     layers: list[str]  # layer directories, bottom first
     history: list[str]  # what made each
     key: str  # the top layer's key: the recipe's content key
+    config: ImageConfig  # the image's config (see the module)
 
 
 class OutputFollower:
@@ -292,6 +310,11 @@ class RecipeBuilder:
         is remembered in the cache (``nsbox images list``, and ``prune`` keeps its layers)."""
         return self._walk(recipe, build=True).layers
 
+    def build_with_config(self, recipe: Recipe) -> tuple[list[str], ImageConfig]:
+        """What build() returns, and the recipe's image's config (see the module)."""
+        walk = self._walk(recipe, build=True)
+        return walk.layers, walk.config
+
     def content_key(self, recipe: Recipe) -> str:
         """A key that changes exactly when the recipe's layers would: its base, its steps, the
         files its copy steps take, the recipes and images it builds on. Nothing is built."""
@@ -307,13 +330,14 @@ class RecipeBuilder:
             if parent is None:
                 raise RecipeError(f"{recipe.path}: base.recipe {value!r} not found in {[str(d) for d in self.dirs]}")
             below = self._walk(parent, build=build, seen=(*seen, recipe.name))
-            layers, history = list(below.layers), list(below.history)
+            layers, history, config = list(below.layers), list(below.history), below.config
             key = _key("recipe", [Path(layer).name for layer in layers])
         elif kind == "image":
             if build:
-                layers = oci.import_image(str(value), recipe.dir, self.cache)[::-1]
+                top_first, config = oci.import_with_config(str(value), recipe.dir, self.cache)
+                layers = top_first[::-1]
             else:
-                _kind, _path, imported = oci.image_layers(str(value), recipe.dir)
+                _kind, _path, imported, config = oci.image_contents(str(value), recipe.dir)
                 layers = [str(cache.layer_dir(self.cache, layer.digest)) for layer in imported]
             history = [f"image {value}: layer {Path(layer).name}" for layer in layers]
             key = _key("image", [Path(layer).name for layer in layers])
@@ -322,15 +346,14 @@ class RecipeBuilder:
             what = describe_step(kind, value)
             layers = [self._layer(key, recipe, 1, total, what, lambda dest: _build_base(kind, value, dest, self), build)]
             history = [what]
-        env = dict(DEFAULT_ENV)
-        workdir = "/"
+            config = ImageConfig()
         for number, step in enumerate(recipe.steps, 2):
             step_kind, argument = next(iter(step.items()))
             if step_kind == "env":
-                env.update(argument)
+                config = config.with_env(argument)
                 continue
             if step_kind == "workdir":
-                workdir = argument
+                config = config.with_workdir(argument)
                 continue
             if step_kind == "copy":
                 source = recipe.dir / argument["from"]
@@ -338,16 +361,20 @@ class RecipeBuilder:
                 what = describe_step(step_kind, argument)
                 layers.append(self._layer(key, recipe, number, total, what, _copier(source, argument["to"]), build))
             else:
-                key = _key(key, step, env, workdir)
+                # the key holds the User as the image gives it: the ids and the home it resolves to
+                # follow from the layers below, which the key holds too
+                env = run_environment(config, None, DEFAULT_ENV)
+                workdir = config.workdir or "/"
+                key = _key(key, step, env, workdir, *([config.user] if config.user else []))
                 what = describe_step(step_kind, argument)
                 label = f"nsbox: building image {recipe.name}: step {number}/{total}"
-                runner = _runner(tuple(layers[::-1]), argument, env, workdir, self, label)
+                runner = _runner(tuple(layers[::-1]), argument, config, self, label, recipe.name)
                 layers.append(self._layer(key, recipe, number, total, what, runner, build))
             history.append(what)
         if build:
             digests = [f"sha256:{Path(layer).name}" for layer in layers]
             cache.record_image(self.cache, recipe.name, recipe.path, digests, kind="recipe", history=history, key=key)
-        return _Walk(layers, history, key)
+        return _Walk(layers, history, key, config)
 
     def _layer(
         self, key: str, recipe: Recipe, number: int, total: int, what: str, build: Callable[[Path], None], now: bool
@@ -508,16 +535,27 @@ def _copier(source: Path, to: str) -> Callable[[Path], None]:
 
 
 def _runner(
-    lowers: tuple[str, ...], command: str, env: dict[str, str], workdir: str, builder: RecipeBuilder, label: str
+    lowers: tuple[str, ...], command: str, config: ImageConfig, builder: RecipeBuilder, label: str, image: str
 ) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
+        user = resolve_user(config, lowers, image)
+        env = run_environment(config, user, DEFAULT_ENV)
+        workdir = config.workdir or "/"
         mapping, unmapped = _run_step_mapping(builder)
+        if user is not None and not user.is_root:
+            last = subids.MAPPED_IDS
+            if mapping is None:
+                reason = USER_NOT_MAPPED.format(user=user.spec, uid=user.uid, gid=user.gid, reason=unmapped)
+                raise RecipeError(f"run {command!r}: {reason}")
+            if max(user.uid, user.gid, *user.groups) > last:
+                reason = USER_OUT_OF_RANGE.format(user=user.spec, uid=user.uid, gid=user.gid, last=last)
+                raise RecipeError(f"run {command!r}: {reason}")
 
         def follower(log_path: Path) -> OutputFollower:
             return OutputFollower(log_path, label, builder.progress, lines=builder.output_lines)
 
         try:
-            _run_in_sandbox(tmp, lowers, command, env, workdir, builder.cache, mapping, unmapped, follower)
+            _run_in_sandbox(tmp, lowers, command, env, workdir, builder.cache, mapping, unmapped, follower, user)
         except BaseException:
             if mapping is not None:  # also after a failure: the caller must be able to remove tmp
                 try:
@@ -563,6 +601,7 @@ def _run_in_sandbox(
     mapping: subids.IdMapping | None,
     unmapped: str,
     follower: Callable[[Path], OutputFollower],
+    user: ImageUser | None = None,
 ) -> None:
     upper, work = tmp / "layer", tmp / "work"
     upper.mkdir()
@@ -584,14 +623,17 @@ def _run_in_sandbox(
             else s
             for s in plan.steps
         )
-        config = SandboxConfig.create(replace(plan, steps=steps), "host", workdir, id_mapping=mapping)
+        config = SandboxConfig.create(replace(plan, steps=steps), "host", "/", id_mapping=mapping)
         with open(log_path, "wb") as log_file:
             log_fd = log_file.fileno()
 
             def target(_channel: Channel) -> None:
                 os.dup2(log_fd, 1)
                 os.dup2(log_fd, 2)
+                os.makedirs(workdir, exist_ok=True)  # as Docker's WORKDIR: created (by root) if missing
                 os.chdir(workdir)
+                if user is not None and not user.is_root:
+                    become(user)
                 os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
 
             following = follower(log_path)

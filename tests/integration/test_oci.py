@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from oci_writer import Entry, layer_tar, tree_snapshot, write_docker_archive, write_layout, write_oci_archive
+from oci_writer import (
+    Entry,
+    host_shell_entries,
+    layer_tar,
+    tree_snapshot,
+    write_docker_archive,
+    write_layout,
+    write_oci_archive,
+)
+
+from pytest_nsbox import probe
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
@@ -226,4 +239,180 @@ def test_umoci_style_whiteouts_one_per_child(run_inner, tmp_path: Path, cache: P
         "-o",
         f"nsbox_cache_dir={cache}",
     )
+    result.assert_outcomes(passed=1)
+
+
+# --- the image's config: Env, WorkingDir, User ------------------------------------------------------
+
+PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+GROUP = b"root:x:0:\napp:x:1000:\nextra:x:1500:app\n"
+TOOL = b"#!/bin/sh\necho image-tool\n"
+CONFIG = {"Env": ["PATH=/opt/bin:/bin", "FOO=from the image", "PYTHONPATH=/image"], "WorkingDir": "/srv/app", "User": "app"}
+SHOW = 'echo "cwd=$(pwd) FOO=$FOO PATH=$PATH HOME=$HOME OUTER=$NSBOX_OUTER"; tool; '
+SHOW_IDS = "while read k v rest; do case $k in Uid:|Gid:|Groups:) echo $k $v $rest;; esac; done </proc/self/status"
+
+
+def _config_image(tmp_path: Path, config: object, kind: str = "oci") -> str:
+    """An image with a shell (the host's, with its libraries), a tool in /opt/bin, users and *config*."""
+    entries = [
+        *host_shell_entries(),
+        Entry("etc/passwd", content=PASSWD),
+        Entry("etc/group", content=GROUP),
+        Entry("opt/bin/tool", content=TOOL, mode=0o755),
+        Entry("scratch", "dir", mode=0o1777),
+    ]
+    layers = [layer_tar(entries, "gzip")]
+    if kind == "oci":
+        write_layout(tmp_path / "layout", layers, config=config)
+        return f"oci:{tmp_path / 'layout'}"
+    if kind == "oci-archive":
+        write_oci_archive(tmp_path / "image.tar", layers, config=config)
+        return f"oci-archive:{tmp_path / 'image.tar'}"
+    write_docker_archive(tmp_path / "image.tar", layers, config=config)
+    return f"docker-archive:{tmp_path / 'image.tar'}"
+
+
+OUTER_ENV = "import os\nOUTER = dict(os.environ)  # read in pytest's process (P), before any fork\n"
+CHECK_ENV = """
+import os, subprocess, pytest
+from conftest import OUTER
+
+@pytest.mark.nsbox(image=IMAGE)
+def test_env():
+    assert os.environ["PATH"] == "/opt/bin:/bin" and os.environ["FOO"] == "from the image"
+    assert subprocess.run(["tool"], capture_output=True, text=True).stdout == "image-tool\\n"
+    assert os.environ["PYTHONPATH"] == OUTER["PYTHONPATH"]       # pytest's own: kept
+    assert os.environ["HOME"] == OUTER["HOME"]                   # not in the image's Env: as in pytest
+    assert os.environ["PYTEST_CURRENT_TEST"].endswith("(call)")
+    assert os.getcwd() == CWD                                    # WorkingDir: not for tests
+    assert os.getuid() == 0                                      # User: not for tests (a warning says so)
+"""
+
+
+@pytest.mark.both_build_modes
+@pytest.mark.parametrize("kind", ["oci", "oci-archive", "docker-archive"])
+def test_a_test_gets_the_images_env(run_inner, pytester: pytest.Pytester, tmp_path: Path, cache: Path, kind: str) -> None:
+    image = _config_image(tmp_path, CONFIG, kind)
+    source = CHECK_ENV.replace("IMAGE", repr(image)).replace("CWD", repr(str(pytester.path)))
+    result = run_inner(source, "-o", f"nsbox_cache_dir={cache}", conftest=OUTER_ENV)
+    result.assert_outcomes(passed=1)
+    warning = f"*image '{image}' asks for User 'app'; its sandboxed tests run as root inside (your uid outside):*"
+    result.stdout.fnmatch_lines([warning])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"Env": "PATH=/bin"}, "config field Env must be a list of \"KEY=VALUE\" strings, not 'PATH=/bin'"),
+        ({"Env": ["FOO=1", "NOEQUALS"]}, "config field Env must be a list of \"KEY=VALUE\" strings; item 1 is 'NOEQUALS'"),
+        ({"WorkingDir": "srv/app"}, "config field WorkingDir must be an absolute path, not 'srv/app'"),
+        ({"User": "ghost"}, "config field User 'ghost': no user 'ghost' in the image's /etc/passwd"),
+        ({"User": "app:ghosts"}, "config field User 'app:ghosts': no group 'ghosts' in the image's /etc/group"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["oci", "docker-archive"])
+def test_a_bad_config_is_an_error_naming_the_image_and_the_field(
+    run_inner, tmp_path: Path, cache: Path, kind: str, config: object, message: str
+) -> None:
+    image = _config_image(tmp_path, config, kind)
+    result = run_inner(CHECK_ENV.replace("IMAGE", repr(image)), "-o", f"nsbox_cache_dir={cache}", conftest=OUTER_ENV)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*nsbox: image '{image}': {message.replace('[', '[[]')}*"])
+
+
+def nsbox(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NSBOX_OUTER": "leaked"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_nsbox", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
+
+
+@pytest.fixture
+def other_users_mapped() -> None:
+    """Skip unless a sandbox can map ids other than root: as root, or rootless with subordinate ids."""
+    result = probe.subordinate_ids()  # ok for root
+    if not result.ok:
+        pytest.skip(result.describe())
+
+
+@pytest.mark.usefixtures("other_users_mapped")
+@pytest.mark.parametrize(
+    ("kind", "user", "ids"),
+    [
+        ("oci", "app", ["Uid: 1000 1000 1000 1000", "Gid: 1000 1000 1000 1000", "Groups: 1500"]),
+        ("docker-archive", "1000:extra", ["Uid: 1000 1000 1000 1000", "Gid: 1500 1500 1500 1500", "Groups:"]),
+    ],
+)
+def test_shell_runs_in_the_workdir_with_the_env_as_the_user(tmp_path: Path, kind: str, user: str, ids: list[str]) -> None:
+    image = _config_image(tmp_path, {**CONFIG, "User": user}, kind)
+    result = nsbox("shell", image, "--", "sh", "-c", SHOW + SHOW_IDS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "cwd=/srv/app FOO=from the image PATH=/opt/bin:/bin HOME=/home/app OUTER=",  # the caller's env stays out
+        "image-tool",
+        *ids,
+    ]
+
+
+def test_shell_without_a_user_runs_as_root_with_dockers_defaults(tmp_path: Path) -> None:
+    image = _config_image(tmp_path, {"Env": ["FOO=from the image"]})
+    result = nsbox("shell", image, "--", "sh", "-c", SHOW.replace("tool; ", "") + SHOW_IDS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [  # the groups: the caller's, as in a test's sandbox
+        "cwd=/ FOO=from the image PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root OUTER=",
+        "Uid: 0 0 0 0",
+        "Gid: 0 0 0 0",
+    ]
+
+
+def test_shell_refuses_a_user_the_sandbox_cannot_map(tmp_path: Path) -> None:
+    image = _config_image(tmp_path, {"User": "70000"})
+    result = nsbox("shell", image, "--", "sh", "-c", "echo ran")
+    assert result.returncode == 2 and "ran" not in result.stdout
+    expected = f"nsbox: image '{image}' asks for User '70000' (uid 70000, gid 0), but a sandbox maps ids 0..65536 only"
+    assert expected in result.stderr
+
+
+RECIPE = """
+[base]
+image = "IMAGE"
+
+[[steps]]
+env = { BAR = "from the recipe" }
+
+[[steps]]
+workdir = "data"
+
+[[steps]]
+run = "echo \\"$FOO|$BAR|$PATH|$HOME|$(pwd)\\" > /scratch/made; SHOW_IDS >> /scratch/made"
+"""
+
+CHECK_RECIPE = """
+import os, subprocess, pytest
+
+@pytest.mark.nsbox(image="configured")
+def test_recipe_env():
+    assert os.environ["PATH"] == "/opt/bin:/bin" and os.environ["FOO"] == "from the image"
+    assert os.environ["BAR"] == "from the recipe"
+    assert subprocess.run(["tool"], capture_output=True, text=True).stdout == "image-tool\\n"
+    made = open("/scratch/made").read()
+    assert "".join(line for line in made.splitlines(True) if not (line.startswith("Groups:") and "Groups" not in MADE)) == MADE
+"""
+
+
+@pytest.mark.parametrize("user", ["", "app"])
+def test_a_recipe_inherits_the_config_and_adds_its_env_and_workdir(
+    run_inner, pytester: pytest.Pytester, tmp_path: Path, user: str, request: pytest.FixtureRequest
+) -> None:
+    if user:
+        request.getfixturevalue("other_users_mapped")
+    image = _config_image(tmp_path, {**CONFIG, "User": user})
+    recipe = pytester.path / "rootfs_images" / "configured"
+    recipe.mkdir(parents=True)
+    (recipe / "image.toml").write_text(RECIPE.replace("IMAGE", image).replace("SHOW_IDS", SHOW_IDS.replace('"', '\\"')))
+    pytester.makeini(f"[pytest]\nnsbox_cache_dir = {tmp_path / 'cache'}\n")
+    uid = "1000" if user else "0"
+    made = f"from the image|from the recipe|/opt/bin:/bin|{'/home/app' if user else '/root'}|/srv/app/data\n"
+    made += f"Uid: {uid} {uid} {uid} {uid}\nGid: {uid} {uid} {uid} {uid}\n" + ("Groups: 1500\n" if user else "")
+    result = run_inner(CHECK_RECIPE.replace("MADE", repr(made)))
     result.assert_outcomes(passed=1)

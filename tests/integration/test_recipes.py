@@ -72,6 +72,7 @@ def _step(line: str) -> str:
         ("[base]\nbusybox = true\ndebian = 'bookworm'\n", "field 'base' must have exactly one of"),
         ("[base]\nscratch = true\n[[steps]]\nrun = ''\n", "steps[[]1].run must be a non-empty string"),
         ("[base]\nscratch = true\n[[steps]]\ncopy = { from = '../../etc/passwd', to = '/x' }\n", "steps[[]1].copy.from"),
+        ("[base]\nscratch = true\n[[steps]]\nenv = { 'A=B' = 'x' }\n", "steps[[]1].env must be a table of strings (keys*"),
         ("[base]\nbusybox = true\n[[steps]]\nrun = 'exit 3'\n", "run 'exit 3' failed (3)"),
         ("[base]\nscratch = true\n[[steps]]\nrun = 'true'\n", "No such file or directory: '/bin/sh'"),
         ("[base]\nrecipe = 'demo'\n", "base recipe cycle demo -> demo"),
