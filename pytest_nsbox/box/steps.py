@@ -242,7 +242,8 @@ def scrub_environment(drop: Callable[[str], bool]) -> list[str]:
     for entry in block.split(b"\0"):
         name = os.fsdecode(entry.split(b"=", 1)[0])
         if entry and drop(name):
-            os.unsetenv(name)
+            if name:  # an entry "=x" names nothing unsetenv(3) could take
+                os.unsetenv(name)
             ctypes.memset(start + offset, 0, len(entry))
             dropped.add(name)
         offset += len(entry) + 1
