@@ -1,7 +1,8 @@
 """The process steps both forms of the process model share.
 
-Descriptors, id maps, capabilities, PID-1 hardening, the inside check, the parent-death guard,
-the reaping loops, the fork into a new PID namespace, and the body of the test process (C).
+Descriptors, id maps, capabilities, PID-1 hardening, keyrings and the environment, the inside
+check, the parent-death guard, the reaping loops, the fork into a new PID namespace, and the body
+of the test process (C).
 A child never raises across the fork: ``run_steps`` turns the first failure into a
 ``setup_error`` record on the channel and ``os._exit``.
 """
