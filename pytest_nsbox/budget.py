@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,10 +74,15 @@ class MemoryLedger:
         self._sequence = itertools.count()
 
     def _ensure_dir(self) -> None:
+        """The ledger directory, created 0700; one that another user could write to (or a
+        symlink planted in /tmp) is refused, not used."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = os.lstat(self.directory)
-        if status.st_uid != os.getuid() or status.st_mode & 0o022:
-            raise BudgetError(f"nsbox: memory ledger {self.directory} is not yours alone (owner uid {status.st_uid})")
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+            raise BudgetError(
+                f"nsbox: memory ledger {self.directory} is not a directory of yours alone (owner uid {status.st_uid}, "
+                f"mode {stat.filemode(status.st_mode)}); remove it or set --nsbox-memory-budget=0"
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -85,11 +91,15 @@ class MemoryLedger:
             yield
 
     def check(self, limit: int) -> None:
-        """BudgetError if *limit* can never fit."""
+        """BudgetError if *limit* can never fit, or the ledger cannot be used."""
         if limit > self.budget:
             from .spec import format_size
 
             raise BudgetError(TOO_BIG.format(limit=format_size(limit), budget=format_size(self.budget), source=self.source))
+        try:
+            self._ensure_dir()
+        except OSError as exc:
+            raise BudgetError(f"nsbox: cannot use the memory ledger {self.directory}: {exc}") from None
 
     def in_use(self) -> int:
         """The limits of the running sandboxes, in bytes (dead owners' entries are removed)."""

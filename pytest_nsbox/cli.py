@@ -131,10 +131,11 @@ def cmd_images_list(args: argparse.Namespace) -> int:
     if not records:
         print(f"no images in {cache_dir}")
     else:
-        print(f"{'IMAGE':40}  {'KIND':14}  {'LAYERS':>6}  {'SIZE':>10}  {'CREATED':16}  LAST USED")
+        width = max(len("IMAGE"), *(len(record.name) for record in records))
+        print(f"{'IMAGE':{width}}  {'KIND':14}  {'LAYERS':>6}  {'SIZE':>10}  {'CREATED':16}  LAST USED")
         for record in records:
             size, created, used = format_size(record.size(cache_dir)), _when(record.created), _when(record.last_used)
-            print(f"{record.name:40}  {record.kind:14}  {len(record.layers):>6}  {size:>10}  {created:16}  {used}")
+            print(f"{record.name:{width}}  {record.kind:14}  {len(record.layers):>6}  {size:>10}  {created:16}  {used}")
         layers = {layer for r in records for layer in r.layers}
         unused = [layer for layer in cache.layer_ids(cache_dir) if layer not in layers]
         total = format_size(_unique_size(cache_dir, layers | set(unused)))

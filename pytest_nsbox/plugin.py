@@ -7,7 +7,7 @@ from typing import Final
 
 import pytest
 
-from . import probe, reruns, runtest, timers
+from . import probe, reports, reruns, runtest, timers
 from .budget import MemoryLedger, default_ledger_dir
 from .errors import NsboxError
 from .prepare import memory_available
@@ -105,6 +105,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
     group.addoption(
+        "--nsbox-leaks",
+        default=None,
+        choices=(reports.LEAKS_WARN, reports.LEAKS_FAIL),
+        help="processes a sandboxed test left running (they are killed either way): a warning and a report "
+        "section (warn, the default), or the test fails (fail). Over ini nsbox_leaks.",
+    )
+    parser.addini("nsbox_leaks", "processes a sandboxed test left running: warn (default) or fail", default="")
+    group.addoption(
         "--nsbox-memory-budget",
         default=None,
         metavar="SIZE",
@@ -146,6 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
         cache_dir=str(config.getini("nsbox_cache_dir")),
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
         budget=budget,
+        leaks=leaks_setting(config),
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
@@ -154,6 +163,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
+
+
+def leaks_setting(config: pytest.Config) -> str:
+    """--nsbox-leaks over ini nsbox_leaks over warn; a bad ini value is a usage error."""
+    option = config.getoption("nsbox_leaks")
+    if option is not None:
+        return str(option)
+    value = str(config.getini("nsbox_leaks")).strip() or reports.LEAKS_WARN
+    if value not in (reports.LEAKS_WARN, reports.LEAKS_FAIL):
+        raise pytest.UsageError(f"pytest-nsbox: invalid ini nsbox_leaks {value!r} (expected warn or fail)")
+    return value
 
 
 def memory_budget(config: pytest.Config) -> MemoryLedger | None:

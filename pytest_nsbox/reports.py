@@ -24,6 +24,7 @@ import pytest
 from . import compat, probe
 from .box.cgroups import Usage
 from .box.config import SandboxResult
+from .box.steps import LEFTOVERS
 from .spec import DEFAULT_PIDS, SandboxSpec, format_size
 
 # Public wording (DESIGN.md "Outcomes"): keep the listed words stable.
@@ -73,7 +74,12 @@ LIMIT_PROPERTIES: Final = {
     "timeout": "nsbox_timeout_limit",  # seconds
     "disk": "nsbox_disk_limit",  # bytes
 }
-CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal
+LEFT_RUNNING: Final = "nsbox: the test left {count} process(es) running, killed when it ended ({first})"
+LEAKS_SECTION: Final = "nsbox: processes left running"
+LEAKS_WARN: Final = "warn"  # --nsbox-leaks: a warning and a report section
+LEAKS_FAIL: Final = "fail"  # --nsbox-leaks: the test fails
+LEAKS_WARNING: Final = "pytest_nsbox.runtest:NsboxWarning"  # the category of the warning, as replay_warning finds it
+CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal, leaks
 EXPECTED_PROPERTY: Final = "nsbox_expected_limit"  # memory, pids, disk: a limit hit the marker expects (one per limit)
 PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
 PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
@@ -372,9 +378,11 @@ class SandboxReports:
         return ordered
 
 
-def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *, require: bool) -> SandboxReports:
-    """Turn the records of *result* into reports; add the phases never reported and the cause
-    of a limit violation."""
+def from_sandbox(
+    item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *, require: bool, leaks: str = LEAKS_WARN
+) -> SandboxReports:
+    """Turn the records of *result* into reports; add the phases never reported, the cause of a
+    limit violation, and the processes the test left running (*leaks*: warn or fail)."""
     config = item.config
     out = SandboxReports()
     internal = False
@@ -431,6 +439,20 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
                 out.reports = with_cause(item, out.reports, note)
             else:
                 with_note(out.reports, note)  # the test's own outcome stands; the hit is recorded
+        left = leftovers(result.records)
+        if left:
+            listing = "\n".join(f"pid {pid}: {command}" for pid, command in left)
+            message = LEFT_RUNNING.format(count=len(left), first=f"pid {left[0][0]}: {left[0][1]}"[:200])
+            if leaks == LEAKS_FAIL and cause is None:
+                cause = Cause(message, "leaks", [(LEAKS_SECTION, listing)])
+                out.reports = with_cause(item, out.reports, cause)
+            else:
+                shown = next((r for r in out.reports if r.when == "call"), out.reports[-1] if out.reports else None)
+                if shown is not None:  # the call's report: -rP/-rA show its sections
+                    shown.sections.append((LEAKS_SECTION, listing))
+                path, lineno, _ = item.location
+                warning = {"message": f"{item.nodeid}: {message}", "category": LEAKS_WARNING}
+                out.warnings.append(warning | {"filename": path, "lineno": (lineno or 0) + 1})
         if cause is not None and cause.reported:
             properties.append((CAUSE_PROPERTY, cause.name))
         elif any(r.failed for r in early):
@@ -440,6 +462,19 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
     for report in out.reports:
         report.user_properties.extend(properties)
     return out
+
+
+def leftovers(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """The processes the test left running, as C listed them (checked: C runs the test's code)."""
+    record = next((r for r in records if r["kind"] == LEFTOVERS), None)
+    found: list[tuple[int, str]] = []
+    for entry in (record or {}).get("processes") or []:
+        try:
+            pid, command = entry
+            found.append((int(pid), str(command)[:500]))
+        except (TypeError, ValueError):
+            continue
+    return found
 
 
 def plugin_timeout(records: list[dict[str, Any]]) -> Cause | None:

@@ -186,9 +186,11 @@ class SandboxRunner:
         cache_dir: str = "",
         prebuild_ahead: bool = True,
         budget: MemoryLedger | None = None,
+        leaks: str = reports.LEAKS_WARN,
     ) -> None:
         self.config = config
         self.budget = budget
+        self.leaks = leaks
         self.sandbox_all = sandbox_all
         self.require = require
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
@@ -258,7 +260,7 @@ class SandboxRunner:
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=prepared.spec, result=result)
                 if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
                     result = replace(result, records=[])
-                outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
+                outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require, leaks=self.leaks)
                 if admission is not None:
                     for report in outcome.reports:
                         report.user_properties.append((BUDGET_WAIT_PROPERTY, round(admission.waited, 3)))

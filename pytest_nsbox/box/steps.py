@@ -338,6 +338,31 @@ def ignore_signals_of_p() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the test process dumps its stack on a timeout
 
 
+LEFTOVERS: Final = "leftovers"  # record kind: processes the test left running (pid, command line)
+MAX_LEFTOVERS_LISTED: Final = 50
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """In the test process, after the test: the processes of the sandbox's PID namespace still
+    running (zombies aside), but for PID 1, the caller and its parent: (pid, command line)."""
+    machinery = {1, os.getpid(), os.getppid()}
+    found: list[tuple[int, str]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in machinery:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                status = handle.read().decode(errors="replace")
+            if status.rpartition(")")[2].split()[0] == "Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                command = handle.read(4096).replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        found.append((int(name), command or "[" + status[status.find("(") + 1 : status.rfind(")")] + "]"))
+    return sorted(found)[:MAX_LEFTOVERS_LISTED]
+
+
 def kill_leftovers() -> None:
     """SIGKILL every process of the PID namespace but the caller and PID 1 (kill(2) with -1)."""
     try:
@@ -453,6 +478,9 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
             except Exception:
                 pass
         if code == 0 and os.getpid() == channel.owner:
+            left = leftover_processes()
+            if left:
+                channel.send(LEFTOVERS, processes=left)  # P shows them on the report
             kill_leftovers()  # everything the test started, before P hears that it is done
             channel.send("done")
         os._exit(code)
