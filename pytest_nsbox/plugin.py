@@ -11,7 +11,7 @@ from . import probe, reports, reruns, runtest, timers
 from .budget import MemoryLedger, default_ledger_dir
 from .errors import NsboxError
 from .prepare import memory_available
-from .spec import OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size
+from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size, with_drop_env
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = probe.CGROUP_ROOT_ENV
@@ -28,12 +28,13 @@ BUDGET_SUMMARY: Final = (
 _defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None, "
-    "expect_limits=()): "
+    "expect_limits=(), drop_env=None): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
     "memory/pids/cpus/timeout=None or 0 turns such a default off for the test. "
     "expect_limits='memory', 'pids', 'disk' or a tuple of them: hitting that limit (a process the test "
-    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself."
+    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself. "
+    "drop_env=['*_TOKEN', ...]: environment variables the test does not get (over ini nsbox_drop_env)."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
 OPTION_HELP: Final = {
@@ -87,6 +88,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
         default="",
     )
+    parser.addini(
+        DROP_ENV_INI,
+        "environment variables sandboxed tests do not get: fnmatch patterns of names, one a line, e.g. *_TOKEN "
+        "(default: none)",
+        type="linelist",
+        default=[],
+    )
     parser.addini("nsbox_image_dirs", "more folders of image recipes (<name>/image.toml)", type="linelist", default=[])
     parser.addini(
         "nsbox_prebuild",
@@ -130,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         options = {option: config.getoption(f"nsbox_default_{name}") for option, name in OPTION_FIELDS.items()}
         defaults = defaults_from(lambda name: str(config.getini(name)), options)
+        defaults = with_drop_env(defaults, list(config.getini(DROP_ENV_INI)))
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     try:

@@ -64,6 +64,7 @@ class Prepared:
             os.getcwd(),
             cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
             oom_first=self.cgroup is not None and self.spec.memory is not None,
+            drop_env=self.spec.drop_env or (),
         )
 
     def discard(self) -> None:

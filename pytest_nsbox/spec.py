@@ -53,6 +53,7 @@ class SandboxSpec:
     disk: int | None = None  # bytes; None: the default bound (P fills it in before the sandbox is built)
     # limits whose hit does not fail the test by itself (a subset of EXPECTABLE, in that order)
     expect_limits: tuple[str, ...] = ()
+    drop_env: tuple[str, ...] | None = None  # fnmatch patterns of environment variables the test does not get
 
     def requested_limits(self) -> dict[str, object]:
         """The resource limits this spec asks for, by marker argument name (public: hooks use it)."""
@@ -158,6 +159,7 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "network": _parse_network,
     "disk": lambda v: _parse_disk(v),
     "expect_limits": _parse_expect_limits,
+    "drop_env": lambda v: parse_drop_env(v),
 }
 
 
@@ -177,11 +179,11 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
-FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk", "expect_limits")
+FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk", "expect_limits", "drop_env")
 # Limits a marker may turn off (None or 0) for one test. pids and disk cannot go unbounded:
 # None/0 drops a command-line or ini default, and the built-in bound (DEFAULT_PIDS, the default
 # disk bound) still applies.
-SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout", "disk")
+SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout", "disk", "drop_env")  # drop_env=None: drop nothing
 
 
 def marker_signature(
@@ -194,6 +196,7 @@ def marker_signature(
     network: Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
+    drop_env: str | Iterable[str] | _Unset | None = UNSET,
 ) -> dict[str, object]:
     """The ``nsbox`` marker's signature: Python writes the 'unexpected keyword' errors."""
     given = {
@@ -205,6 +208,7 @@ def marker_signature(
         "network": network,
         "disk": disk,
         "expect_limits": expect_limits,
+        "drop_env": drop_env,
     }
     return {name: value for name, value in given.items() if value is not UNSET}
 
@@ -219,6 +223,7 @@ def nsbox(
     network: Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
+    drop_env: str | Iterable[str] | _Unset | None = UNSET,
 ) -> Any:
     """Run the test in fresh namespaces over a throwaway overlay of rootfs *image*.
 
@@ -230,6 +235,8 @@ def nsbox(
     disk: down to the built-in bounds, 1024 processes and the default disk bound).
     ``expect_limits`` ('memory', 'pids', 'disk', or a tuple of them) names limits the test means
     to hit: a process it starts OOM-killed, forks refused, or ENOSPC do not fail it by themselves.
+    ``drop_env`` (a pattern or a list of them, e.g. ``["*_TOKEN", "AWS_*"]``): environment variables
+    the test does not get (over ini ``nsbox_drop_env``; ``None`` drops none).
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
@@ -242,6 +249,7 @@ def nsbox(
         network=network,
         disk=disk,
         expect_limits=expect_limits,
+        drop_env=drop_env,
     )
     return pytest.mark.nsbox(**kwargs)
 
@@ -396,4 +404,31 @@ def describe_defaults(defaults: Defaults, default_disk: int | None = None) -> st
             parts.append(f"pids={DEFAULT_PIDS} (built-in)")
         elif name == "disk" and default_disk is not None:
             parts.append(f"disk={format_size(default_disk)} (built-in)")
+    if spec.drop_env:
+        parts.append(f"drop_env={' '.join(spec.drop_env)} ({sources.get('drop_env', 'built-in')})")
     return ", ".join(parts)
+
+
+# --- drop_env: environment variables a test does not get --------------------------------------
+
+DROP_ENV_INI: Final = "nsbox_drop_env"
+DROP_ENV_GRAMMAR: Final = "a pattern or a list of fnmatch patterns of variable names, e.g. ['*_TOKEN', 'AWS_*']"
+
+
+def parse_drop_env(value: object) -> tuple[str, ...] | None:
+    """Patterns of variable names (fnmatch: ``*``, ``?``, ``[...]``; case-sensitive); None for none."""
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"expected {DROP_ENV_GRAMMAR}")
+    for pattern in patterns:
+        if not pattern.strip() or "=" in pattern or pattern != pattern.strip():
+            raise ValueError(f"{pattern!r} cannot name a variable (no blank, no '=')")
+    return tuple(dict.fromkeys(patterns)) or None
+
+
+def with_drop_env(defaults: Defaults, ini_patterns: list[str]) -> Defaults:
+    """*defaults* with ini ``nsbox_drop_env`` (a linelist) as the drop_env default. Raises SpecError."""
+    if not ini_patterns:
+        return defaults
+    drop_env = parse_field("drop_env", list(ini_patterns), f"ini {DROP_ENV_INI}")
+    return Defaults(replace(defaults.spec, drop_env=drop_env), {**defaults.sources, "drop_env": "ini"})  # type: ignore[arg-type]

@@ -15,9 +15,11 @@ from pytest_nsbox.spec import (
     defaults_from_ini,
     describe_defaults,
     format_size,
+    parse_drop_env,
     parse_size,
     spec_from_marker,
     spec_from_markers,
+    with_drop_env,
 )
 
 
@@ -316,3 +318,44 @@ def test_marker_help_lists_expect_limits() -> None:
     from pytest_nsbox.plugin import MARKER_HELP
 
     assert "expect_limits=()" in MARKER_HELP
+
+
+# --- drop_env --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("*_TOKEN", ("*_TOKEN",)),
+        (["*_TOKEN", "AWS_*", "*_TOKEN"], ("*_TOKEN", "AWS_*")),
+        (("GH_[A-Z]*",), ("GH_[A-Z]*",)),
+        ([], None),
+    ],
+)
+def test_parse_drop_env(value: object, expected: tuple[str, ...] | None) -> None:
+    assert parse_drop_env(value) == expected
+
+
+@pytest.mark.parametrize("value", [5, b"X", ["A", 1], ["A=B"], [""], [" X"], {"X"}])
+def test_parse_drop_env_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"expected a pattern or a list|cannot name a variable"):
+        parse_drop_env(value)
+
+
+def test_drop_env_marker_over_ini_and_none_drops_nothing() -> None:
+    defaults = with_drop_env(Defaults(), ["*_TOKEN", "AWS_*"])
+    assert defaults.spec.drop_env == ("*_TOKEN", "AWS_*") and defaults.sources == {"drop_env": "ini"}
+    assert "drop_env=*_TOKEN AWS_* (ini)" in describe_defaults(defaults)
+    assert spec_from_marker((), {}, "t.py::test_x", defaults).drop_env == ("*_TOKEN", "AWS_*")
+    assert spec_from_marker((), {"drop_env": "SECRET"}, "t.py::test_x", defaults).drop_env == ("SECRET",)
+    assert spec_from_marker((), {"drop_env": None}, "t.py::test_x", defaults).drop_env is None
+    assert spec_from_marker((), {"drop_env": []}, "t.py::test_x", defaults).drop_env is None
+    assert with_drop_env(Defaults(), []) == Defaults() and "drop_env" not in describe_defaults(Defaults())
+    assert nsbox(drop_env=["X_*"]).mark.kwargs == {"drop_env": ["X_*"]}
+
+
+def test_bad_drop_env_names_its_source() -> None:
+    with pytest.raises(SpecError, match=r"invalid drop_env \['A', 'B=1'\] from ini nsbox_drop_env \('B=1' cannot name"):
+        with_drop_env(Defaults(), ["A", "B=1"])
+    with pytest.raises(SpecError, match=r"invalid drop_env 3 from nsbox marker on t.py::test_x \(expected a pattern"):
+        spec_from_marker((), {"drop_env": 3}, "t.py::test_x", Defaults())
