@@ -254,10 +254,9 @@ def disk_full(spec: SandboxSpec, records: list[dict[str, Any]]) -> Cause | None:
     record = next((r for r in records if r["kind"] == DISK_USAGE), None)
     if record is None or spec.disk is None:
         return None
-    try:
-        free, free_inodes = int(record["free"]), int(record["free_inodes"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    free, free_inodes = record.get("free"), record.get("free_inodes")
+    if type(free) is not int or type(free_inodes) is not int:
+        return None  # C sent it, where the test's code runs: only plain integers count
     if free >= DISK_FULL_MARGIN and free_inodes > 0:
         return None
     detail = " (no inode left)" if free_inodes <= 0 else ""
@@ -467,13 +466,11 @@ def from_sandbox(
 def leftovers(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
     """The processes the test left running, as C listed them (checked: C runs the test's code)."""
     record = next((r for r in records if r["kind"] == LEFTOVERS), None)
+    entries = record.get("processes") if record is not None else None
     found: list[tuple[int, str]] = []
-    for entry in (record or {}).get("processes") or []:
-        try:
-            pid, command = entry
-            found.append((int(pid), str(command)[:500]))
-        except (TypeError, ValueError):
-            continue
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, list | tuple) and len(entry) == 2 and type(entry[0]) is int and isinstance(entry[1], str):
+            found.append((entry[0], entry[1][:500]))
     return found
 
 

@@ -260,7 +260,11 @@ class SandboxRunner:
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=prepared.spec, result=result)
                 if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
                     result = replace(result, records=[])
-                outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require, leaks=self.leaks)
+                try:
+                    outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require, leaks=self.leaks)
+                except Exception as exc:  # noqa: BLE001 - the records come from the test's process: never the session's end
+                    message = reports.CORRUPT_STREAM.format(detail=f"{type(exc).__name__}: {exc}")
+                    outcome = reports.SandboxReports([reports.failure_report(item, "setup", message)])
                 if admission is not None:
                     for report in outcome.reports:
                         report.user_properties.append((BUDGET_WAIT_PROPERTY, round(admission.waited, 3)))

@@ -166,3 +166,30 @@ def test_nsbox_leaks_fail_fails_the_test(run_inner, pytester: pytest.Pytester, m
     bad = run_inner(LEAVES_PROCESSES)
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*invalid ini nsbox_leaks 'sometimes' (expected warn or fail)*"])
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        'kind="leftovers", processes=5',
+        'kind="leftovers", processes=[[1.5, "x"], "ab", [True, "y"]]',
+        'kind="disk_usage", free=float("inf"), free_inodes=True',
+        'kind="disk_usage", free="lots"',
+    ],
+)
+def test_forged_records_cannot_end_the_session(run_inner, forged: str) -> None:
+    result = run_inner(
+        f"""
+        import pytest
+        from pytest_nsbox.runtest import child_channel
+
+        @pytest.mark.nsbox
+        def test_forge(request):
+            child_channel(request.config).send({forged})
+
+        @pytest.mark.nsbox
+        def test_after():
+            pass
+        """
+    )
+    result.assert_outcomes(passed=2)  # a record that cannot be read is ignored; the session goes on
