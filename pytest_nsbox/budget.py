@@ -55,6 +55,27 @@ def _start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
+def _living_entries(directory: Path) -> Iterator[tuple[Path, bool]]:
+    """Each ledger entry, and whether the run that made it is still alive."""
+    for entry in directory.glob(f"*{ENTRY_SUFFIX}"):
+        pid, _, rest = entry.name.partition(".")
+        yield entry, pid.isdigit() and _start_time(int(pid)) == rest.partition(".")[0]
+
+
+def _limit(entry: Path) -> int:
+    try:
+        return int(entry.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def promised(directory: Path) -> int:
+    """What the living entries of the ledger at *directory* hold now, in bytes (read without the lock)."""
+    if not directory.is_dir():
+        return 0
+    return sum(_limit(entry) for entry, alive in _living_entries(directory) if alive)
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """A sandbox's place in the ledger; *waited*: the seconds it waited for it (0: it fit at once)."""
@@ -104,16 +125,11 @@ class MemoryLedger:
     def in_use(self) -> int:
         """The limits of the running sandboxes, in bytes (dead owners' entries are removed)."""
         total = 0
-        for entry in self.directory.glob(f"*{ENTRY_SUFFIX}"):
-            pid, _, rest = entry.name.partition(".")
-            started = rest.partition(".")[0]
-            if not pid.isdigit() or _start_time(int(pid)) != started:
+        for entry, alive in _living_entries(self.directory):
+            if not alive:
                 entry.unlink(missing_ok=True)  # its run is gone: reclaim its share
                 continue
-            try:
-                total += int(entry.read_text())
-            except (OSError, ValueError):
-                continue
+            total += _limit(entry)
         return total
 
     def admit(self, limit: int) -> Admission:

@@ -8,9 +8,9 @@ from typing import Final
 import pytest
 
 from . import probe, reports, reruns, runtest, timers
-from .budget import MemoryLedger, default_ledger_dir
+from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
-from .prepare import memory_available
+from .prepare import memory_available, memory_total
 from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size, with_drop_env
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
@@ -193,7 +193,11 @@ def memory_budget(config: pytest.Config) -> MemoryLedger | None:
             where = "option --nsbox-memory-budget" if source == "command line" else "ini nsbox_memory_budget"
             raise NsboxError(f"invalid memory budget {raw!r} from {where} ({exc})") from None
         return MemoryLedger(default_ledger_dir(), size, source)
-    return MemoryLedger(default_ledger_dir(), memory_available(), "available at the start")
+    # What is free now, plus what running sandboxes were promised (their use is not free now,
+    # and the ledger counts their limits again), never more than the machine has.
+    directory = default_ledger_dir()
+    total = memory_total()
+    return MemoryLedger(directory, min(memory_available() + promised(directory), total), "available at the start")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

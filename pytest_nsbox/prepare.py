@@ -142,6 +142,16 @@ def memory_available() -> int:
     return min(available, own) if own is not None else available
 
 
+def memory_total() -> int:
+    """The machine's MemTotal (unknown: 2**62)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        total = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemTotal:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 2**62
+    return total
+
+
 class Preparer:
     """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
 
@@ -241,7 +251,10 @@ class Preparer:
             return images.ResolvedImage(str(hooked))
         if name not in self._images:
             if name != images.HOST and self._cache_hold is None:
-                self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
+                try:
+                    self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
+                except OSError as exc:
+                    raise images.ImageError(f"image {name!r}: cannot use the image cache {self.cache_dir}: {exc}") from None
             image_dirs = [str(d) for d in self.config.getini("nsbox_image_dirs")]
             self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]

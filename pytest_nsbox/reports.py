@@ -438,11 +438,13 @@ def from_sandbox(
                 out.reports = with_cause(item, out.reports, note)
             else:
                 with_note(out.reports, note)  # the test's own outcome stands; the hit is recorded
-        left = leftovers(result.records)
+        left, count = leftovers(result.records)
         if left:
             listing = "\n".join(f"pid {pid}: {command}" for pid, command in left)
-            message = LEFT_RUNNING.format(count=len(left), first=f"pid {left[0][0]}: {left[0][1]}"[:200])
-            if leaks == LEAKS_FAIL and cause is None:
+            if count > len(left):
+                listing += f"\n... and {count - len(left)} more"
+            message = LEFT_RUNNING.format(count=count, first=f"pid {left[0][0]}: {left[0][1]}"[:200])
+            if leaks == LEAKS_FAIL and cause is None and all(r.passed for r in out.reports):  # never over the test's own outcome
                 cause = Cause(message, "leaks", [(LEAKS_SECTION, listing)])
                 out.reports = with_cause(item, out.reports, cause)
             else:
@@ -463,15 +465,17 @@ def from_sandbox(
     return out
 
 
-def leftovers(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """The processes the test left running, as C listed them (checked: C runs the test's code)."""
+def leftovers(records: list[dict[str, Any]]) -> tuple[list[tuple[int, str]], int]:
+    """The processes the test left running as C listed them (the first few), and how many there
+    were (checked: C runs the test's code)."""
     record = next((r for r in records if r["kind"] == LEFTOVERS), None)
     entries = record.get("processes") if record is not None else None
     found: list[tuple[int, str]] = []
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, list | tuple) and len(entry) == 2 and type(entry[0]) is int and isinstance(entry[1], str):
             found.append((entry[0], entry[1][:500]))
-    return found
+    count = record.get("count") if record is not None else None
+    return found, max(count, len(found)) if type(count) is int else len(found)
 
 
 def plugin_timeout(records: list[dict[str, Any]]) -> Cause | None:

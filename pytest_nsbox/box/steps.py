@@ -360,7 +360,7 @@ def leftover_processes() -> list[tuple[int, str]]:
         except (OSError, IndexError):
             continue  # it ended meanwhile
         found.append((int(name), command or "[" + status[status.find("(") + 1 : status.rfind(")")] + "]"))
-    return sorted(found)[:MAX_LEFTOVERS_LISTED]
+    return sorted(found)
 
 
 def kill_leftovers() -> None:
@@ -479,8 +479,8 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
                 pass
         if code == 0 and os.getpid() == channel.owner:
             left = leftover_processes()
-            if left:
-                channel.send(LEFTOVERS, processes=left)  # P shows them on the report
+            if left:  # P shows them on the report
+                channel.send(LEFTOVERS, processes=left[:MAX_LEFTOVERS_LISTED], count=len(left))
             kill_leftovers()  # everything the test started, before P hears that it is done
             channel.send("done")
         os._exit(code)
