@@ -50,6 +50,7 @@ def test_each_listed_difference_holds(run_inner) -> None:
         def test_network_none_has_only_loopback():
             assert [name for _, name in socket.if_nameindex()] == ["lo"]
             assert not os.path.exists("/sys/class/net/eth0")
+            assert uuid.getnode() & (1 << 40)  # no MAC address: a random node id (multicast bit set)
 
         @pytest.mark.nsbox(network="host")
         def test_network_host_has_the_hosts_interfaces():
