@@ -225,8 +225,10 @@ def load(cache_dir: Path, source: Path) -> tuple[list[str], int]:
                 member = members.get(f"layers/{layer.partition(':')[2]}.tar")
                 if member is None:
                     raise ImageImportError(f"{what}: layer {layer} is missing")
-                data = _read(archive, member, size)
-                blob = oci.Layer(f"sha256:{about['sha256']}", lambda data=data: io.BytesIO(data))
+                if member.issparse() or member.size > size:
+                    raise ImageImportError(f"{what}: {member.name}: {member.size} bytes claimed in a file of {size}")
+                # read in the extracting child, in chunks (the archive's descriptor is inherited)
+                blob = oci.Layer(f"sha256:{about['sha256']}", lambda member=member: _member(archive, member))
                 mode = int(about.get("mode", 0o755)) & 0o755  # no group/world write, no setuid on a layer's root
 
                 def build(tmp: Path, blob: oci.Layer = blob, mode: int = mode, layer: str = layer) -> None:
@@ -249,6 +251,13 @@ def load(cache_dir: Path, source: Path) -> tuple[list[str], int]:
     except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ImageImportError(f"{what}: {type(exc).__name__}: {exc}") from None
     return [str(image["name"]) for image in images], extracted
+
+
+def _member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    handle = archive.extractfile(member)
+    if handle is None:
+        raise ImageImportError(f"{member.name} cannot be read")
+    return handle
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import io
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, cast
 
 MAX_MEMBERS: Final = 1_000_000
 WHITEOUT_PREFIX: Final = ".wh."
@@ -42,20 +42,34 @@ class DecompressionError(Exception):
     """A compressed layer cannot be decompressed here."""
 
 
-def decompressed(handle: IO[bytes]) -> IO[bytes]:
-    head = handle.read(4)
-    rest = handle.read()
-    data = head + rest
+@contextlib.contextmanager
+def decompressing(spool: IO[bytes]) -> Iterator[IO[bytes]]:
+    """The layer in the seekable *spool*, decompressed as it is read (gzip, zstd or plain): a
+    layer of gigabytes is never held in memory."""
+    head = spool.read(4)
+    spool.seek(0)
     if head[:2] == GZIP_MAGIC:
-        return io.BytesIO(gzip.decompress(data))
-    if head == ZSTD_MAGIC:
+        with gzip.GzipFile(fileobj=spool, mode="rb") as stream:
+            yield cast(IO[bytes], stream)
+    elif head == ZSTD_MAGIC:
         if shutil.which("zstd") is None:
             raise DecompressionError("zstd-compressed layer, and no 'zstd' command to decompress it (apt install zstd)")
-        proc = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise DecompressionError(f"zstd could not decompress the layer: {proc.stderr.decode(errors='replace')}")
-        return io.BytesIO(proc.stdout)
-    return io.BytesIO(data)
+        with tempfile.TemporaryFile() as errors:
+            os.lseek(spool.fileno(), 0, os.SEEK_SET)  # zstd reads the descriptor, not the buffered file
+            proc = subprocess.Popen(["zstd", "-dc"], stdin=spool.fileno(), stdout=subprocess.PIPE, stderr=errors)
+            assert proc.stdout is not None
+            try:
+                yield proc.stdout
+                while proc.stdout.read(1 << 16):
+                    pass  # what the tar reader left (its end blocks): zstd must not die of SIGPIPE
+            finally:
+                proc.stdout.close()
+                code = proc.wait()
+            if code != 0:
+                errors.seek(0)
+                raise DecompressionError(f"zstd could not decompress the layer: {errors.read().decode(errors='replace')}")
+    else:
+        yield spool
 
 
 def _components(member: str) -> list[str]:

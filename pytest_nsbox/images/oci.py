@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -23,13 +24,14 @@ from ..box.steps import write_id_maps
 from . import cache
 from .config import ImageConfig, parse_image_config, resolve_user
 from .errors import ImageImportError
-from .extract import DecompressionError, RefusedMember, decompressed, extract_layer
+from .extract import DecompressionError, RefusedMember, decompressing, extract_layer
 
 log = logging.getLogger(__name__)
 
 PREFIXES: Final = ("oci:", "oci-archive:", "docker-archive:")
 MAX_LAYERS: Final = 499  # overlayfs takes 500 lower layers; one is the init layer
 REF_NAME: Final = "org.opencontainers.image.ref.name"
+SPOOL_CHUNK: Final = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,12 +203,19 @@ def extract_in_child(layer: Layer, dest: Path, name: str) -> None:
             uid, gid = os.getuid(), os.getgid()
             L.unshare(L.CLONE_NEWUSER)
             write_id_maps(uid, gid)
-        with layer.open() as blob:
-            data = blob.read()
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
-        if actual != layer.digest:
-            raise ImageImportError(f"blob is corrupt (its content hashes to {actual})")
-        extract_layer(decompressed(io.BytesIO(data)), dest, as_root=as_root)
+        # spooled to a file beside the layer while hashed, checked, then extracted as it is read
+        with tempfile.TemporaryFile(dir=dest.parent) as spool:
+            digest = hashlib.sha256()
+            with layer.open() as blob:
+                for chunk in iter(lambda: blob.read(SPOOL_CHUNK), b""):
+                    digest.update(chunk)
+                    spool.write(chunk)
+            actual = "sha256:" + digest.hexdigest()
+            if actual != layer.digest:
+                raise ImageImportError(f"blob is corrupt (its content hashes to {actual})")
+            spool.seek(0)
+            with decompressing(spool) as stream:
+                extract_layer(stream, dest, as_root=as_root)
 
     def describe(exc: BaseException) -> str:
         if isinstance(exc, RefusedMember):
