@@ -179,15 +179,12 @@ def cmd_images_build(args: argparse.Namespace) -> int:
             known = ", ".join(recipes.known_images(dirs)) or "none"
             print(f"nsbox: no recipe {name!r} in {', '.join(map(str, dirs))} (known: {known})", file=sys.stderr)
             return EXIT_USAGE
-    hold = cache.InUse(cache_dir)
-    try:
+    with cache.InUse(cache_dir):
         for name, recipe in found:
             assert recipe is not None
             start = time.monotonic()
             layers = recipes.RecipeBuilder(cache_dir, dirs, output_lines=True).build(recipe)
             print(f"{name}: {len(layers)} layers in {cache_dir} ({time.monotonic() - start:.1f}s)")
-    finally:
-        hold.release()
     return 0
 
 
@@ -211,11 +208,8 @@ def cmd_images_import(args: argparse.Namespace) -> int:
     """Import an oci:, oci-archive: or docker-archive: image into the cache now."""
     project = _project()
     cache_dir = _cache(args, project)
-    hold = cache.InUse(cache_dir)
-    try:
+    with cache.InUse(cache_dir):
         dirs = oci.import_image(args.ref, project.rootdir, cache_dir)
-    finally:
-        hold.release()
     print(f"{args.ref}: {len(dirs)} layers in {cache_dir}")
     return 0
 
@@ -270,8 +264,7 @@ def cmd_images_save(args: argparse.Namespace) -> int:
     project = _project()
     cache_dir = _cache(args, project)
     dirs = _recipe_dirs(args, project)
-    hold = cache.InUse(cache_dir)
-    try:
+    with cache.InUse(cache_dir):
         records = cache.list_images(cache_dir)
         chosen: list[cache.ImageRecord] = []
         for name in args.names:
@@ -280,8 +273,6 @@ def cmd_images_save(args: argparse.Namespace) -> int:
                 return _no_image(name, cache_dir)
             chosen += matching
         size = archive.save(cache_dir, chosen, Path(args.output))
-    finally:
-        hold.release()
     print(f"{', '.join(args.names)}: {sum(len(r.layers) for r in chosen)} layers, {format_size(size)} in {args.output}")
     return 0
 
@@ -289,11 +280,8 @@ def cmd_images_save(args: argparse.Namespace) -> int:
 def cmd_images_load(args: argparse.Namespace) -> int:
     """Put the images of a file written by 'nsbox images save' into the cache; layers it has are kept."""
     cache_dir = _cache(args, _project())
-    hold = cache.InUse(cache_dir)
-    try:
+    with cache.InUse(cache_dir):
         names, extracted = archive.load(cache_dir, Path(args.input))
-    finally:
-        hold.release()
     print(f"{', '.join(names)}: {extracted} layer(s) loaded into {cache_dir}")
     return 0
 

@@ -181,6 +181,12 @@ class InUse:
             self.release()
             raise OSError(f"cannot hold the image cache {cache} (its lock holder ended: {line!r})")
 
+    def __enter__(self) -> InUse:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         if self._holder.stdin is not None:
             self._holder.stdin.close()
