@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Final
 
 from . import __version__, images, probe
-from .box import mounts
+from .box import cgroups, mounts
 from .box.config import EXIT_SETUP_FAILED, SandboxConfig
 from .box.supervise import run_once
 from .box.wire import Channel
@@ -21,7 +24,8 @@ from .images import archive, cache, oci, recipes
 from .images.config import become, id_mapping_for, run_environment
 from .prepare import default_disk_bound
 from .project import Project
-from .spec import NETWORKS, format_size
+from .reports import limit_violation
+from .spec import NETWORKS, SandboxSpec, SpecError, format_size, parse_field
 
 IMAGE_HELP = "'host', a recipe name, a rootfs directory, or oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE"
 EXIT_USAGE = 2  # what argparse uses for bad arguments; also for errors the user can fix
@@ -43,20 +47,61 @@ def cmd_shell(args: argparse.Namespace) -> int:
     """Run a command (default: $SHELL) in a sandbox of IMAGE; changes are thrown away."""
     project = _project()
     cache_dir = project.cache_dir()
+    try:
+        limits = _shell_limits(args)
+    except SpecError as exc:
+        print(f"nsbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     hold = cache.InUse(cache_dir) if args.image != images.HOST else None
     try:
         image = images.resolve(args.image, project.rootdir, cache_dir, project.ini_lines("nsbox_image_dirs"))
-        return _shell(args, image, cache_dir)
+        cgroup = _shell_cgroup(limits, project)
+        try:
+            return _shell(args, image, cache_dir, limits, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.discard()  # the sandbox never started: nothing else releases it
+            raise
     finally:
         if hold is not None:
             hold.release()
 
 
-def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Path) -> int:
+SHELL_LIMITS: Final = ("memory", "pids", "cpus", "timeout", "disk")
+EXIT_NOT_FOUND: Final = 127  # as a shell says: the command was not found
+EXIT_NOT_RUNNABLE: Final = 126  # found, but cannot be run
+EXIT_TIMED_OUT: Final = 124  # as timeout(1) says
+
+
+def _shell_limits(args: argparse.Namespace) -> SandboxSpec:
+    """The shell's limits from its options, parsed as a marker's are (SpecError names the option)."""
+    fields = {name: parse_field(name, getattr(args, name), f"option --{name}") for name in SHELL_LIMITS if getattr(args, name)}
+    return replace(SandboxSpec(network=args.network), **fields)  # type: ignore[arg-type]
+
+
+def _shell_cgroup(limits: SandboxSpec, project: Project) -> cgroups.Cgroup | None:
+    """The shell's cgroup, where it asked for memory, pids or cpus; NsboxError if one cannot be
+    enforced (never a limit silently dropped)."""
+    wanted = cgroups.Limits(memory=limits.memory, pids=limits.pids, cpus=limits.cpus)
+    if not wanted.controllers():
+        return None
+    manager = cgroups.detect(probe.cgroup_root_setting(project.ini(probe.CGROUP_ROOT_INI))[0])
+    if manager is None:
+        raise NsboxError(f"cannot enforce {', '.join(wanted.controllers())}: no cgroup hierarchy found (see nsbox doctor)")
+    available = manager.check(wanted.controllers())
+    if not available.ok:
+        fix = f". Hint: {available.fix}" if available.fix else ""
+        raise NsboxError(f"cannot enforce {', '.join(wanted.controllers())}: {available.reason}{fix}")
+    return manager.create(wanted)
+
+
+def _shell(
+    args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Path, limits: SandboxSpec, cgroup: cgroups.Cgroup | None
+) -> int:
     """An imported image or a recipe applies its config as ``docker run`` does: the environment
     is the image's Env (plus PATH and HOME if it sets none, and the caller's TERM), the command
     runs in its WorkingDir (created if missing) as its User. "host" and a rootfs directory keep
-    the caller's environment, and run in "/" as root."""
+    the caller's environment, and run in "/" as root. ``-e`` and ``-w`` come on top."""
     command = args.command or [os.environ.get("SHELL", "/bin/sh")]
     user, env, workdir = image.user, None, "/"
     if image.config is not None:
@@ -64,6 +109,15 @@ def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Pat
         if "TERM" in os.environ and "TERM" not in env:
             env["TERM"] = os.environ["TERM"]
         workdir = image.config.workdir or "/"
+    if args.env:
+        env = dict(os.environ if env is None else env)
+        for item in args.env:  # KEY=VALUE, or KEY: the caller's value (as docker run -e)
+            key, sep, value = item.partition("=")
+            if sep:
+                env[key] = value
+            elif key in os.environ:
+                env[key] = os.environ[key]
+    workdir = args.workdir or workdir
     mapping = id_mapping_for(user, args.image)
     with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
@@ -73,7 +127,7 @@ def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Pat
             host_paths=[],
             mounts=mounts.MountTable.read(),
             stacks_dir=str(cache.stacks_dir(cache_dir)),
-            disk=default_disk_bound(),
+            disk=limits.disk or default_disk_bound(),
         )
 
         def target(_channel: Channel) -> None:
@@ -81,11 +135,23 @@ def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Pat
             os.chdir(workdir)
             if user is not None and not user.is_root:
                 become(user)
-            if env is None:
-                os.execvp(command[0], command)
-            os.execvpe(command[0], command, env)
+            try:
+                if env is None:
+                    os.execvp(command[0], command)
+                os.execvpe(command[0], command, env)
+            except OSError as exc:  # what a shell says, and its status
+                print(f"nsbox: cannot run {command[0]!r} in the sandbox: {exc.strerror}", file=sys.stderr, flush=True)
+                os._exit(EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_RUNNABLE)
 
-        result = run_once(SandboxConfig.create(plan, args.network, "/", id_mapping=mapping), target)
+        config = SandboxConfig.create(
+            plan,
+            args.network,
+            "/",
+            id_mapping=mapping,
+            cgroup_files=cgroup.join_files if cgroup is not None else (),
+            oom_first=limits.memory is not None,
+        )
+        result = run_once(config, target, cgroup=cgroup, timeout=limits.timeout)
     error = result.setup_error
     if error:
         print(f"nsbox: {error['step']} failed: {error['message']}", file=sys.stderr)
@@ -93,9 +159,18 @@ def _shell(args: argparse.Namespace, image: images.ResolvedImage, cache_dir: Pat
         if hint:
             print(f"Hint: {hint}", file=sys.stderr)
         return EXIT_SETUP_FAILED
+    for record in result.records:
+        if record["kind"] == "internal_error":
+            print(f"nsbox: the sandbox failed: {str(record.get('traceback', '')).strip().splitlines()[-1:]}", file=sys.stderr)
+    cause = limit_violation(limits, result)
+    if cause is not None:
+        print(cause.message.replace("nsbox: test ", "nsbox: the command ", 1), file=sys.stderr)
+        if result.timed_out:
+            return EXIT_TIMED_OUT
     if result.test_status is None:
         return EXIT_SETUP_FAILED
-    return os.waitstatus_to_exitcode(result.test_status) & 0xFF
+    code = os.waitstatus_to_exitcode(result.test_status)
+    return 128 - code if code < 0 else code & 0xFF  # killed by a signal: 128 + its number, as a shell says
 
 
 def _project() -> Project:
@@ -355,6 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     shell = sub.add_parser("shell", help=cmd_shell.__doc__)
     shell.add_argument("image", help=IMAGE_HELP)
     shell.add_argument("--network", choices=NETWORKS, default="none")
+    shell.add_argument("-e", "--env", action="append", metavar="KEY[=VALUE]", help="set a variable (KEY alone: yours)")
+    shell.add_argument("-w", "--workdir", metavar="DIR", help="the working directory inside (default: the image's, or /)")
+    for name, metavar, what in (
+        ("memory", "SIZE", "memory limit, e.g. 256M"),
+        ("pids", "N", "process limit"),
+        ("cpus", "CPUS", "CPU bandwidth, e.g. 0.5"),
+        ("timeout", "SECONDS", "wall-clock limit; exit 124 when it expires"),
+        ("disk", "SIZE", "bound on what the command writes (default: the built-in bound)"),
+    ):
+        shell.add_argument(f"--{name}", metavar=metavar, help=what)
     shell.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: $SHELL)")
     shell.set_defaults(func=cmd_shell)
     # --cache-dir and --image-dir are accepted before and after the images subcommand

@@ -435,12 +435,14 @@ def run_once(
     *,
     cgroup: Cgroup | None = None,
     while_running: Callable[[], None] | None = None,
+    timeout: float | None = None,
 ) -> SandboxResult:
     """Build a sandbox now, run *target* in it, and wait until every process of it is gone;
-    *while_running* is called in P right after the fork (see ``Supervisor.run``)."""
+    *while_running* is called in P right after the fork (see ``Supervisor.run``), and after
+    *timeout* seconds the sandbox is killed."""
     supervisor = Supervisor()
     try:
-        return supervisor.run(config, target, cgroup=cgroup, while_running=while_running)
+        return supervisor.run(config, target, cgroup=cgroup, while_running=while_running, timeout=timeout)
     finally:
         supervisor.close()
 

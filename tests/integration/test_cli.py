@@ -291,3 +291,39 @@ def test_load_refuses_a_corrupt_archive_and_publishes_nothing(tmp_path: Path) ->
         other.add(project / "rootfs_images", "rootfs_images")
     refused = nsbox("images", "--cache-dir", str(tmp_path / "fresh"), "load", "-i", str(not_ours))
     assert refused.returncode == 2 and "not written by nsbox images save" in refused.stderr
+
+
+def test_shell_says_why_a_command_cannot_run() -> None:
+    missing = nsbox("shell", "host", "--", "no-such-command-anywhere")
+    assert missing.returncode == 127
+    assert "nsbox: cannot run 'no-such-command-anywhere' in the sandbox: No such file" in missing.stderr
+    not_runnable = nsbox("shell", "host", "--", "/etc/hostname")
+    assert not_runnable.returncode == 126
+    assert "cannot run '/etc/hostname' in the sandbox: Permission denied" in not_runnable.stderr
+
+
+def test_shell_env_and_workdir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NSBOX_FROM_CALLER", "yes")
+    show = "echo $FOO $NSBOX_FROM_CALLER; pwd"
+    result = nsbox("shell", "-e", "FOO=bar", "-e", "NSBOX_FROM_CALLER", "-w", "/etc", "host", "--", "sh", "-c", show)
+    assert result.returncode == 0 and result.stdout.split() == ["bar", "yes", "/etc"], result.stderr
+
+
+def test_shell_disk_bound() -> None:
+    result = nsbox("shell", "--disk", "8M", "host", "--", "sh", "-c", "head -c 20000000 /dev/zero > /tmp/big")
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+    bad = nsbox("shell", "--disk", "lots", "host", "true")
+    assert bad.returncode == 2 and "invalid disk 'lots' from option --disk" in bad.stderr
+
+
+def test_shell_timeout() -> None:
+    result = nsbox("shell", "--timeout", "1", "host", "--", "sleep", "30")
+    assert result.returncode == 124 and "nsbox: the command timed out after 1.0s" in result.stderr
+
+
+@pytest.mark.needs_cgroup_limits
+def test_shell_memory_and_pids_limits() -> None:
+    oom = nsbox("shell", "--memory", "64M", "host", "--", sys.executable, "-c", "x = bytearray(1 << 30)")
+    assert oom.returncode == 137 and "nsbox: the command exceeded its memory limit of 64 MiB" in oom.stderr, oom.stderr
+    forks = nsbox("shell", "--pids", "5", "host", "--", "sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 1 & done; wait")
+    assert "nsbox: pids limit 5 reached" in forks.stderr, forks.stderr
