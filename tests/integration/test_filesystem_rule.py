@@ -233,3 +233,34 @@ def test_demo_canary_check_holds_for_a_clone_under_tmp(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+IMPORTS_FROM_CWD = """
+import os, sys
+import pytest
+
+@pytest.mark.nsbox
+def test_sys_path_into_the_cwd():
+    assert os.getcwd() == CWD
+    assert "" in sys.path or CWD in sys.path  # python -m pytest puts the cwd on sys.path
+    import localmod  # found through sys.path's entry for the cwd, inside the sandbox
+    assert localmod.VALUE == 42
+    with open("in-cwd.txt", "w") as handle:  # a throwaway overlay: writable, discarded
+        handle.write("x")
+    with open("localmod.py", "a") as handle:
+        handle.write("# changed inside")
+"""
+
+
+@pytest.mark.parametrize("build_mode", list(BUILD_MODES))
+def test_sys_path_entries_into_the_cwd_work_under_tmp(build_mode: str, tmp_path: Path) -> None:
+    """`python -m pytest` from a cwd under /tmp outside the rootdir: the cwd is on sys.path, its
+    modules import, it is writable inside, and nothing written there reaches the host."""
+    project = _project(tmp_path)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    (cwd / "localmod.py").write_text("VALUE = 42\n")
+    (project / "test_inner.py").write_text(IMPORTS_FROM_CWD.replace("CWD", repr(str(cwd))))
+    result = _run(project, cwd, build_mode, tmp_path / "basetemp", str(project / "test_inner.py"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (cwd / "localmod.py").read_text() == "VALUE = 42\n" and not (cwd / "in-cwd.txt").exists()
