@@ -19,7 +19,7 @@ import signal
 from dataclasses import replace
 from typing import NoReturn
 
-from . import cgroups
+from . import cgroups, faults
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
 from .steps import (
     Step,
@@ -108,6 +108,7 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Targ
     if c_pid == 0:
         run_test(config, channel, target)
     try:
+        faults.inject("B", "harden_init")
         harden_init(config.cap_last_cap)
     except OSError as exc:
         os.kill(c_pid, signal.SIGKILL)
