@@ -43,7 +43,7 @@ def test_limited(n):
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", {token!r}], start_new_session=True)
     time.sleep(0.02)
 
-@pytest.mark.nsbox(timeout=0.5)                  # runs until P kills it: only P's death ends it early
+@pytest.mark.nsbox(timeout=0.5)                  # P ends it; once P is killed, only the parent-death chain can
 def test_hangs():
     time.sleep(300)
 
