@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,6 +55,27 @@ def _start_time(pid: int) -> str | None:
     return stat.rpartition(")")[2].split()[19]
 
 
+def _living_entries(directory: Path) -> Iterator[tuple[Path, bool]]:
+    """Each ledger entry, and whether the run that made it is still alive."""
+    for entry in directory.glob(f"*{ENTRY_SUFFIX}"):
+        pid, _, rest = entry.name.partition(".")
+        yield entry, pid.isdigit() and _start_time(int(pid)) == rest.partition(".")[0]
+
+
+def _limit(entry: Path) -> int:
+    try:
+        return int(entry.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def promised(directory: Path) -> int:
+    """What the living entries of the ledger at *directory* hold now, in bytes (read without the lock)."""
+    if not directory.is_dir():
+        return 0
+    return sum(_limit(entry) for entry, alive in _living_entries(directory) if alive)
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """A sandbox's place in the ledger; *waited*: the seconds it waited for it (0: it fit at once)."""
@@ -73,10 +95,15 @@ class MemoryLedger:
         self._sequence = itertools.count()
 
     def _ensure_dir(self) -> None:
+        """The ledger directory, created 0700; one that another user could write to (or a
+        symlink planted in /tmp) is refused, not used."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = os.lstat(self.directory)
-        if status.st_uid != os.getuid() or status.st_mode & 0o022:
-            raise BudgetError(f"nsbox: memory ledger {self.directory} is not yours alone (owner uid {status.st_uid})")
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+            raise BudgetError(
+                f"nsbox: memory ledger {self.directory} is not a directory of yours alone (owner uid {status.st_uid}, "
+                f"mode {stat.filemode(status.st_mode)}); remove it or set --nsbox-memory-budget=0"
+            )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -85,25 +112,24 @@ class MemoryLedger:
             yield
 
     def check(self, limit: int) -> None:
-        """BudgetError if *limit* can never fit."""
+        """BudgetError if *limit* can never fit, or the ledger cannot be used."""
         if limit > self.budget:
             from .spec import format_size
 
             raise BudgetError(TOO_BIG.format(limit=format_size(limit), budget=format_size(self.budget), source=self.source))
+        try:
+            self._ensure_dir()
+        except OSError as exc:
+            raise BudgetError(f"nsbox: cannot use the memory ledger {self.directory}: {exc}") from None
 
     def in_use(self) -> int:
         """The limits of the running sandboxes, in bytes (dead owners' entries are removed)."""
         total = 0
-        for entry in self.directory.glob(f"*{ENTRY_SUFFIX}"):
-            pid, _, rest = entry.name.partition(".")
-            started = rest.partition(".")[0]
-            if not pid.isdigit() or _start_time(int(pid)) != started:
+        for entry, alive in _living_entries(self.directory):
+            if not alive:
                 entry.unlink(missing_ok=True)  # its run is gone: reclaim its share
                 continue
-            try:
-                total += int(entry.read_text())
-            except (OSError, ValueError):
-                continue
+            total += _limit(entry)
         return total
 
     def admit(self, limit: int) -> Admission:

@@ -131,10 +131,11 @@ def cmd_images_list(args: argparse.Namespace) -> int:
     if not records:
         print(f"no images in {cache_dir}")
     else:
-        print(f"{'IMAGE':40}  {'KIND':14}  {'LAYERS':>6}  {'SIZE':>10}  {'CREATED':16}  LAST USED")
+        width = max(len("IMAGE"), *(len(record.name) for record in records))
+        print(f"{'IMAGE':{width}}  {'KIND':14}  {'LAYERS':>6}  {'SIZE':>10}  {'CREATED':16}  LAST USED")
         for record in records:
             size, created, used = format_size(record.size(cache_dir)), _when(record.created), _when(record.last_used)
-            print(f"{record.name:40}  {record.kind:14}  {len(record.layers):>6}  {size:>10}  {created:16}  {used}")
+            print(f"{record.name:{width}}  {record.kind:14}  {len(record.layers):>6}  {size:>10}  {created:16}  {used}")
         layers = {layer for r in records for layer in r.layers}
         unused = [layer for layer in cache.layer_ids(cache_dir) if layer not in layers]
         total = format_size(_unique_size(cache_dir, layers | set(unused)))
@@ -297,8 +298,8 @@ def cmd_images_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _carry_out(removal: cache.Removal, cache_dir: Path, *, dry_run: bool, force: bool) -> int:
-    """Say what *removal* frees; ask on a terminal (unless --force); remove unless --dry-run."""
+def _carry_out(removal: cache.Removal, cache_dir: Path, *, dry_run: bool) -> int:
+    """Say what *removal* frees; remove it unless --dry-run (hold ``cache.exclusive``)."""
     what = f"{len(removal.layers)} layer(s)"
     if removal.leftovers:
         what += f" and {len(removal.leftovers)} leftover(s) of interrupted builds"
@@ -313,14 +314,17 @@ def _carry_out(removal: cache.Removal, cache_dir: Path, *, dry_run: bool, force:
     if not (removal.layers or removal.images or removal.leftovers):
         print(f"removed 0 layer(s): nothing to free in {cache_dir}")
         return 0
-    if not force and sys.stdin.isatty():
-        answer = input(f"Remove {what} ({freed})? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing removed")
-            return 1
     cache.remove(cache_dir, removal)
     print(f"removed {what}, freed {freed} in {cache_dir}")
     return 0
+
+
+def _confirmed(removal: cache.Removal) -> bool:
+    """On a terminal: ask before removing (asked before the cache is locked: runs wait for the lock)."""
+    if not (removal.layers or removal.images or removal.leftovers) or not sys.stdin.isatty():
+        return True
+    answer = input(f"Remove {len(removal.layers)} layer(s) ({format_size(removal.size)})? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_images_rm(args: argparse.Namespace) -> int:
@@ -336,16 +340,18 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
             if not matching:
                 return _no_image(name, cache_dir)
             forget += matching
-        return _carry_out(cache.plan_removal(cache_dir, forget), cache_dir, dry_run=args.dry_run, force=True)
+        return _carry_out(cache.plan_removal(cache_dir, forget), cache_dir, dry_run=args.dry_run)
 
 
 def cmd_images_prune(args: argparse.Namespace) -> int:
     """Remove the layers no image uses (and forget images unused for --older-than days); --dry-run shows what it would free."""
     cache_dir = _cache(args, _project())
     older = args.older_than * 86400 if args.older_than is not None else None
-    with cache.exclusive(cache_dir):
-        removal = cache.prune_plan(cache_dir, older_than=older)
-        return _carry_out(removal, cache_dir, dry_run=args.dry_run, force=args.force)
+    if not (args.dry_run or args.force or _confirmed(cache.prune_plan(cache_dir, older_than=older))):
+        print("nothing removed")
+        return 1
+    with cache.exclusive(cache_dir):  # planned again: what a run did meanwhile counts
+        return _carry_out(cache.prune_plan(cache_dir, older_than=older), cache_dir, dry_run=args.dry_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

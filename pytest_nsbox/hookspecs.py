@@ -29,6 +29,8 @@ def pytest_nsbox_resolve_image(config: pytest.Config, name: str) -> str | None:
 def pytest_nsbox_modify_spec(item: pytest.Item, spec: SandboxSpec) -> SandboxSpec | None:
     """Return a changed spec for *item* (e.g. ``dataclasses.replace(spec, network="host")``), or None.
 
+    A changed spec whose ``expect_limits`` names a limit it does not set is an error of the test.
+
     .. versionadded:: 0.1
     """
 

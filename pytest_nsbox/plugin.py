@@ -7,11 +7,11 @@ from typing import Final
 
 import pytest
 
-from . import probe, reruns, runtest, timers
-from .budget import MemoryLedger, default_ledger_dir
+from . import probe, reports, reruns, runtest, timers
+from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
-from .prepare import memory_available
-from .spec import OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size
+from .prepare import memory_available, memory_total
+from .spec import DROP_ENV_INI, OPTION_FIELDS, defaults_from, describe_defaults, format_size, parse_size, with_drop_env
 
 RUNNER_KEY: Final = pytest.StashKey["runtest.SandboxRunner"]()
 CGROUP_ROOT_ENV: Final = probe.CGROUP_ROOT_ENV
@@ -27,10 +27,14 @@ BUDGET_SUMMARY: Final = (
 )
 _defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
 MARKER_HELP: Final = (
-    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None): "
+    "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None, "
+    "expect_limits=(), drop_env=None): "
     "run the test in fresh Linux namespaces over a throwaway overlay of the root filesystem image "
     "(see pytest_nsbox.nsbox). Limits default to --nsbox-LIMIT, then ini nsbox_LIMIT; "
-    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test."
+    "memory/pids/cpus/timeout=None or 0 turns such a default off for the test. "
+    "expect_limits='memory', 'pids', 'disk' or a tuple of them: hitting that limit (a process the test "
+    "starts OOM-killed, forks refused, ENOSPC) does not fail the test by itself. "
+    "drop_env=['*_TOKEN', ...]: environment variables the test does not get (over ini nsbox_drop_env)."
 )
 HEADER: Final = "nsbox: {user}, {build}, {cgroup}; defaults: {defaults}"
 OPTION_HELP: Final = {
@@ -84,6 +88,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "v2, a path below /sys/fs/cgroup (default: beside pytest's own cgroup)",
         default="",
     )
+    parser.addini(
+        DROP_ENV_INI,
+        "environment variables sandboxed tests do not get: fnmatch patterns of names, one a line, e.g. *_TOKEN "
+        "(default: none)",
+        type="linelist",
+        default=[],
+    )
     parser.addini("nsbox_image_dirs", "more folders of image recipes (<name>/image.toml)", type="linelist", default=[])
     parser.addini(
         "nsbox_prebuild",
@@ -93,6 +104,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=True,
     )
     parser.addini("nsbox_cache_dir", "where imported image layers are cached (default $XDG_CACHE_HOME/pytest-nsbox)", default="")
+    group.addoption(
+        "--nsbox-leaks",
+        default=None,
+        choices=(reports.LEAKS_WARN, reports.LEAKS_FAIL),
+        help="processes a sandboxed test left running (they are killed either way): a warning and a report "
+        "section (warn, the default), or the test fails (fail). Over ini nsbox_leaks.",
+    )
+    parser.addini("nsbox_leaks", "processes a sandboxed test left running: warn (default) or fail", default="")
     group.addoption(
         "--nsbox-memory-budget",
         default=None,
@@ -119,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         options = {option: config.getoption(f"nsbox_default_{name}") for option, name in OPTION_FIELDS.items()}
         defaults = defaults_from(lambda name: str(config.getini(name)), options)
+        defaults = with_drop_env(defaults, list(config.getini(DROP_ENV_INI)))
     except NsboxError as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     try:
@@ -134,6 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
         cache_dir=str(config.getini("nsbox_cache_dir")),
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
         budget=budget,
+        leaks=leaks_setting(config),
     )
     config.stash[RUNNER_KEY] = runner
     _peaks.clear()
@@ -142,6 +163,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
+
+
+def leaks_setting(config: pytest.Config) -> str:
+    """--nsbox-leaks over ini nsbox_leaks over warn; a bad ini value is a usage error."""
+    option = config.getoption("nsbox_leaks")
+    if option is not None:
+        return str(option)
+    value = str(config.getini("nsbox_leaks")).strip() or reports.LEAKS_WARN
+    if value not in (reports.LEAKS_WARN, reports.LEAKS_FAIL):
+        raise pytest.UsageError(f"pytest-nsbox: invalid ini nsbox_leaks {value!r} (expected warn or fail)")
+    return value
 
 
 def memory_budget(config: pytest.Config) -> MemoryLedger | None:
@@ -161,7 +193,11 @@ def memory_budget(config: pytest.Config) -> MemoryLedger | None:
             where = "option --nsbox-memory-budget" if source == "command line" else "ini nsbox_memory_budget"
             raise NsboxError(f"invalid memory budget {raw!r} from {where} ({exc})") from None
         return MemoryLedger(default_ledger_dir(), size, source)
-    return MemoryLedger(default_ledger_dir(), memory_available(), "available at the start")
+    # What is free now, plus what running sandboxes were promised (their use is not free now,
+    # and the ledger counts their limits again), never more than the machine has.
+    directory = default_ledger_dir()
+    total = memory_total()
+    return MemoryLedger(directory, min(memory_available() + promised(directory), total), "available at the start")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

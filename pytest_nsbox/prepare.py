@@ -25,7 +25,7 @@ from .errors import NsboxError
 from .images import cache as layer_cache
 from .images.config import environment_for_tests
 from .project import cache_dir_setting
-from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, spec_from_markers
+from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, check_expected_limits, spec_from_markers
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Prepared:
             os.getcwd(),
             cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
             oom_first=self.cgroup is not None and self.spec.memory is not None,
+            drop_env=self.spec.drop_env or (),
         )
 
     def discard(self) -> None:
@@ -141,6 +142,16 @@ def memory_available() -> int:
     return min(available, own) if own is not None else available
 
 
+def memory_total() -> int:
+    """The machine's MemTotal (unknown: 2**62)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        total = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemTotal:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 2**62
+    return total
+
+
 class Preparer:
     """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
 
@@ -214,8 +225,10 @@ class Preparer:
         """The item's spec: its markers over the defaults, a hook's changes, the default disk bound."""
         spec = spec_from_markers(marks_of(item), item.nodeid, self.defaults)
         if self.config.hook.pytest_nsbox_modify_spec.get_hookimpls():  # item.ihook costs a conftest lookup per item
-            changed = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
-            spec = changed if changed is not None else spec
+            changed: SandboxSpec | None = item.ihook.pytest_nsbox_modify_spec(item=item, spec=spec)
+            if changed is not None:
+                check_expected_limits(changed, f"spec of {item.nodeid} from pytest_nsbox_modify_spec")
+                spec = changed
         return spec if spec.disk is not None else replace(spec, disk=self.default_disk)
 
     def check_spec(self, item: pytest.Item) -> str | None:
@@ -238,7 +251,10 @@ class Preparer:
             return images.ResolvedImage(str(hooked))
         if name not in self._images:
             if name != images.HOST and self._cache_hold is None:
-                self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
+                try:
+                    self._cache_hold = layer_cache.InUse(self.cache_dir)  # nsbox images prune/rm wait for the run
+                except OSError as exc:
+                    raise images.ImageError(f"image {name!r}: cannot use the image cache {self.cache_dir}: {exc}") from None
             image_dirs = [str(d) for d in self.config.getini("nsbox_image_dirs")]
             self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]
@@ -307,6 +323,7 @@ class Preparer:
             pids=(spec.pids or DEFAULT_PIDS) if "pids" in wanted else None,
             cpus=spec.cpus,
             account_memory="memory" in wanted,
+            oom_group="memory" not in spec.expect_limits,  # an expected OOM kill ends only its victim
         )
         if not limits.controllers():
             return None

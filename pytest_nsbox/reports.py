@@ -24,6 +24,7 @@ import pytest
 from . import compat, probe
 from .box.cgroups import Usage
 from .box.config import SandboxResult
+from .box.steps import LEFTOVERS
 from .spec import DEFAULT_PIDS, SandboxSpec, format_size
 
 # Public wording (DESIGN.md "Outcomes"): keep the listed words stable.
@@ -41,6 +42,8 @@ DISK_FULL: Final = (
 )
 DISK_USAGE: Final = "disk_usage"  # record kind: C's look at the scratch tmpfs when the test ended
 DISK_FULL_MARGIN: Final = 64 * 2**10  # less free than this when the test ended: the bound was reached
+EXPECTED_HIT: Final = "{message}, as the marker expects (expect_limits)"
+TEST_PROCESS_OOM_KILLED: Final = "{message}: the test process itself was killed (expect_limits covers the processes it starts)"
 MEMORY_TOO_SMALL: Final = (
     "nsbox: memory limit of {limit} is too small for a sandbox to start here: {measured}; "
     "use memory={smallest!r} or more (plus what the test itself needs)"
@@ -71,7 +74,13 @@ LIMIT_PROPERTIES: Final = {
     "timeout": "nsbox_timeout_limit",  # seconds
     "disk": "nsbox_disk_limit",  # bytes
 }
-CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal
+LEFT_RUNNING: Final = "nsbox: the test left {count} process(es) running, killed when it ended ({first})"
+LEAKS_SECTION: Final = "nsbox: processes left running"
+LEAKS_WARN: Final = "warn"  # --nsbox-leaks: a warning and a report section
+LEAKS_FAIL: Final = "fail"  # --nsbox-leaks: the test fails
+LEAKS_WARNING: Final = "pytest_nsbox.runtest:NsboxWarning"  # the category of the warning, as replay_warning finds it
+CAUSE_PROPERTY: Final = "nsbox_cause"  # memory, pids, disk, timeout, signal:SIGSEGV, exit, stream, internal, leaks
+EXPECTED_PROPERTY: Final = "nsbox_expected_limit"  # memory, pids, disk: a limit hit the marker expects (one per limit)
 PLUGIN_TIMEOUT: Final = "plugin_timeout"  # record kind: pytest-timeout's thread method ended the test
 PLUGIN_TIMEOUT_SECTION: Final = "pytest-timeout: stacks at timeout"
 PDB_SHOWN: Final = "pdb_shown"  # record kind: --pdb showed the failure of phase ``when`` in the sandbox
@@ -198,24 +207,45 @@ class Cause:
     name: str  # nsbox_cause: memory, pids, timeout, stream
     sections: list[tuple[str, str]] = field(default_factory=list)
     reported: bool = False
+    expected: bool = False  # the marker's expect_limits names it: it does not fail the test by itself
 
 
-def limit_violation(spec: SandboxSpec, result: SandboxResult) -> Cause | None:
-    """Why the test must fail because of its limits, from the kernel's own counters."""
-    usage = result.usage
+def ended_by_sigkill(result: SandboxResult) -> bool:
+    """Whether the test process (C) died by SIGKILL, or its end is unknown: with OOM kills
+    counted, the OOM killer may have chosen C itself, which no expect_limits covers."""
+    status = result.test_status
+    return status is None or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL)
+
+
+def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
+    """Every limit the sandbox hit, from the kernel's own counters, in order: timeout, memory,
+    pids, disk; each marked ``expected`` where the marker's expect_limits covers it: a memory hit
+    only if the test process itself survived (a process it started was OOM-killed), a pids or disk
+    hit always."""
+    usage, hits = result.usage, []
     if result.timed_out:
         stack = trim_stack(result.stack)
         sections = [(STACK_SECTION, stack)] if stack else []
-        return Cause(TIMED_OUT.format(seconds=spec.timeout or 0.0), "timeout", sections)
+        hits.append(Cause(TIMED_OUT.format(seconds=spec.timeout or 0.0), "timeout", sections))
     if usage.oom_kills and spec.memory is not None:
         peak = format_size(usage.memory_peak) if usage.memory_peak is not None else "unknown"
         plural = "es" if usage.oom_kills != 1 else ""
-        return Cause(
-            MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural), "memory"
-        )
+        message = MEMORY_EXCEEDED.format(limit=format_size(spec.memory), peak=peak, count=usage.oom_kills, plural=plural)
+        expected = "memory" in spec.expect_limits
+        if expected and ended_by_sigkill(result):
+            expected, message = False, TEST_PROCESS_OOM_KILLED.format(message=message)
+        hits.append(Cause(message, "memory", expected=expected))
     if usage.pids_limit_hits:
-        return Cause(PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits), "pids")
-    return disk_full(spec, result.records)
+        message = PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits)
+        hits.append(Cause(message, "pids", expected="pids" in spec.expect_limits))
+    disk = disk_full(spec, result.records)
+    if disk is not None:
+        disk.expected = "disk" in spec.expect_limits
+        hits.append(disk)
+    for hit in hits:
+        if hit.expected:
+            hit.message = EXPECTED_HIT.format(message=hit.message)
+    return hits
 
 
 def disk_full(spec: SandboxSpec, records: list[dict[str, Any]]) -> Cause | None:
@@ -224,14 +254,34 @@ def disk_full(spec: SandboxSpec, records: list[dict[str, Any]]) -> Cause | None:
     record = next((r for r in records if r["kind"] == DISK_USAGE), None)
     if record is None or spec.disk is None:
         return None
-    try:
-        free, free_inodes = int(record["free"]), int(record["free_inodes"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    free, free_inodes = record.get("free"), record.get("free_inodes")
+    if type(free) is not int or type(free_inodes) is not int:
+        return None  # C sent it, where the test's code runs: only plain integers count
     if free >= DISK_FULL_MARGIN and free_inodes > 0:
         return None
     detail = " (no inode left)" if free_inodes <= 0 else ""
     return Cause(DISK_FULL.format(limit=format_size(spec.disk), detail=detail), "disk")
+
+
+def limit_violation(spec: SandboxSpec, result: SandboxResult) -> Cause | None:
+    """Why the test must fail because of its limits (the first hit the marker does not expect)."""
+    return next((hit for hit in limit_hits(spec, result) if not hit.expected), None)
+
+
+def expected_note(hits: list[Cause]) -> Cause | None:
+    """The expected limit hits as one cause (its message one line per limit), or None."""
+    expected = [hit for hit in hits if hit.expected]
+    if not expected:
+        return None
+    return Cause("\n".join(hit.message for hit in expected), expected[0].name, expected=True)
+
+
+def with_note(got: list[pytest.TestReport], note: Cause) -> None:
+    """Record expected limit hits that did not decide the outcome: a section of the first failed
+    report, else of the call report (or of the last report, if there is no call)."""
+    target = next((r for r in got if r.failed), None) or next((r for r in got if r.when == "call"), got[-1] if got else None)
+    if target is not None:
+        target.sections.append((LIMIT_SECTION, note.message))
 
 
 def trim_stack(dump: str) -> str:
@@ -327,9 +377,11 @@ class SandboxReports:
         return ordered
 
 
-def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *, require: bool) -> SandboxReports:
-    """Turn the records of *result* into reports; add the phases never reported and the cause
-    of a limit violation."""
+def from_sandbox(
+    item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *, require: bool, leaks: str = LEAKS_WARN
+) -> SandboxReports:
+    """Turn the records of *result* into reports; add the phases never reported, the cause of a
+    limit violation, and the processes the test left running (*leaks*: warn or fail)."""
     config = item.config
     out = SandboxReports()
     internal = False
@@ -366,7 +418,8 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
             internal = True
     properties = limit_properties(spec, result.usage)
     if result.setup_error is None:
-        cause = limit_violation(spec, result)
+        hits = limit_hits(spec, result)
+        cause = next((hit for hit in hits if not hit.expected), None)
         if cause is None and result.wire_error:
             cause = Cause(CORRUPT_STREAM.format(detail=result.wire_error), "stream")
         if cause is None:
@@ -377,6 +430,30 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
             out.reports.extend(early)
         if cause is not None:
             out.reports = with_cause(item, out.reports, cause)
+        note = expected_note(hits)
+        if note is not None:
+            properties.extend((EXPECTED_PROPERTY, hit.name) for hit in hits if hit.expected)
+            if cause is None and any(r.failed for r in out.reports):
+                cause = note  # the test failed anyway: reported as without expect_limits, the hit first
+                out.reports = with_cause(item, out.reports, note)
+            else:
+                with_note(out.reports, note)  # the test's own outcome stands; the hit is recorded
+        left, count = leftovers(result.records)
+        if left:
+            listing = "\n".join(f"pid {pid}: {command}" for pid, command in left)
+            if count > len(left):
+                listing += f"\n... and {count - len(left)} more"
+            message = LEFT_RUNNING.format(count=count, first=f"pid {left[0][0]}: {left[0][1]}"[:200])
+            if leaks == LEAKS_FAIL and cause is None and all(r.passed for r in out.reports):  # never over the test's own outcome
+                cause = Cause(message, "leaks", [(LEAKS_SECTION, listing)])
+                out.reports = with_cause(item, out.reports, cause)
+            else:
+                shown = next((r for r in out.reports if r.when == "call"), out.reports[-1] if out.reports else None)
+                if shown is not None:  # the call's report: -rP/-rA show its sections
+                    shown.sections.append((LEAKS_SECTION, listing))
+                path, lineno, _ = item.location
+                warning = {"message": f"{item.nodeid}: {message}", "category": LEAKS_WARNING}
+                out.warnings.append(warning | {"filename": path, "lineno": (lineno or 0) + 1})
         if cause is not None and cause.reported:
             properties.append((CAUSE_PROPERTY, cause.name))
         elif any(r.failed for r in early):
@@ -386,6 +463,19 @@ def from_sandbox(item: pytest.Item, spec: SandboxSpec, result: SandboxResult, *,
     for report in out.reports:
         report.user_properties.extend(properties)
     return out
+
+
+def leftovers(records: list[dict[str, Any]]) -> tuple[list[tuple[int, str]], int]:
+    """The processes the test left running as C listed them (the first few), and how many there
+    were (checked: C runs the test's code)."""
+    record = next((r for r in records if r["kind"] == LEFTOVERS), None)
+    entries = record.get("processes") if record is not None else None
+    found: list[tuple[int, str]] = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, list | tuple) and len(entry) == 2 and type(entry[0]) is int and isinstance(entry[1], str):
+            found.append((entry[0], entry[1][:500]))
+    count = record.get("count") if record is not None else None
+    return found, max(count, len(found)) if type(count) is int else len(found)
 
 
 def plugin_timeout(records: list[dict[str, Any]]) -> Cause | None:

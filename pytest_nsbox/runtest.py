@@ -25,7 +25,7 @@ from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
-from .budget import BudgetError, MemoryLedger
+from .budget import Admission, BudgetError, MemoryLedger
 from .carry import Carriers
 from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
@@ -186,9 +186,11 @@ class SandboxRunner:
         cache_dir: str = "",
         prebuild_ahead: bool = True,
         budget: MemoryLedger | None = None,
+        leaks: str = reports.LEAKS_WARN,
     ) -> None:
         self.config = config
         self.budget = budget
+        self.leaks = leaks
         self.sandbox_all = sandbox_all
         self.require = require
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
@@ -240,13 +242,16 @@ class SandboxRunner:
                 ticket = self.lookahead.submit(prepared)
             self._warn_user_not_applied(prepared)
             setup = pytest.CallInfo.from_call(lambda: compat.setup_wider_fixtures(item), when="setup")
-            if setup.excinfo is not None:
+            admission, unadmitted = self._admit(prepared) if setup.excinfo is None else (None, None)
+            if setup.excinfo is not None or unadmitted is not None:
                 self.lookahead.discard(prepared, ticket)
                 self._prepare_next(nextitem)
-                before_teardown.append(item.ihook.pytest_runtest_makereport(item=item, call=setup))
+                if unadmitted is not None:
+                    before_teardown.append(reports.failure_report(item, "setup", unadmitted))
+                else:
+                    before_teardown.append(item.ihook.pytest_runtest_makereport(item=item, call=setup))
                 yield from before_teardown
             else:
-                admission = self.budget.admit(prepared.spec.memory) if self.budget and prepared.spec.memory else None
                 try:
                     result = self._run(item, nextitem, prepared, ticket)
                 finally:
@@ -258,7 +263,11 @@ class SandboxRunner:
                 item.ihook.pytest_nsbox_sandbox_finished(item=item, spec=prepared.spec, result=result)
                 if too_small is not None:  # the user's value, not this host: an ERROR, never a SKIP
                     result = replace(result, records=[])
-                outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require)
+                try:
+                    outcome = reports.from_sandbox(item, prepared.spec, result, require=self.require, leaks=self.leaks)
+                except Exception as exc:  # noqa: BLE001 - the records come from the test's process: never the session's end
+                    message = reports.CORRUPT_STREAM.format(detail=f"{type(exc).__name__}: {exc}")
+                    outcome = reports.SandboxReports([reports.failure_report(item, "setup", message)])
                 if admission is not None:
                     for report in outcome.reports:
                         report.user_properties.append((BUDGET_WAIT_PROPERTY, round(admission.waited, 3)))
@@ -275,6 +284,16 @@ class SandboxRunner:
         in_sandbox = outcome.teardown()
         keep_wider = rerun_follows([*before_teardown, *([in_sandbox] if in_sandbox is not None else [])])
         yield self._teardown_outside(item, nextitem, in_sandbox, keep_wider=keep_wider)
+
+    def _admit(self, prepared: Prepared) -> tuple[Admission | None, str | None]:
+        """Wait for the memory budget to admit the sandbox (None: no budget or no memory limit);
+        or why it cannot be (the ledger failed: the test is an ERROR, the session goes on)."""
+        if self.budget is None or prepared.spec.memory is None:
+            return None, None
+        try:
+            return self.budget.admit(prepared.spec.memory), None
+        except (BudgetError, OSError) as exc:
+            return None, f"nsbox: the memory budget could not admit the sandbox: {exc}"
 
     def _beyond_budget(self, prepared: Prepared | Refused) -> str | None:
         """Why the test's memory limit can never be admitted (bigger than the whole budget), or None."""

@@ -9,7 +9,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
@@ -24,6 +24,16 @@ DEFAULT_PIDS: Final = 1024  # the pids cap of a sandbox that asks for none (wher
 SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)\s*$")
 _SIZE_UNITS: Final = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# Limits a test may expect to hit (expect_limits): the kernel counts their hits.
+EXPECTABLE: Final = ("memory", "pids", "disk")
+EXPECTABLE_GRAMMAR: Final = "'memory', 'pids', 'disk', or a tuple of them"
+NOT_EXPECTABLE: Final = {
+    "timeout": (
+        "timeout is not a limit a test may expect: a test that wants something to run out of time "
+        "uses its own timer (e.g. subprocess.run(..., timeout=5))"
+    ),
+    "cpus": "cpus is a bandwidth, never hit: there is nothing to expect",
+}
 
 
 class SpecError(NsboxError, ValueError):
@@ -41,6 +51,9 @@ class SandboxSpec:
     timeout: float | None = None  # seconds, whole test (setup + call + teardown)
     network: Network = "none"
     disk: int | None = None  # bytes; None: the default bound (P fills it in before the sandbox is built)
+    # limits whose hit does not fail the test by itself (a subset of EXPECTABLE, in that order)
+    expect_limits: tuple[str, ...] = ()
+    drop_env: tuple[str, ...] | None = None  # fnmatch patterns of environment variables the test does not get
 
     def requested_limits(self) -> dict[str, object]:
         """The resource limits this spec asks for, by marker argument name (public: hooks use it)."""
@@ -123,6 +136,20 @@ def _parse_network(value: object) -> Network:
     return value  # type: ignore[return-value]
 
 
+def _parse_expect_limits(value: object) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, tuple | list | set | frozenset) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"expected {EXPECTABLE_GRAMMAR}")
+    for name in names:
+        if name in NOT_EXPECTABLE:
+            raise ValueError(NOT_EXPECTABLE[name])
+        if name not in EXPECTABLE:
+            close = difflib.get_close_matches(name, EXPECTABLE, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{name!r} is not a limit a test may expect; {hint}expected {EXPECTABLE_GRAMMAR}")
+    return tuple(name for name in EXPECTABLE if name in names)
+
+
 PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "image": _parse_image,
     "memory": parse_size,
@@ -131,6 +158,8 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "timeout": lambda v: _parse_positive_float(v, "a positive number of seconds"),
     "network": _parse_network,
     "disk": lambda v: _parse_disk(v),
+    "expect_limits": _parse_expect_limits,
+    "drop_env": lambda v: parse_drop_env(v),
 }
 
 
@@ -150,11 +179,11 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
-FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk")
+FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk", "expect_limits", "drop_env")
 # Limits a marker may turn off (None or 0) for one test. pids and disk cannot go unbounded:
 # None/0 drops a command-line or ini default, and the built-in bound (DEFAULT_PIDS, the default
 # disk bound) still applies.
-SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout", "disk")
+SWITCHABLE: Final = ("memory", "pids", "cpus", "timeout", "disk", "drop_env")  # drop_env=None: drop nothing
 
 
 def marker_signature(
@@ -166,10 +195,21 @@ def marker_signature(
     timeout: float | _Unset | None = UNSET,
     network: Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
+    expect_limits: str | Iterable[str] | _Unset | None = UNSET,
+    drop_env: str | Iterable[str] | _Unset | None = UNSET,
 ) -> dict[str, object]:
     """The ``nsbox`` marker's signature: Python writes the 'unexpected keyword' errors."""
-    given = {"image": image, "memory": memory, "pids": pids, "cpus": cpus, "timeout": timeout, "network": network}
-    given["disk"] = disk
+    given = {
+        "image": image,
+        "memory": memory,
+        "pids": pids,
+        "cpus": cpus,
+        "timeout": timeout,
+        "network": network,
+        "disk": disk,
+        "expect_limits": expect_limits,
+        "drop_env": drop_env,
+    }
     return {name: value for name, value in given.items() if value is not UNSET}
 
 
@@ -182,6 +222,8 @@ def nsbox(
     timeout: float | _Unset | None = UNSET,
     network: Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
+    expect_limits: str | Iterable[str] | _Unset | None = UNSET,
+    drop_env: str | Iterable[str] | _Unset | None = UNSET,
 ) -> Any:
     """Run the test in fresh namespaces over a throwaway overlay of rootfs *image*.
 
@@ -191,10 +233,24 @@ def nsbox(
     ``disk`` a size bounding everything the test writes (the writable layer, /tmp, /run, /dev/shm).
     ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids and
     disk: down to the built-in bounds, 1024 processes and the default disk bound).
+    ``expect_limits`` ('memory', 'pids', 'disk', or a tuple of them) names limits the test means
+    to hit: a process it starts OOM-killed, forks refused, or ENOSPC do not fail it by themselves.
+    ``drop_env`` (a pattern or a list of them, e.g. ``["*_TOKEN", "AWS_*"]``): environment variables
+    the test does not get (over ini ``nsbox_drop_env``; ``None`` drops none).
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
-    kwargs = marker_signature(image, memory=memory, pids=pids, cpus=cpus, timeout=timeout, network=network, disk=disk)
+    kwargs = marker_signature(
+        image,
+        memory=memory,
+        pids=pids,
+        cpus=cpus,
+        timeout=timeout,
+        network=network,
+        disk=disk,
+        expect_limits=expect_limits,
+        drop_env=drop_env,
+    )
     return pytest.mark.nsbox(**kwargs)
 
 
@@ -275,14 +331,29 @@ def _given(mark: Mark, source: str) -> dict[str, object]:
             message += f" (did you mean {close[0]!r}?)" if close else ""
             message += f"; valid keywords: {', '.join(FIELDS)}"
         raise SpecError(message) from None
-    # image and network have no default to turn off: None there means "not given"
-    return {name: value for name, value in given.items() if value is not None or name in SWITCHABLE}
+    # image and network have no default to turn off: None there means "not given"; expect_limits=None
+    # expects nothing (over an outer marker's expect_limits)
+    return {name: value for name, value in given.items() if value is not None or name in (*SWITCHABLE, "expect_limits")}
 
 
 def _parse_marker_field(name: str, value: object, source: str) -> object:
     if name in SWITCHABLE and (value is None or (value == 0 and not isinstance(value, bool))):
         return None  # off for this test (pids: the safety cap still applies)
+    if name == "expect_limits" and value is None:
+        return ()
     return parse_field(name, value, source)
+
+
+def check_expected_limits(spec: SandboxSpec, source: str) -> None:
+    """Each limit *spec* expects must be one it sets: otherwise there is nothing to expect."""
+    for name in spec.expect_limits:
+        if getattr(spec, name) is None:
+            built_in = {"pids": f"the safety cap of {DEFAULT_PIDS}", "disk": "the built-in disk bound"}.get(name)
+            cap = f" ({built_in} is not a limit a test may expect)" if built_in else ""
+            raise SpecError(
+                f"{source}: expect_limits names {name}, but the test has no {name} limit{cap}; "
+                f"give {name}=... in the marker (or --nsbox-{name}, ini nsbox_{name}), or drop {name!r} from expect_limits"
+            )
 
 
 def spec_from_markers(marks: list[Mark], nodeid: str, defaults: Defaults) -> SandboxSpec:
@@ -304,7 +375,9 @@ def spec_from_markers(marks: list[Mark], nodeid: str, defaults: Defaults) -> San
                     f"({chosen[name][1]!r} and {value!r}); keep one"
                 )
     fields = {name: _parse_marker_field(name, value, source) for name, (_, value) in chosen.items()}
-    return replace(defaults.spec, **fields)  # type: ignore[arg-type]
+    spec = replace(defaults.spec, **fields)  # type: ignore[arg-type]
+    check_expected_limits(spec, source)
+    return spec
 
 
 def spec_from_marker(args: tuple[object, ...], kwargs: Mapping[str, object], nodeid: str, defaults: Defaults) -> SandboxSpec:
@@ -331,4 +404,31 @@ def describe_defaults(defaults: Defaults, default_disk: int | None = None) -> st
             parts.append(f"pids={DEFAULT_PIDS} (built-in)")
         elif name == "disk" and default_disk is not None:
             parts.append(f"disk={format_size(default_disk)} (built-in)")
+    if spec.drop_env:
+        parts.append(f"drop_env={' '.join(spec.drop_env)} ({sources.get('drop_env', 'built-in')})")
     return ", ".join(parts)
+
+
+# --- drop_env: environment variables a test does not get --------------------------------------
+
+DROP_ENV_INI: Final = "nsbox_drop_env"
+DROP_ENV_GRAMMAR: Final = "a pattern or a list of fnmatch patterns of variable names, e.g. ['*_TOKEN', 'AWS_*']"
+
+
+def parse_drop_env(value: object) -> tuple[str, ...] | None:
+    """Patterns of variable names (fnmatch: ``*``, ``?``, ``[...]``; case-sensitive); None for none."""
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"expected {DROP_ENV_GRAMMAR}")
+    for pattern in patterns:
+        if not pattern.strip() or "=" in pattern or pattern != pattern.strip():
+            raise ValueError(f"{pattern!r} cannot name a variable (no blank, no '=')")
+    return tuple(dict.fromkeys(patterns)) or None
+
+
+def with_drop_env(defaults: Defaults, ini_patterns: list[str]) -> Defaults:
+    """*defaults* with ini ``nsbox_drop_env`` (a linelist) as the drop_env default. Raises SpecError."""
+    if not ini_patterns:
+        return defaults
+    drop_env = parse_field("drop_env", list(ini_patterns), f"ini {DROP_ENV_INI}")
+    return Defaults(replace(defaults.spec, drop_env=drop_env), {**defaults.sources, "drop_env": "ini"})  # type: ignore[arg-type]

@@ -14,8 +14,8 @@ VENV=${NSBOX_VENV:-$REPO/.venv}
 OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
-# what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound, the memory budget, doctor
-UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_budget.py tests/integration/test_doctor.py"
+# what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound (charged to memory), doctor
+UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py"
 
 apt_install() {
   # Debian packages the project needs: python3-venv (the rootless venv), uidmap (rootless image builds).

@@ -52,10 +52,16 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_LAST_CAP = 40  # CAP_CHECKPOINT_RESTORE; higher numbers are probed at run time
 
+# <linux/keyctl.h>
+KEY_SPEC_SESSION_KEYRING = -3
+KEYCTL_GET_KEYRING_ID = 0
+KEYCTL_JOIN_SESSION_KEYRING = 1
+_KEYCTL_NAMES = {KEYCTL_GET_KEYRING_ID: "KEYCTL_GET_KEYRING_ID", KEYCTL_JOIN_SESSION_KEYRING: "KEYCTL_JOIN_SESSION_KEYRING"}
+
 # <asm/unistd_64.h> (x86_64); aarch64 numbers in the second column
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "capset": 126},
-    "aarch64": {"pivot_root": 41, "capset": 91},
+    "x86_64": {"pivot_root": 155, "capset": 126, "keyctl": 250},
+    "aarch64": {"pivot_root": 41, "capset": 91, "keyctl": 219},
 }
 
 # <linux/sockios.h>, <linux/if.h>
@@ -245,6 +251,14 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     number, header, data = _capset_arguments(effective, permitted, inheritable)
     rc = _libc().syscall(number, ctypes.byref(header), data)
     _check(rc, lambda: f"capset(effective={effective:#x})")
+
+
+def keyctl(operation: int, arg2: int = 0, arg3: int = 0) -> int:
+    """keyctl(2) with integer arguments (glibc does not wrap it); a NULL pointer is 0."""
+    number = ctypes.c_long(_syscall_number("keyctl"))
+    rc = _libc().syscall(number, ctypes.c_long(operation), ctypes.c_long(arg2), ctypes.c_long(arg3))
+    name = _KEYCTL_NAMES.get(operation, str(operation))
+    return _check(rc, lambda: f"keyctl({name}, {arg2 or 'NULL'}, {arg3})")
 
 
 def set_interface_up(name: str) -> None:

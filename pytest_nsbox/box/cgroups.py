@@ -64,6 +64,9 @@ class Limits:
     pids: int | None = None
     cpus: float | None = None
     account_memory: bool = False  # a memory cgroup without a limit, for the peak
+    # v2: an OOM kill ends every process of the sandbox (memory.oom.group); off when the test
+    # expects a process it starts to be OOM-killed, and goes on (v1 always kills one process)
+    oom_group: bool = True
 
     def controllers(self) -> list[str]:
         wanted = [("memory", self.memory is not None or self.account_memory), ("pids", self.pids is not None)]
@@ -275,7 +278,8 @@ class CgroupV2(Cgroup):
             _write(path / "memory.max", str(limits.memory))
             if (path / "memory.swap.max").exists():  # no swap accounting: nothing to cap
                 _write(path / "memory.swap.max", "0")
-            _write(path / "memory.oom.group", "1")  # an OOM ends the whole sandbox
+            if limits.oom_group:
+                _write(path / "memory.oom.group", "1")  # an OOM ends the whole sandbox
         if limits.pids is not None:
             _write(path / "pids.max", str(limits.pids))
         if limits.cpus is not None:

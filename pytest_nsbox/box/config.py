@@ -68,6 +68,7 @@ class SandboxConfig:
     # one): kept like fds 0-2, whatever they are (a pipe too), so the debugger reaches the user's terminal
     stdio_copies: tuple[int, ...] = ()
     gc_enabled: bool = True  # whether P's garbage collector was enabled: the test's is the same
+    drop_env: tuple[str, ...] = ()  # fnmatch patterns of variables C removes from its environment
 
     @classmethod
     def create(
@@ -79,6 +80,7 @@ class SandboxConfig:
         cgroup_files: tuple[bytes, ...] = (),
         oom_first: bool = False,
         id_mapping: subids.IdMapping | None = None,
+        drop_env: tuple[str, ...] = (),
     ) -> SandboxConfig:
         """A config for the calling process (its ids and namespaces, read once per process: a test
         that runs pytest in-process, inside a sandbox, reads its own)."""
@@ -97,6 +99,7 @@ class SandboxConfig:
             cgroup_files=cgroup_files,
             oom_first=oom_first,
             id_mapping=id_mapping,
+            drop_env=drop_env,
         )
 
     @property

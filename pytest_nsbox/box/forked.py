@@ -24,11 +24,13 @@ from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
 from .steps import (
     Step,
     children,
+    clear_environment,
     close_inherited_fds,
     fail,
     guard_parent,
     harden_init,
     ignore_signals_of_p,
+    join_session_keyring,
     kill_leftovers,
     parent_is,
     reap_all,
@@ -102,17 +104,21 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Targ
     channel = Channel(channel.fd)
     # getppid() is 0 in a new PID namespace whether A lives or not: ask the host's /proc
     guard_parent(channel, "B", lambda: parent_is(a_pid))
-    run_steps(channel, "B", [(step.name, step.run) for step in config.plan.steps])
+    steps: list[Step] = [("join_session_keyring", join_session_keyring)]
+    run_steps(channel, "B", steps + [(step.name, step.run) for step in config.plan.steps])
     config = replace(config, root_dev=os.stat("/").st_dev)  # after pivot_root: the sandbox's root
     c_pid = os.fork()
     if c_pid == 0:
         run_test(config, channel, target)
-    try:
-        faults.inject("B", "harden_init")
-        harden_init(config.cap_last_cap)
-    except OSError as exc:
-        os.kill(c_pid, signal.SIGKILL)
-        fail(channel, "B", "harden_init", exc)
+    # after the fork: C's environment is a copy of this process's
+    after_fork: list[Step] = [("harden_init", lambda: harden_init(config.cap_last_cap)), ("clear_environment", clear_environment)]
+    for name, action in after_fork:
+        try:
+            faults.inject("B", name)  # the test hook, as in steps.run_steps
+            action()
+        except Exception as exc:
+            os.kill(c_pid, signal.SIGKILL)
+            fail(channel, "B", name, exc)
     # Nothing of the test may run any more when P reads EOF: reap every orphan until C is gone,
     # then kill and reap what C left running. B's exit then tears the namespaces down while P
     # already goes on (P reaps A later).

@@ -40,6 +40,26 @@ HOSTNAME: Final = "nsbox"
 ROOT_SOURCE: Final = "nsbox-root"  # the source name of the sandbox's "/" mount; C checks it
 REPLACED_TOP_LEVEL: Final = frozenset({"proc", "sys", "dev", "tmp", "run"})
 FRESH_DIRS: Final = ("/tmp", "/var/tmp", "/run", "/dev/shm")  # empty in every sandbox (see the module doc)
+# What the host's kernel shows in /proc and /sys that a test has no business with (runc's and
+# Docker's default maskedPaths and readonlyPaths, plus /proc/kmsg): masked paths show an empty
+# read-only file or directory, read-only paths show the kernel's but cannot be written. Paths
+# this kernel lacks are skipped. /proc/sys is read-only too (its own step, for every sandbox).
+MASKED_PROC_PATHS: Final = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/kmsg",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+)
+READONLY_PROC_PATHS: Final = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sysrq-trigger")
+MASKED_SYS_PATHS: Final = ("/sys/firmware", "/sys/devices/virtual/powercap")
+# network="host" binds the host's /sys, cgroup hierarchies included: hidden as in a fresh sysfs
+MASKED_HOST_SYS_PATHS: Final = ("/sys/fs/cgroup",)
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 MAX_SYMLINK_HOPS: Final = 40
 SCRATCH_PREFIX: Final = "pytest-nsbox-"  # + "<pid>-": the mount point of a sandbox's scratch tmpfs
@@ -265,9 +285,10 @@ class MountOverlay:
     @property
     def options(self) -> str:
         lowerdir = ":".join(escape_overlay_path(p) for p in self.lowers)
-        return (
-            f"lowerdir={lowerdir},upperdir={escape_overlay_path(self.upper)},workdir={escape_overlay_path(self.work)},userxattr"
-        )
+        # xino=on: inode numbers from readdir and stat agree (the upper layer is a tmpfs, the lower
+        # ones another filesystem); the kernel turns it off where the inode numbers do not fit.
+        upper, work = escape_overlay_path(self.upper), escape_overlay_path(self.work)
+        return f"lowerdir={lowerdir},upperdir={upper},workdir={work},userxattr,xino=on"
 
     def run(self) -> None:
         for path in (self.upper, self.work):
@@ -325,15 +346,62 @@ class BindProc:
 
 @dataclass(frozen=True, slots=True)
 class RemountReadonly:
-    """Make an existing mount inside the new root read-only (``/proc/sys``)."""
+    """Make a path inside the new root read-only (``/proc/sys``): a bind of itself, re-mounted read-only.
+
+    *missing_ok*: a path this kernel lacks (``/proc/sysrq-trigger`` without CONFIG_MAGIC_SYSRQ) is skipped.
+    """
 
     target: str
     flags: int = 0
     name: str = "remount_readonly"
+    missing_ok: bool = False
 
     def run(self) -> None:
+        if self.missing_ok and not os.path.lexists(self.target):
+            return
         L.mount(_b(self.target), _b(self.target), None, L.MS_BIND | L.MS_REC)
         L.mount(None, _b(self.target), None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | self.flags)
+
+
+MASK_FILE: Final = "file"  # in MaskPath.sources: an empty file and an empty directory, made by make_mask_sources
+MASK_DIR: Final = "dir"
+MASK_FLAGS: Final = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class MaskPath:
+    """Hide a path of /proc or /sys (runc's maskedPaths): an empty read-only file is bound over a
+    file, an empty read-only directory over a directory (both on the scratch tmpfs, out of the
+    new root's reach). Reading gives nothing, writing EROFS. A path this kernel lacks is skipped.
+    """
+
+    name: str
+    target: str
+    sources: str  # the directory holding MASK_FILE and MASK_DIR
+
+    def run(self) -> None:
+        try:
+            mode = os.lstat(self.target).st_mode
+        except FileNotFoundError:
+            return
+        source = os.path.join(self.sources, MASK_DIR if stat.S_ISDIR(mode) else MASK_FILE)
+        L.mount(_b(source), _b(self.target), None, L.MS_BIND)
+        L.mount(None, _b(self.target), None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | MASK_FLAGS)
+
+
+def _step_name(verb: str, path: str) -> str:
+    """``mask_proc_kcore`` for ("mask", "/proc/kcore"): the step's name in a setup error."""
+    return f"{verb}_" + path.strip("/").replace("/", "_").replace("-", "_")
+
+
+def kernel_interface_steps(
+    root: str, scratch: str, paths: Iterable[str], *, readonly: Iterable[str] = (), flags: int = 0
+) -> list[Step]:
+    """Steps that make *readonly* read-only and mask *paths* (paths inside the new *root*)."""
+    sources = f"{scratch}/masked"
+    steps: list[Step] = [RemountReadonly(f"{root}{p}", flags, _step_name("readonly", p), missing_ok=True) for p in readonly]
+    steps += [MaskPath(_step_name("mask", p), f"{root}{p}", sources) for p in paths]
+    return steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -828,13 +896,18 @@ def build_plan(
         # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
         MountFs("mount_proc", "proc", f"{root}/proc", proc_flags),
         RemountReadonly(f"{root}/proc/sys", proc_flags),
+        MakeTree("make_mask_sources", dirs=(f"{scratch}/masked/{MASK_DIR}",), files=((f"{scratch}/masked/{MASK_FILE}", ""),)),
+        *kernel_interface_steps(root, scratch, MASKED_PROC_PATHS, readonly=READONLY_PROC_PATHS, flags=proc_flags),
     ]
+    masked_sys: tuple[str, ...] = MASKED_SYS_PATHS
     if network == "none":
         tail.append(MountFs("mount_sysfs", "sysfs", f"{root}/sys", proc_flags | L.MS_RDONLY))
     else:
         binder = _PlanWriter(scratch, mounts)
         binder.bind("/sys", "/sys", readonly=True)
         tail.extend(binder.steps)
+        masked_sys += MASKED_HOST_SYS_PATHS
+    tail += kernel_interface_steps(root, scratch, masked_sys)
     tail += [PivotRoot(root), SetHostname()]
     if network == "none":
         families = configured_families() if address_families is None else address_families

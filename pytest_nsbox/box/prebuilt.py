@@ -32,12 +32,14 @@ from .mounts import BindProc, MountFs, MountPlan, Step
 from .steps import Step as NamedStep
 from .steps import (
     children,
+    clear_environment,
     close_all_but,
     fail,
     fork_into_pid_namespace,
     guard_parent,
     harden_init,
     ignore_signals_of_p,
+    join_session_keyring,
     kept_descriptors,
     open_own_pid_namespace,
     reap_forever,
@@ -227,6 +229,8 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
         guard_parent(channel, "B", lambda: os.getppid() == 0)  # the worker is outside this PID namespace
         steps: list[NamedStep] = [
             ("close_inherited_fds", lambda: _keep_only(fd)),
+            ("clear_environment", clear_environment),  # /proc/1/environ: nothing of the builder's (pytest's)
+            ("join_session_keyring", join_session_keyring),
             ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
             ("mount_proc_for_pid_namespace", _mount_own_proc),
             ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),

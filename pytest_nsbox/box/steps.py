@@ -1,13 +1,16 @@
 """The process steps both forms of the process model share.
 
-Descriptors, id maps, capabilities, PID-1 hardening, the inside check, the parent-death guard,
-the reaping loops, the fork into a new PID namespace, and the body of the test process (C).
+Descriptors, id maps, capabilities, PID-1 hardening, keyrings and the environment, the inside
+check, the parent-death guard, the reaping loops, the fork into a new PID namespace, and the body
+of the test process (C).
 A child never raises across the fork: ``run_steps`` turns the first failure into a
 ``setup_error`` record on the channel and ``os._exit``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import faulthandler
 import gc
 import os
@@ -184,6 +187,86 @@ def harden_init(cap_last_cap: int) -> None:
     L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
 
 
+# --- credentials: keyrings, the environment ---------------------------------------------------
+
+KEYRINGS_REFUSED: Final = (errno.ENOSYS, errno.EPERM, errno.EACCES)  # no CONFIG_KEYS, or a seccomp filter / LSM
+
+
+def join_session_keyring() -> None:
+    """Leave pytest's session keyring for a new, empty, anonymous one (runc does so per container).
+
+    Every process inherits its parent's session keyring, and with it every key in it (and the
+    user keyring pam_keyinit links there). The user keyrings (@u, @us) are per user namespace
+    since Linux 5.3: the sandbox's are its own anyway. If keyctl is refused (a kernel without
+    keyrings, a seccomp filter), that is fine only where the caller cannot reach its session
+    keyring either (nor, then, can the test); otherwise this fails, and the sandbox with it.
+    """
+    try:
+        L.keyctl(L.KEYCTL_JOIN_SESSION_KEYRING, 0)
+    except OSError as exc:
+        if exc.errno not in KEYRINGS_REFUSED:
+            raise
+        if _session_keyring_reachable():
+            raise OSError(exc.errno, f"{exc.strerror}. Hint: {JOIN_REFUSED_HINT}") from None
+
+
+JOIN_REFUSED_HINT: Final = (
+    "something (a seccomp filter, a security module) refuses this call but not the session keyring "
+    "itself, so the test would keep pytest's; allow keyctl(KEYCTL_JOIN_SESSION_KEYRING)"
+)
+
+
+def _session_keyring_reachable() -> bool:
+    try:
+        L.keyctl(L.KEYCTL_GET_KEYRING_ID, L.KEY_SPEC_SESSION_KEYRING, 0)
+    except OSError:
+        return False
+    return True
+
+
+def environment_block() -> tuple[int, bytes]:
+    """The address and the bytes of the caller's exec-time environment strings: what
+    /proc/<pid>/environ shows, whatever os.environ holds now (a fork shows its parent's)."""
+    with open("/proc/self/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    env_start = int(fields[47])  # proc(5): field 50, counted from field 3 (the state) after the comm
+    with open("/proc/self/environ", "rb") as handle:
+        return env_start, handle.read()
+
+
+def scrub_environment(drop: Callable[[str], bool]) -> list[str]:
+    """Remove the variables whose names *drop* selects: from os.environ (and so from what
+    subprocesses get) and from the exec-time block /proc/self/environ shows (zeroed in place:
+    nothing points there once unsetenv(3) has removed them). Returns their names."""
+    start, block = environment_block()
+    dropped: set[str] = set()
+    offset = 0
+    for entry in block.split(b"\0"):
+        name = os.fsdecode(entry.split(b"=", 1)[0])
+        if entry and drop(name):
+            if name:  # an entry "=x" names nothing unsetenv(3) could take
+                os.unsetenv(name)
+            ctypes.memset(start + offset, 0, len(entry))
+            dropped.add(name)
+        offset += len(entry) + 1
+    for name in [n for n in os.environ if drop(n)]:
+        del os.environ[name]  # unsetenv(3) too
+        dropped.add(name)
+    return sorted(dropped)
+
+
+def drop_environment(patterns: tuple[str, ...]) -> None:
+    """In C: drop the variables matching any of *patterns* (fnmatch, case-sensitive; ini nsbox_drop_env)."""
+    import fnmatch  # imported by pytest already: C has it, the builder need not
+
+    scrub_environment(lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def clear_environment() -> None:
+    """In PID 1, which needs none: every variable, so /proc/1/environ shows nothing of pytest's."""
+    scrub_environment(lambda name: True)
+
+
 # --- the inside check ---------------------------------------------------------------------------
 
 
@@ -255,6 +338,31 @@ def children(pid: int) -> list[int]:
 def ignore_signals_of_p() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C and kills the sandbox
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the test process dumps its stack on a timeout
+
+
+LEFTOVERS: Final = "leftovers"  # record kind: processes the test left running (pid, command line)
+MAX_LEFTOVERS_LISTED: Final = 50
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """In the test process, after the test: the processes of the sandbox's PID namespace still
+    running (zombies aside), but for PID 1, the caller and its parent: (pid, command line)."""
+    machinery = {1, os.getpid(), os.getppid()}
+    found: list[tuple[int, str]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in machinery:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                status = handle.read().decode(errors="replace")
+            if status.rpartition(")")[2].split()[0] == "Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                command = handle.read(4096).replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue  # it ended meanwhile
+        found.append((int(name), command or "[" + status[status.find("(") + 1 : status.rfind(")")] + "]"))
+    return sorted(found)
 
 
 def kill_leftovers() -> None:
@@ -342,7 +450,11 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
         # first: outside its sandbox the test process refuses to run, whatever else would fail there
         ("verify_sandbox", lambda: verify_inside(config)),
         ("drop_capabilities", lambda: drop_capabilities(config.cap_last_cap)),
+        ("join_session_keyring", join_session_keyring),
     ]
+    if config.drop_env:
+        drop_env = config.drop_env
+        steps.append(("drop_environment", lambda: drop_environment(drop_env)))
     if config.oom_first:
         steps.append(("prefer_test_for_oom", _prefer_for_oom))
     if config.stack_fd is not None:
@@ -368,6 +480,9 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
             except Exception:
                 pass
         if code == 0 and os.getpid() == channel.owner:
+            left = leftover_processes()
+            if left:  # P shows them on the report
+                channel.send(LEFTOVERS, processes=left[:MAX_LEFTOVERS_LISTED], count=len(left))
             kill_leftovers()  # everything the test started, before P hears that it is done
             channel.send("done")
         os._exit(code)

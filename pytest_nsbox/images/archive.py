@@ -58,10 +58,14 @@ def _is_opaque(path: str) -> bool:
         return False
 
 
+def _unreadable(exc: OSError) -> None:
+    raise exc  # a directory that cannot be listed must not be left out silently
+
+
 def pack_layer(root: Path, out: IO[bytes]) -> None:
     """Write the layer directory *root* (an overlay upper layer) to *out* as an OCI layer tar."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        for directory, dirnames, filenames in os.walk(root):
+        for directory, dirnames, filenames in os.walk(root, onerror=_unreadable):
             dirnames.sort()
             relative = os.path.relpath(directory, root)
             prefix = "" if relative == "." else relative + "/"
@@ -98,6 +102,28 @@ def _add(archive: tarfile.TarFile, path: str, name: str) -> None:
         archive.addfile(info)
 
 
+def _pack_in_child(directory: Path, out: IO[bytes], what: str) -> None:
+    """pack_layer in a forked child: rootless in a user namespace of its own, where root (the
+    caller) may read the caller's files whatever their mode (an image's 0000 /etc/shadow)."""
+    from ..box import _linux as L
+    from ..box.child import describe_exception, run_in_child
+    from ..box.steps import write_id_maps
+
+    as_root = os.geteuid() == 0
+
+    def pack() -> None:
+        if not as_root:
+            uid, gid = os.getuid(), os.getgid()
+            L.unshare(L.CLONE_NEWUSER)
+            write_id_maps(uid, gid)
+        with os.fdopen(os.dup(out.fileno()), "wb") as handle:
+            pack_layer(directory, handle)
+
+    problem = run_in_child(pack, describe_exception)
+    if problem:
+        raise ImageImportError(f"{what} cannot be saved: {problem}")
+
+
 def save(cache_dir: Path, records: Sequence[cache.ImageRecord], out: Path) -> int:
     """Write *records* and their layers to the file *out* (atomically); return its size."""
     layers: dict[str, dict[str, Any]] = {}
@@ -113,7 +139,8 @@ def save(cache_dir: Path, records: Sequence[cache.ImageRecord], out: Path) -> in
                     if not directory.is_dir():
                         raise ImageImportError(f"image {record.name!r}: layer {layer} is missing from {cache_dir}")
                     with tempfile.TemporaryFile() as packed:
-                        pack_layer(directory, packed)
+                        _pack_in_child(directory, packed, f"image {record.name!r}: layer {layer}")
+                        packed.seek(0, os.SEEK_END)
                         size = packed.tell()
                         packed.seek(0)
                         digest = hashlib.sha256()
@@ -146,37 +173,61 @@ def _as_dict(record: cache.ImageRecord) -> dict[str, Any]:
     }
 
 
+def _checked_index(data: bytes, what: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The index's layers and images, every field of the expected type; ImageImportError else."""
+    index = json.loads(data)
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ImageImportError(f"{what}: {INDEX} has format {found!r}, expected {FORMAT}")
+    layers, images = index.get("layers"), index.get("images")
+    if not isinstance(layers, dict) or not isinstance(images, list):
+        raise ImageImportError(f"{what}: {INDEX} must hold 'layers' (an object) and 'images' (a list)")
+    for layer, about in layers.items():
+        if not cache.is_layer_id(layer):
+            raise ImageImportError(f"{what}: bad layer id {layer!r}")
+        if not (isinstance(about, dict) and isinstance(about.get("sha256"), str) and type(about.get("mode", 0)) is int):
+            raise ImageImportError(f"{what}: layer {layer}: expected {{'sha256': HEX, 'mode': INT}}")
+    for number, image in enumerate(images, 1):
+        fields = ("name", "kind", "source", "key")
+        if not isinstance(image, dict) or not all(isinstance(image.get(f, ""), str) for f in fields):
+            raise ImageImportError(f"{what}: image {number}: expected strings for {', '.join(fields)}")
+        if not image.get("name") or not isinstance(image.get("layers"), list) or not isinstance(image.get("history", []), list):
+            raise ImageImportError(f"{what}: image {number}: expected a name, 'layers' and 'history' lists")
+        for layer in image["layers"]:
+            if layer not in layers:  # a record names only layers this file carries (and checks)
+                raise ImageImportError(f"{what}: image {image['name']!r} names layer {layer!r}, which the file does not hold")
+    return layers, images
+
+
 def load(cache_dir: Path, source: Path) -> tuple[list[str], int]:
     """Put the images of the file *source* into the cache: (their names, the layers extracted).
-    Layers the cache has are kept; each new one is checked against its digest and extracted by
-    the same checked extractor as an imported image."""
+
+    Layers the cache has are kept; each new one is extracted by the same checked extractor as an
+    imported image (nothing lands outside its layer directory, no device node is made). The file
+    says which key each layer is published under and what its digest is: loading one is trusting
+    it like code you run (a layer it carries is what a recipe of that key then runs on).
+    """
     from . import oci  # lazy: oci imports this package's cache too
 
     what = f"image archive {source}"
     try:
+        size = source.stat().st_size
         with tarfile.open(source, mode="r:") as archive:
             members = {m.name: m for m in archive.getmembers() if m.isfile()}
             if INDEX not in members:
                 raise ImageImportError(f"{what}: no {INDEX} (not written by nsbox images save)")
-            index = json.loads(_read(archive, members[INDEX]))
-            if index.get("format") != FORMAT:
-                raise ImageImportError(f"{what}: format {index.get('format')!r}, expected {FORMAT}")
-            layer_info: dict[str, Any] = index["layers"]
-            images: list[dict[str, Any]] = index["images"]
+            layer_info, images = _checked_index(_read(archive, members[INDEX], size), what)
             extracted = 0
             for layer, about in layer_info.items():
-                hex_id = str(layer).rpartition(":")[2]
-                if not (len(hex_id) == 64 and all(c in "0123456789abcdef" for c in hex_id)):
-                    raise ImageImportError(f"{what}: bad layer id {layer!r}")
-                final = cache.layer_dir(cache_dir, hex_id)
+                final = cache.layer_dir(cache_dir, layer)
                 if final.is_dir():
                     continue
-                member = members.get(f"layers/{hex_id}.tar")
+                member = members.get(f"layers/{layer.partition(':')[2]}.tar")
                 if member is None:
                     raise ImageImportError(f"{what}: layer {layer} is missing")
-                data = _read(archive, member)
+                data = _read(archive, member, size)
                 blob = oci.Layer(f"sha256:{about['sha256']}", lambda data=data: io.BytesIO(data))
-                mode = int(about.get("mode", 0o755)) & 0o7777
+                mode = int(about.get("mode", 0o755)) & 0o755  # no group/world write, no setuid on a layer's root
 
                 def build(tmp: Path, blob: oci.Layer = blob, mode: int = mode, layer: str = layer) -> None:
                     (tmp / cache.LAYER_SUBDIR).mkdir(mode=0o700)
@@ -188,19 +239,23 @@ def load(cache_dir: Path, source: Path) -> tuple[list[str], int]:
             for image in images:
                 cache.record_image(
                     cache_dir,
-                    str(image["name"]),
-                    Path(str(image["source"])),
-                    [str(layer) for layer in image["layers"]],
-                    kind=str(image["kind"]),
+                    image["name"],
+                    Path(image["source"] or "/nonexistent"),
+                    image["layers"],
+                    kind=image["kind"] or "recipe",
                     history=[str(h) for h in image.get("history", [])],
-                    key=str(image.get("key", "")),
+                    key=image.get("key", ""),
                 )
-    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ImageImportError(f"{what}: {type(exc).__name__}: {exc}") from None
     return [str(image["name"]) for image in images], extracted
 
 
-def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+def _read(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    """A member's content (read whole: an extractor checks its digest first); one that claims
+    more than the file holds, or is sparse, is refused."""
+    if member.issparse() or member.size > limit:
+        raise ImageImportError(f"{member.name}: {member.size} bytes claimed in a file of {limit}")
     handle = archive.extractfile(member)
     if handle is None:
         raise ImageImportError(f"{member.name} cannot be read")

@@ -17,7 +17,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LAYER_SUBDIR: Final = "layer"  # what a build writes inside its temporary directory
 STACKS: Final = "stacks"  # numbered-symlink farms for long lowerdir lists (see box.mounts.short_lowers)
+LAYER_ID: Final = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def default_cache_dir() -> Path:
@@ -40,9 +44,18 @@ def layers_root(cache: Path) -> Path:
     return cache / "layers" / "sha256"
 
 
+def is_layer_id(value: object) -> bool:
+    """"sha256:" and 64 lowercase hex digits: the only names a layer directory can have."""
+    return isinstance(value, str) and bool(LAYER_ID.fullmatch(value))
+
+
 def layer_dir(cache: Path, digest: str) -> Path:
-    """The directory of the layer with *digest* ("sha256:<hex>", or a bare hex key)."""
-    return layers_root(cache) / digest.rpartition(":")[2]
+    """The directory of the layer with *digest* ("sha256:<hex>", or a bare hex key); ValueError
+    for anything else, so that no name from a record or an archive leads out of the cache."""
+    hex_part = digest.rpartition(":")[2]
+    if not is_layer_id(f"sha256:{hex_part}") or digest.partition(":")[0] not in ("sha256", hex_part):
+        raise ValueError(f"not a layer id: {digest!r}")
+    return layers_root(cache) / hex_part
 
 
 def stacks_dir(cache: Path) -> Path:
@@ -132,17 +145,52 @@ def exclusive(cache: Path) -> Iterator[None]:
         yield
 
 
+# The holder of a run's shared lock: a process of its own, so that no descriptor of the lock file
+# is in pytest's process, where every sandbox would inherit it (and could unlock or write it).
+_HOLDER: Final = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.stdout.write("waiting\\n"); sys.stdout.flush()
+    fcntl.flock(fd, fcntl.LOCK_SH)
+sys.stdout.write("held\\n"); sys.stdout.flush()
+sys.stdin.buffer.read()  # until the run releases it or ends
+"""
+
+
 class InUse:
     """A run's shared hold on the cache, taken before its first image is resolved and kept
-    until the run ends: ``nsbox images prune``/``rm`` wait for no run to hold it."""
+    until the run ends: ``nsbox images prune``/``rm`` refuse while a run holds it. The lock is
+    held by a small process that ends when its stdin closes (also when the run is killed)."""
 
-    def __init__(self, cache: Path) -> None:
+    def __init__(self, cache: Path, waiting: Callable[[str], None] | None = None) -> None:
         cache.mkdir(parents=True, exist_ok=True)
-        self._handle = open(cache / IN_USE, "a")
-        fcntl.flock(self._handle, fcntl.LOCK_SH)  # blocks only while a prune or rm runs
+        self._holder = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _HOLDER, str(cache / IN_USE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self._holder.stdout is not None
+        line = self._holder.stdout.readline()
+        if line == b"waiting\n":
+            (waiting or _say_waiting)(f"nsbox: waiting for nsbox images prune or rm to finish with {cache}")
+            line = self._holder.stdout.readline()
+        if line != b"held\n":
+            self.release()
+            raise OSError(f"cannot hold the image cache {cache} (its lock holder ended: {line!r})")
 
     def release(self) -> None:
-        self._handle.close()
+        if self._holder.stdin is not None:
+            self._holder.stdin.close()
+        if self._holder.stdout is not None:
+            self._holder.stdout.close()
+        self._holder.wait()
+
+
+def _say_waiting(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +254,9 @@ def record_image(
 def _read_record(path: Path) -> ImageRecord | None:
     try:
         data = json.loads(path.read_text())
-        layers = tuple(str(layer) for layer in data["layers"])
+        layers = tuple(data["layers"])
+        if not all(is_layer_id(layer) for layer in layers):
+            return None  # not written by us: never followed
         return ImageRecord(
             name=str(data["name"]),
             kind=str(data.get("kind", "oci")),  # records of pytest-nsbox <= 0.3 are imports

@@ -177,3 +177,43 @@ def test_writes_stay_charged_to_the_memory_limit(run_inner) -> None:
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["FAILED test_inner.py::test_tmpfs_pages_are_memory - *exceeded its memory limit of 64 MiB*"])
+
+
+def test_a_test_may_expect_to_fill_its_disk(run_inner, pytester: pytest.Pytester) -> None:
+    """expect_limits="disk": a test that checks how its code takes ENOSPC passes; without the
+    expectation it fails; uncaught, it fails with the bound first, marked as expected."""
+    result = run_inner(
+        """
+        import errno, pytest
+        from pytest_nsbox import nsbox
+
+        def fill(path):
+            with pytest.raises(OSError) as caught:
+                with open(path, "wb") as handle:
+                    for _ in range(64):
+                        handle.write(b"x" * 2**20)
+                        handle.flush()
+            assert caught.value.errno == errno.ENOSPC
+
+        @nsbox(disk="8M", expect_limits="disk")
+        def test_expected():
+            fill("/tmp/f")
+
+        @nsbox(disk="8M")
+        def test_not_expected():
+            fill("/tmp/f")
+
+        @nsbox(disk="8M", expect_limits="disk")
+        def test_expected_uncaught():
+            open("/tmp/f", "wb").write(b"x" * 16 * 2**20)
+        """,
+        "--junitxml=junit.xml",
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    outcomes = result.stdout.str()
+    assert "PASSED test_inner.py::test_expected" in outcomes
+    assert re.search(rf"FAILED test_inner.py::test_not_expected - (Failed: )?{DISK_REACHED}: .* filled it$", outcomes, re.M)
+    assert re.search(rf"FAILED test_inner.py::test_expected_uncaught - {DISK_REACHED}.*, as the marker expects", outcomes)
+    result.stdout.fnmatch_lines(["*_ test_expected _*", "*- nsbox: limit -*", f"{DISK_REACHED}*, as the marker expects*"])
+    xml = (pytester.path / "junit.xml").read_text()
+    assert '<property name="nsbox_expected_limit" value="disk" />' in xml

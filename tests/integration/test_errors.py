@@ -25,6 +25,21 @@ BODY_RAN = "BODY-RAN-OUTSIDE"
             "nsbox marker on test_inner.py::test_bad: nsbox() got an unexpected keyword argument 'memroy' "
             "(did you mean 'memory'?); valid keywords: image, memory, pids, cpus, timeout, network",
         ),
+        (
+            'memory="64M", expect_limits="memroy"',
+            "invalid expect_limits 'memroy' from nsbox marker on test_inner.py::test_bad ('memroy' is not a limit a test "
+            "may expect; did you mean 'memory'? expected 'memory', 'pids', 'disk', or a tuple of them)",
+        ),
+        (
+            'timeout=5, expect_limits=("timeout",)',
+            "invalid expect_limits ('timeout',) from nsbox marker on test_inner.py::test_bad (timeout is not a limit a "
+            "test may expect: a test that wants something to run out of time uses its own timer",
+        ),
+        (
+            'expect_limits="memory"',
+            "nsbox marker on test_inner.py::test_bad: expect_limits names memory, but the test has no memory limit; "
+            "give memory=... in the marker (or --nsbox-memory, ini nsbox_memory), or drop 'memory' from expect_limits",
+        ),
         ('image=""', "invalid image '' from nsbox marker on test_inner.py::test_bad"),
         ('image="no-such-image"', "unknown image 'no-such-image'"),
         ('image="oci:whatever"', "whatever does not exist"),
@@ -94,7 +109,33 @@ def test_sandbox_that_cannot_be_built_is_skipped_with_step_and_hint(run_inner, p
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.nsbox(image='host', *, memory=None, *network='none'*"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.nsbox(image='host', *, memory=None, *network='none', disk=None, expect_limits=()*"]
+    )
+
+
+def test_a_spec_hook_that_drops_an_expected_limit_is_an_error(run_inner) -> None:
+    """pytest_nsbox_modify_spec may not leave expect_limits naming a limit the spec no longer sets."""
+    result = run_inner(
+        f"""
+        import pytest
+
+        @pytest.mark.nsbox(memory="64M", expect_limits="memory")
+        def test_limited():
+            print({BODY_RAN!r})
+        """,
+        conftest="""
+        import dataclasses
+
+        def pytest_nsbox_modify_spec(item, spec):
+            return dataclasses.replace(spec, memory=None)
+        """,
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*spec of test_inner.py::test_limited from pytest_nsbox_modify_spec: expect_limits names memory, but the test*"]
+    )
+    result.stdout.no_fnmatch_line(f"*{BODY_RAN}*")
 
 
 def test_plugin_can_be_disabled(run_inner) -> None:

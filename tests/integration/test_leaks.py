@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -117,3 +118,78 @@ def test_a_forged_end_record_cannot_keep_the_sandbox_alive(run_inner) -> None:
     result.assert_outcomes(passed=1, failed=1)
     assert time.monotonic() - start < 60
     assert processes_with(token) == []
+
+
+LEAVES_PROCESSES = """
+    import os, subprocess, threading, time
+    from pytest_nsbox import nsbox
+
+    @nsbox
+    def test_leaves_a_daemon():
+        subprocess.Popen(["sleep", "1000"], start_new_session=True)
+
+    @nsbox
+    def test_threads_and_zombies_are_not_leftovers():
+        threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()
+        if os.fork() == 0:
+            os._exit(0)  # a child that ended; the test never waits for it
+        time.sleep(0.2)
+
+    @nsbox
+    def test_clean():
+        subprocess.run(["true"], check=True)
+    """
+
+
+@pytest.mark.both_build_modes
+def test_processes_left_running_are_listed_and_warned_about(run_inner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    result = run_inner(LEAVES_PROCESSES)
+    result.assert_outcomes(passed=3, warnings=1)
+    text = result.stdout.str()
+    warning = r"test_leaves_a_daemon: nsbox: the test left 1 process\(es\) running, killed when it ended \(pid \d+: sleep 1000\)"
+    assert re.search(warning, text), text
+    section = text[text.index("nsbox: processes left running") :]
+    assert re.match(r"nsbox: processes left running -*\npid \d+: sleep 1000\n", section), section[:200]
+    assert text.count("nsbox: processes left running") == 1  # the other two left nothing running
+
+
+@pytest.mark.both_build_modes
+def test_nsbox_leaks_fail_fails_the_test(run_inner, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    result = run_inner(LEAVES_PROCESSES, "--nsbox-leaks=fail")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_leaves_a_daemon - *nsbox: the test left 1 process(es) running*"])
+    pytester.makeini("[pytest]\nnsbox_leaks = fail\n")
+    run_inner(LEAVES_PROCESSES).assert_outcomes(passed=2, failed=1)
+    pytester.makeini("[pytest]\nnsbox_leaks = sometimes\n")
+    bad = run_inner(LEAVES_PROCESSES)
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*invalid ini nsbox_leaks 'sometimes' (expected warn or fail)*"])
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        'kind="leftovers", processes=5',
+        'kind="leftovers", processes=[[1.5, "x"], "ab", [True, "y"]]',
+        'kind="disk_usage", free=float("inf"), free_inodes=True',
+        'kind="disk_usage", free="lots"',
+    ],
+)
+def test_forged_records_cannot_end_the_session(run_inner, forged: str) -> None:
+    result = run_inner(
+        f"""
+        import pytest
+        from pytest_nsbox.runtest import child_channel
+
+        @pytest.mark.nsbox
+        def test_forge(request):
+            child_channel(request.config).send({forged})
+
+        @pytest.mark.nsbox
+        def test_after():
+            pass
+        """
+    )
+    result.assert_outcomes(passed=2)  # a record that cannot be read is ignored; the session goes on

@@ -141,3 +141,42 @@ def test_a_disabled_collector_stays_disabled(run_inner) -> None:
         """
     )
     result.assert_outcomes(passed=1)
+
+
+def test_readdir_and_stat_agree_on_inode_numbers(run_inner) -> None:
+    """overlayfs with xino: the inode number os.scandir() gives is the one os.stat() gives, for
+    files and directories of the image and of the writable layer (mount points aside: there,
+    readdir names the directory below the mount, on the host too)."""
+    result = run_inner(
+        """
+        import os
+        import pytest
+
+        def mismatches(directory):
+            mounts = {line.split()[4] for line in open("/proc/self/mountinfo")}
+            return [
+                (entry.path, entry.inode(), os.stat(entry.path, follow_symlinks=False).st_ino)
+                for entry in os.scandir(directory)
+                if entry.path not in mounts and entry.inode() != os.stat(entry.path, follow_symlinks=False).st_ino
+            ]
+
+        @pytest.mark.nsbox
+        def test_host_image():
+            # new and copied-up entries where a sandbox can write also rootless: the cwd's overlay
+            os.mkdir("new-dir")
+            open("new-file", "w").close()
+            open("test_inner.py", "a").close()  # an old file, copied up
+            os.mkdir("new-dir/below")
+            for directory in (os.getcwd(), "new-dir", "/etc", "/usr/lib", "/usr", "/"):
+                assert not mismatches(directory), directory
+
+        @pytest.mark.nsbox(image="busybox")
+        def test_busybox_image():
+            os.mkdir("/etc/new-dir")
+            open("/etc/new-file", "w").close()
+            open("/etc/passwd", "a").close()
+            for directory in ("/etc", "/bin", "/"):
+                assert not mismatches(directory), directory
+        """
+    )
+    result.assert_outcomes(passed=2)

@@ -141,6 +141,70 @@ def test_collect_only_reports_invalid_markers(run_inner) -> None:
     )
 
 
+EXPECT_SOURCE = """
+import pytest
+from pytest_nsbox import nsbox
+
+pytestmark = pytest.mark.nsbox(memory="128M", pids=32, expect_limits=("memory", "pids"))
+
+@nsbox(expect_limits="pids")
+class TestStacked:
+    def test_class_expects_pids(self):
+        pass
+
+    @nsbox(expect_limits=None)
+    def test_expects_nothing(self):
+        pass
+
+def test_module_expects_both():
+    pass
+
+@nsbox(memory=None)
+def test_drops_the_expected_memory():
+    raise AssertionError("never runs")
+
+@nsbox(pids=32, expect_limits="pids")
+@nsbox(expect_limits="memory")
+def test_clash_on_one_level():
+    raise AssertionError("never runs")
+"""
+EXPECT_CONFTEST = """
+import json, os
+
+def pytest_nsbox_sandbox_finished(item, spec, result):
+    specs = json.load(open("specs.json")) if os.path.exists("specs.json") else {}
+    specs[item.name] = list(spec.expect_limits)
+    json.dump(specs, open("specs.json", "w"))
+"""
+DROPPED_EXPECTED_MEMORY = (
+    "*nsbox marker on test_inner.py::test_drops_the_expected_memory: expect_limits names memory, "
+    "but the test has no memory limit*"
+)
+EXPECT_CLASH = (
+    "*nsbox marker on test_inner.py::test_clash_on_one_level: stacked nsbox markers on one level give expect_limits "
+    "two values (*); keep one*"
+)
+
+
+def test_expect_limits_in_stacked_markers(run_inner, pytester: pytest.Pytester) -> None:
+    """Closest marker wins, None expects nothing; a marker that drops the limit an outer one
+    expects, or two on one level that disagree, are errors: under --collect-only, collection errors."""
+    result = run_inner(EXPECT_SOURCE, conftest=EXPECT_CONFTEST)
+    result.assert_outcomes(passed=3, errors=2)
+    specs = json.loads((pytester.path / "specs.json").read_text())
+    assert specs == {
+        "test_class_expects_pids": ["pids"],
+        "test_expects_nothing": [],
+        "test_module_expects_both": ["memory", "pids"],
+    }
+    result.stdout.fnmatch_lines([DROPPED_EXPECTED_MEMORY])
+    result.stdout.fnmatch_lines([EXPECT_CLASH])
+    assert "never runs" not in result.stdout.str()
+    collected = run_inner(EXPECT_SOURCE, "--collect-only")
+    assert collected.ret == pytest.ExitCode.INTERRUPTED
+    collected.stdout.fnmatch_lines_random([DROPPED_EXPECTED_MEMORY, EXPECT_CLASH, "*2 errors*"])
+
+
 @pytest.mark.both_build_modes
 def test_header_names_mode_and_defaults(run_inner, pytester: pytest.Pytester, build_mode: str) -> None:
     pytester.makeini("[pytest]\nnsbox_cpus = 0.5\n")

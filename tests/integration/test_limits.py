@@ -146,6 +146,152 @@ def test_limit_cause_leads_the_summary_line_and_junit_even_when_the_test_failed_
     assert oom.properties["nsbox_memory_limit"] == str(64 * 2**20) and oom.properties[reports.CAUSE_PROPERTY] == "memory"
 
 
+EXPECTED_MEMORY_LINE = "*nsbox: test exceeded its memory limit of 128 MiB (peak *, * OOM-killed), as the marker expects*"
+
+
+@pytest.mark.both_build_modes
+def test_an_expected_oom_kill_of_a_child_leaves_the_test_to_its_own_outcome(
+    run_inner, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """expect_limits="memory": a child OOM-killed is what the test checks; the test process itself
+    OOM-killed still fails it (cgroup v2: memory.oom.group stays off, so only the child dies)."""
+    monkeypatch.setenv("COLUMNS", "200")  # whole short summary lines
+    result = run_inner(
+        """
+        import subprocess, sys, pytest
+        from pytest_nsbox import nsbox
+
+        def run_greedy_child():
+            return subprocess.run([sys.executable, "-c", "bytearray(2**30)"]).returncode
+
+        @nsbox(memory="128M", expect_limits="memory")
+        def test_child_oom_expected():
+            assert run_greedy_child() == -9
+            print("the test process goes on")
+
+        @pytest.mark.nsbox(memory="128M", expect_limits=("memory",))
+        def test_child_oom_expected_but_the_test_fails():
+            assert run_greedy_child() == 0
+
+        @pytest.mark.nsbox(memory="128M")
+        def test_child_oom_not_expected():
+            run_greedy_child()
+
+        @pytest.mark.nsbox(memory="128M", expect_limits="memory")
+        def test_itself_oom_killed():
+            data = bytearray(2**30)
+        """,
+        "--junitxml=junit.xml",
+    )
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines(["*_ test_child_oom_expected _*", "*- nsbox: limit -*", EXPECTED_MEMORY_LINE])
+    result.stdout.fnmatch_lines(["*the test process goes on*"])
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_inner.py::test_child_oom_expected_but_the_test_fails - nsbox: test exceeded its memory limit "
+            "of 128 MiB (peak *, 1 process OOM-killed), as the marker expects (expect_limits)",
+            "FAILED test_inner.py::test_child_oom_not_expected - *nsbox: test exceeded its memory limit of 128 MiB*",
+            "FAILED test_inner.py::test_itself_oom_killed - *nsbox: test exceeded its memory limit of 128 MiB (*): "
+            "the test process itself was killed*",
+        ]
+    )
+    cases = junit_cases(pytester.path / "junit.xml")
+    passed, failing = cases["test_child_oom_expected"], cases["test_child_oom_expected_but_the_test_fails"]
+    assert passed.message is None
+    assert passed.properties[reports.EXPECTED_PROPERTY] == "memory" and reports.CAUSE_PROPERTY not in passed.properties
+    assert str(failing.message).startswith("nsbox: test exceeded its memory limit of 128 MiB"), failing.message
+    assert "as the marker expects" in str(failing.message) and "assert -9 == 0" in str(failing.message)
+    assert failing.properties[reports.CAUSE_PROPERTY] == "memory"
+    assert cases["test_child_oom_not_expected"].properties[reports.CAUSE_PROPERTY] == "memory"
+    itself = cases["test_itself_oom_killed"]
+    assert "the test process itself was killed" in str(itself.message), itself.message
+    assert itself.properties[reports.CAUSE_PROPERTY] == "memory" and reports.EXPECTED_PROPERTY not in itself.properties
+
+
+@pytest.mark.both_build_modes
+def test_forks_refused_at_an_expected_pids_limit_leave_the_test_to_its_own_outcome(
+    run_inner, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """expect_limits="pids": a fork bomb that the test (or its child) catches passes; without the
+    expectation the same test fails with the pids limit; a test that does not catch it fails,
+    the pids limit first."""
+    monkeypatch.setenv("COLUMNS", "200")  # whole short summary lines
+    result = run_inner(
+        """
+        import subprocess, sys, pytest
+
+        BOMB = "\\n".join(
+            [
+                "import os, signal, time",
+                "children = []",
+                "try:",
+                "    while True:",
+                "        pid = os.fork()",
+                "        if pid == 0:",
+                "            time.sleep(600)",
+                "            os._exit(0)",
+                "        children.append(pid)",
+                "except BlockingIOError:",
+                "    print('refused after', len(children))",
+                "for pid in children:",
+                "    os.kill(pid, signal.SIGKILL)",
+                "    os.waitpid(pid, 0)",
+            ]
+        )
+
+        def sleepers_until_refused():
+            children = []
+            try:
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        children.append(subprocess.Popen(["sleep", "600"]))
+            finally:
+                for child in children:
+                    child.kill()
+                    child.wait()
+            return len(children)
+
+        @pytest.mark.nsbox(pids=32, expect_limits="pids")
+        def test_bomb_child_expected():
+            out = subprocess.run([sys.executable, "-c", BOMB], capture_output=True, text=True, check=True).stdout
+            assert out.startswith("refused after")
+
+        @pytest.mark.nsbox(pids=32, expect_limits=["pids"])
+        def test_test_catches_refused_fork():
+            assert 0 < sleepers_until_refused() < 32
+
+        @pytest.mark.nsbox(pids=32)
+        def test_not_expected():
+            assert 0 < sleepers_until_refused() < 32
+
+        @pytest.mark.nsbox(pids=32, expect_limits="pids")
+        def test_does_not_catch():
+            children = []
+            while True:
+                children.append(subprocess.Popen(["sleep", "600"]))
+        """,
+        "--junitxml=junit.xml",
+    )
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        ["*_ test_bomb_child_expected _*", "*- nsbox: limit -*", "*pids limit 32 reached*as the marker expects*"]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "FAILED test_inner.py::test_not_expected - *nsbox: pids limit 32 reached (* fork(s) refused)",
+            "FAILED test_inner.py::test_does_not_catch - nsbox: pids limit 32 reached (* fork(s) refused), as the*",
+        ]
+    )
+    cases = junit_cases(pytester.path / "junit.xml")
+    for name in ("test_bomb_child_expected", "test_test_catches_refused_fork"):
+        properties = cases[name].properties
+        assert cases[name].message is None
+        assert properties[reports.EXPECTED_PROPERTY] == "pids" and reports.CAUSE_PROPERTY not in properties
+    uncaught = cases["test_does_not_catch"]
+    assert "BlockingIOError" in str(uncaught.message) and uncaught.properties[reports.CAUSE_PROPERTY] == "pids"
+    assert reports.EXPECTED_PROPERTY not in cases["test_not_expected"].properties
+
+
 def test_killed_tests_report_the_time_they_ran(run_inner, pytester: pytest.Pytester) -> None:
     """Timed out and OOM-killed: the call lasted at least what the test spent before (lower bounds
     only, well below: the timeout counts from the fork, the call from the end of the setup)."""

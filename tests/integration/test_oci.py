@@ -320,6 +320,12 @@ def test_a_bad_config_is_an_error_naming_the_image_and_the_field(
     result.stdout.fnmatch_lines([f"*nsbox: image '{image}': {message.replace('[', '[[]')}*"])
 
 
+@pytest.fixture(autouse=True)
+def own_default_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nsbox shell` uses the default cache: this test's own, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def nsbox(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NSBOX_OUTER": "leaked"}
     return subprocess.run(

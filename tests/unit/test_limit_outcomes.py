@@ -75,6 +75,14 @@ def test_v2_apply_writes_the_kernels_files(tmp_path: Path) -> None:
     assert (tmp_path / "cpu.max").read_text() == "50000 100000"
 
 
+def test_v2_apply_leaves_oom_group_off_when_an_oom_kill_is_expected(tmp_path: Path) -> None:
+    """memory.oom.group would kill the test process with the expected victim."""
+    cgroup = _fake_v2(tmp_path, {})
+    cgroup.apply(cgroups.Limits(memory=2**26, oom_group=False))
+    assert (tmp_path / "memory.max").read_text() == str(2**26)
+    assert not (tmp_path / "memory.oom.group").exists()
+
+
 def test_v1_usage_parsing(tmp_path: Path) -> None:
     memory, pids = tmp_path / "memory", tmp_path / "pids"
     memory.mkdir()

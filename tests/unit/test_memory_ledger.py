@@ -33,5 +33,13 @@ def test_a_limit_over_the_budget_and_a_shared_ledger_are_refused(tmp_path: Path)
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o777)
     os.chmod(shared, 0o777)
-    with pytest.raises(BudgetError, match="is not yours alone"):
+    with pytest.raises(BudgetError, match="is not a directory of yours alone"):
         MemoryLedger(shared, 300 * MIB, "test").admit(100 * MIB)
+
+
+def test_a_symlink_planted_for_the_ledger_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "ledger")
+    with pytest.raises(BudgetError, match="is not a directory of yours alone"):
+        MemoryLedger(tmp_path / "ledger", 300 * MIB, "test").check(100 * MIB)
+    assert not list((tmp_path / "elsewhere").iterdir())

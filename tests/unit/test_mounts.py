@@ -286,3 +286,41 @@ def test_every_writable_place_is_on_the_one_bounded_scratch(tmp_path: Path, imag
     assert oct(fresh["/tmp"].mode) == oct(0o1777) and oct(fresh["/dev/shm"].mode) == oct(0o1777)
     uppers = [s.upper for s in plan.steps if isinstance(s, mounts.MountOverlay)]
     assert uppers and all(u.startswith(f"{tmp_path / 's'}/") for u in uppers)
+
+
+@pytest.mark.parametrize("network", ["none", "host"])
+def test_kernel_interfaces_are_masked_or_read_only_before_pivot_root(tmp_path: Path, network: str) -> None:
+    plan = _plan(tmp_path, "/images/tiny", network=network)
+    names = [step.name for step in plan.steps]
+    root = f"{tmp_path}/s/root"
+    masks = {s.target[len(root) :]: s.name for s in plan.steps if isinstance(s, mounts.MaskPath)}
+    expected = {*mounts.MASKED_PROC_PATHS, *mounts.MASKED_SYS_PATHS} | ({"/sys/fs/cgroup"} if network == "host" else set())
+    assert set(masks) == expected
+    assert masks["/proc/kcore"] == "mask_proc_kcore" and masks["/sys/firmware"] == "mask_sys_firmware"
+    readonly = {s.target[len(root) :]: s for s in plan.steps if isinstance(s, mounts.RemountReadonly)}
+    assert set(readonly) == {"/proc/sys", *mounts.READONLY_PROC_PATHS}
+    assert readonly["/proc/sysrq-trigger"].name == "readonly_proc_sysrq_trigger" and readonly["/proc/sysrq-trigger"].missing_ok
+    # on /proc and /sys once they are mounted, before the old root (and its /dev/null) goes
+    sys_step = "mount_sysfs" if network == "none" else "bind_host_path"
+    last_sys = max(i for i, name in enumerate(names) if name == sys_step)
+    assert names.index("mount_proc") < names.index("make_mask_sources") < names.index("mask_proc_kcore")
+    assert last_sys < names.index("mask_sys_firmware") < names.index("pivot_root")
+
+
+def test_a_mask_hides_a_file_or_a_directory_and_skips_a_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What MaskPath binds where, recorded from its mount calls (the real mounts: tests/integration/test_credentials.py)."""
+    sources = tmp_path / "masked"
+    (sources / mounts.MASK_DIR).mkdir(parents=True)
+    (sources / mounts.MASK_FILE).write_text("")
+    (tmp_path / "keys").write_text("secret")
+    (tmp_path / "acpi").mkdir()
+    calls: list[tuple[bytes | None, bytes, int]] = []
+    record = lambda source, target, fstype, flags=0, data=None: calls.append((source, target, flags))  # noqa: E731
+    monkeypatch.setattr(mounts.L, "mount", record)
+    for name in ("keys", "acpi", "missing"):
+        mounts.MaskPath(f"mask_{name}", str(tmp_path / name), str(sources)).run()
+    assert [(c[0], c[1]) for c in calls[::2]] == [
+        (os.fsencode(sources / mounts.MASK_FILE), os.fsencode(tmp_path / "keys")),
+        (os.fsencode(sources / mounts.MASK_DIR), os.fsencode(tmp_path / "acpi")),
+    ]
+    assert all(c[2] & mounts.L.MS_RDONLY and c[2] & mounts.L.MS_REMOUNT for c in calls[1::2])

@@ -288,6 +288,120 @@ def test_a_passed_test_has_no_cause(item: pytest.Item) -> None:
     assert all(reports.CAUSE_PROPERTY not in dict(r.user_properties) for r in out.reports)
 
 
+# --- expected limits (expect_limits) ----------------------------------------------------------------
+
+EXPECT_MEMORY = SandboxSpec(memory=64 * MiB, expect_limits=("memory",))
+EXPECT_PIDS = SandboxSpec(pids=32, expect_limits=("pids",))
+
+
+def expected(message: str) -> str:
+    return reports.EXPECTED_HIT.format(message=message)
+
+
+@pytest.mark.parametrize(
+    ("spec", "usage", "message", "name"),
+    [(EXPECT_MEMORY, MEMORY_USAGE, MEMORY_TEXT, "memory"), (EXPECT_PIDS, PIDS_USAGE, PIDS_TEXT, "pids")],
+)
+def test_an_expected_limit_hit_leaves_a_passed_test_passed_and_is_recorded(
+    item: pytest.Item, spec: SandboxSpec, usage: Usage, message: str, name: str
+) -> None:
+    result = SandboxResult(records=sent(item, "setup", "call", "teardown"), test_status=exited(0), usage=usage, done=True)
+    out = assemble(item, result, spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "passed")]
+    assert (reports.LIMIT_SECTION, expected(message)) in out.reports[1].sections
+    assert "memory limit" in expected(MEMORY_TEXT) and "pids limit 32" in expected(PIDS_TEXT)  # same words
+    for report in out.reports:
+        properties = dict(report.user_properties)
+        assert properties[reports.EXPECTED_PROPERTY] == name and reports.CAUSE_PROPERTY not in properties
+
+
+@pytest.mark.parametrize(
+    ("spec", "usage", "message"), [(EXPECT_MEMORY, MEMORY_USAGE, MEMORY_TEXT), (EXPECT_PIDS, PIDS_USAGE, PIDS_TEXT)]
+)
+def test_a_test_failing_by_itself_after_an_expected_hit_shows_the_hit_first(
+    item: pytest.Item, spec: SandboxSpec, usage: Usage, message: str
+) -> None:
+    """As without expect_limits: the hit leads the short summary line and junit's message."""
+    records = sent(item, "setup", "call", "teardown", failed_call=True)
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), usage=usage), spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
+    call = out.reports[1]
+    assert TEST_FAILURE in text(call)
+    assert call.longrepr.reprcrash.message.startswith(expected(message) + "\n")
+    assert (reports.LIMIT_SECTION, expected(message)) in call.sections
+    properties = dict(call.user_properties)
+    assert properties[reports.CAUSE_PROPERTY] == spec.expect_limits[0]
+    assert properties[reports.EXPECTED_PROPERTY] == spec.expect_limits[0]
+
+
+def test_the_test_process_itself_oom_killed_fails_even_when_memory_is_expected(item: pytest.Item) -> None:
+    result = SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGKILL), usage=MEMORY_USAGE)
+    out = assemble(item, result, EXPECT_MEMORY)
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
+    message = text(out.reports[1])
+    assert message == reports.TEST_PROCESS_OOM_KILLED.format(message=MEMORY_TEXT)
+    assert message.startswith(MEMORY_TEXT)
+    properties = dict(out.reports[1].user_properties)
+    assert properties[reports.CAUSE_PROPERTY] == "memory" and reports.EXPECTED_PROPERTY not in properties
+
+
+def test_the_test_process_killed_after_its_call_passed_is_not_covered_either(item: pytest.Item) -> None:
+    result = SandboxResult(records=sent(item, "setup", "call"), test_status=signaled(signal.SIGKILL), usage=MEMORY_USAGE)
+    out = assemble(item, result, EXPECT_MEMORY)
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "failed")]
+    assert text(out.reports[2]).startswith(MEMORY_TEXT)
+
+
+def test_an_unexpected_hit_fails_the_test_and_the_expected_one_is_a_section(item: pytest.Item) -> None:
+    spec = SandboxSpec(memory=64 * MiB, pids=32, expect_limits=("pids",))
+    usage = Usage(memory_peak=64 * MiB, oom_kills=2, pids_limit_hits=3)
+    result = SandboxResult(records=sent(item, "setup", "call", "teardown"), test_status=exited(0), usage=usage)
+    out = assemble(item, result, spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "failed"), ("teardown", "passed")]
+    call = out.reports[1]
+    assert text(call) == MEMORY_TEXT
+    assert (reports.LIMIT_SECTION, expected(PIDS_TEXT)) in call.sections
+    properties = dict(call.user_properties)
+    assert properties[reports.CAUSE_PROPERTY] == "memory" and properties[reports.EXPECTED_PROPERTY] == "pids"
+
+
+def test_both_limits_expected_are_both_recorded(item: pytest.Item) -> None:
+    spec = SandboxSpec(memory=64 * MiB, pids=32, expect_limits=("memory", "pids"))
+    usage = Usage(memory_peak=64 * MiB, oom_kills=2, pids_limit_hits=3)
+    result = SandboxResult(records=sent(item, "setup", "call", "teardown"), test_status=exited(0), usage=usage, done=True)
+    out = assemble(item, result, spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "passed")]
+    assert (reports.LIMIT_SECTION, expected(MEMORY_TEXT) + "\n" + expected(PIDS_TEXT)) in out.reports[1].sections
+    assert [v for k, v in out.reports[0].user_properties if k == reports.EXPECTED_PROPERTY] == ["memory", "pids"]
+
+
+def test_an_expected_limit_not_hit_adds_nothing(item: pytest.Item) -> None:
+    result = SandboxResult(records=sent(item, "setup", "call", "teardown"), test_status=exited(0), usage=Usage(memory_peak=MiB))
+    out = assemble(item, result, EXPECT_MEMORY)
+    assert all(not r.sections for r in out.reports)
+    assert all(reports.EXPECTED_PROPERTY not in dict(r.user_properties) for r in out.reports)
+
+
+def test_an_expected_full_disk_leaves_a_passed_test_passed(item: pytest.Item) -> None:
+    spec = SandboxSpec(disk=8 * MiB, expect_limits=("disk",))
+    records = [*sent(item, "setup", "call", "teardown"), {"kind": reports.DISK_USAGE, "free": 0, "free_inodes": 10}]
+    out = assemble(item, SandboxResult(records=records, test_status=exited(0), done=True), spec)
+    assert outcomes(out) == [("setup", "passed"), ("call", "passed"), ("teardown", "passed")]
+    disk_text = reports.DISK_FULL.format(limit="8 MiB", detail="")
+    assert (reports.LIMIT_SECTION, expected(disk_text)) in out.reports[1].sections
+    assert dict(out.reports[1].user_properties)[reports.EXPECTED_PROPERTY] == "disk"
+    unexpected = assemble(item, SandboxResult(records=records, test_status=exited(0), done=True), SandboxSpec(disk=8 * MiB))
+    assert text(unexpected.reports[1]) == disk_text
+
+
+def test_a_timeout_is_never_expected(item: pytest.Item) -> None:
+    spec = SandboxSpec(pids=32, timeout=2, expect_limits=("pids",))
+    result = SandboxResult(records=sent(item, "setup"), test_status=signaled(signal.SIGKILL), timed_out=True, usage=PIDS_USAGE)
+    out = assemble(item, result, spec)
+    assert text(out.reports[1]) == reports.TIMED_OUT.format(seconds=2.0)
+    assert (reports.LIMIT_SECTION, expected(PIDS_TEXT)) in out.reports[1].sections
+
+
 # --- durations ------------------------------------------------------------------------------------
 
 

@@ -15,9 +15,11 @@ from pytest_nsbox.spec import (
     defaults_from_ini,
     describe_defaults,
     format_size,
+    parse_drop_env,
     parse_size,
     spec_from_marker,
     spec_from_markers,
+    with_drop_env,
 )
 
 
@@ -194,3 +196,166 @@ def test_marker_disk_none_falls_back_to_the_built_in_bound_not_to_none() -> None
     assert spec_from_marker((), {"disk": None}, "t", defaults).disk is None  # P fills in the built-in bound
     assert "disk=1 GiB (command line)" in describe_defaults(defaults, 5 * 2**30)
     assert "disk=5 GiB (built-in)" in describe_defaults(Defaults(), 5 * 2**30)
+
+
+# --- expect_limits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("memory", ("memory",)),
+        ("pids", ("pids",)),
+        (("pids", "memory"), ("memory", "pids")),  # one order, whatever the marker's
+        (("disk", "pids", "memory"), ("memory", "pids", "disk")),
+        (["memory"], ("memory",)),
+        ({"pids"}, ("pids",)),
+        ((), ()),
+        (None, ()),
+    ],
+)
+def test_expect_limits_names_limits_the_test_sets(value: object, expected: tuple[str, ...]) -> None:
+    spec = spec_from_marker((), {"memory": "64M", "pids": 32, "disk": "8M", "expect_limits": value}, "t.py::test_x", Defaults())
+    assert spec.expect_limits == expected
+
+
+def test_expect_limits_defaults_to_nothing() -> None:
+    assert spec_from_marker((), {"memory": "64M"}, "t.py::test_x", Defaults()).expect_limits == ()
+
+
+def test_expect_limits_may_name_a_limit_from_the_defaults() -> None:
+    defaults = defaults_from({**NO_INI, "nsbox_pids": "50"}.__getitem__, {"--nsbox-memory": "64M"})
+    spec = spec_from_marker((), {"expect_limits": ("memory", "pids")}, "t.py::test_x", defaults)
+    assert (spec.memory, spec.pids, spec.expect_limits) == (64 * 2**20, 50, ("memory", "pids"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"memory": "64M", "expect_limits": "memroy"},
+            "invalid expect_limits 'memroy' from nsbox marker on t.py::test_x ('memroy' is not a limit a test may expect; "
+            "did you mean 'memory'? expected 'memory', 'pids', 'disk', or a tuple of them)",
+        ),
+        (
+            {"memory": "64M", "expect_limits": ("memory", "swap")},
+            "invalid expect_limits ('memory', 'swap') from nsbox marker on t.py::test_x ('swap' is not a limit a test may "
+            "expect; expected 'memory', 'pids', 'disk', or a tuple of them)",
+        ),
+        (
+            {"timeout": 5, "expect_limits": "timeout"},
+            "invalid expect_limits 'timeout' from nsbox marker on t.py::test_x (timeout is not a limit a test may expect: "
+            "a test that wants something to run out of time uses its own timer",
+        ),
+        ({"cpus": 0.5, "expect_limits": ["cpus"]}, "invalid expect_limits ['cpus'] from nsbox marker on t.py::test_x (cpus is"),
+        (
+            {"memory": "64M", "expect_limits": 1},
+            "invalid expect_limits 1 from nsbox marker on t.py::test_x (expected 'memory', 'pids', 'disk', or a tuple of them)",
+        ),
+        ({"memory": "64M", "expect_limits": ""}, "invalid expect_limits '' from nsbox marker on t.py::test_x"),
+        ({"memory": "64M", "expect_limits": ("memory", 2)}, "invalid expect_limits ('memory', 2) from nsbox marker"),
+        (
+            {"expect_limits": "memory"},
+            "nsbox marker on t.py::test_x: expect_limits names memory, but the test has no memory limit; "
+            "give memory=... in the marker (or --nsbox-memory, ini nsbox_memory), or drop 'memory' from expect_limits",
+        ),
+        (
+            {"memory": "64M", "expect_limits": "pids"},
+            "nsbox marker on t.py::test_x: expect_limits names pids, but the test has no pids limit (the safety cap of "
+            f"{DEFAULT_PIDS} is not a limit a test may expect); give pids=... in the marker",
+        ),
+        ({"memory": None, "expect_limits": "memory"}, "nsbox marker on t.py::test_x: expect_limits names memory, but"),
+        (
+            {"expect_limits": "disk"},
+            "nsbox marker on t.py::test_x: expect_limits names disk, but the test has no disk limit (the built-in disk "
+            "bound is not a limit a test may expect); give disk=... in the marker",
+        ),
+        (
+            {"memory": "64M", "expect_lmits": "memory"},
+            "nsbox marker on t.py::test_x: nsbox() got an unexpected keyword argument 'expect_lmits' "
+            "(did you mean 'expect_limits'?); valid keywords: image, memory, pids, cpus, timeout, network, disk, expect_limits",
+        ),
+    ],
+)
+def test_bad_expect_limits_are_marker_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        spec_from_marker((), kwargs, "t.py::test_x", Defaults())
+    assert str(exc.value).startswith(message), str(exc.value)
+
+
+def test_expect_limits_of_a_limit_turned_off_by_the_marker_is_an_error() -> None:
+    defaults = defaults_from({**NO_INI, "nsbox_memory": "64M"}.__getitem__)
+    assert spec_from_marker((), {"expect_limits": "memory"}, "t.py::test_x", defaults).expect_limits == ("memory",)
+    with pytest.raises(SpecError, match=r"expect_limits names memory, but the test has no memory limit"):
+        spec_from_marker((), {"memory": 0, "expect_limits": "memory"}, "t.py::test_x", defaults)
+
+
+def test_stacked_expect_limits_closest_wins_and_none_expects_nothing() -> None:
+    module = Mark((), {"memory": "64M", "pids": 32, "expect_limits": ("memory", "pids")}, level=2)
+    spec = spec_from_markers([Mark((), {"expect_limits": "pids"}, level=0), module], "t.py::C::test_x", Defaults())
+    assert spec.expect_limits == ("pids",)
+    assert spec_from_markers([Mark((), {"expect_limits": None}), module], "t.py::C::test_x", Defaults()).expect_limits == ()
+    assert spec_from_markers([module], "t.py::C::test_x", Defaults()).expect_limits == ("memory", "pids")
+    clashing = [Mark((), {"memory": "64M", "expect_limits": "memory"}), Mark((), {"expect_limits": ()})]
+    with pytest.raises(SpecError, match=r"stacked nsbox markers on one level give expect_limits two values"):
+        spec_from_markers(clashing, "t.py::test_x", Defaults())
+
+
+def test_an_inner_marker_that_drops_the_expected_limit_is_an_error() -> None:
+    """The module expects memory; the test turns memory off: nothing left to expect."""
+    module = Mark((), {"memory": "64M", "expect_limits": "memory"}, level=1)
+    with pytest.raises(SpecError, match=r"t.py::test_x: expect_limits names memory, but the test has no memory limit"):
+        spec_from_markers([Mark((), {"memory": None}), module], "t.py::test_x", Defaults())
+
+
+def test_decorator_takes_expect_limits() -> None:
+    assert nsbox(memory="64M", expect_limits="memory").mark.kwargs == {"memory": "64M", "expect_limits": "memory"}
+    assert nsbox(pids=8, expect_limits=("pids",)).mark.kwargs == {"pids": 8, "expect_limits": ("pids",)}
+    assert nsbox(expect_limits=None).mark.kwargs == {"expect_limits": None}
+
+
+def test_marker_help_lists_expect_limits() -> None:
+    from pytest_nsbox.plugin import MARKER_HELP
+
+    assert "expect_limits=()" in MARKER_HELP
+
+
+# --- drop_env --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("*_TOKEN", ("*_TOKEN",)),
+        (["*_TOKEN", "AWS_*", "*_TOKEN"], ("*_TOKEN", "AWS_*")),
+        (("GH_[A-Z]*",), ("GH_[A-Z]*",)),
+        ([], None),
+    ],
+)
+def test_parse_drop_env(value: object, expected: tuple[str, ...] | None) -> None:
+    assert parse_drop_env(value) == expected
+
+
+@pytest.mark.parametrize("value", [5, b"X", ["A", 1], ["A=B"], [""], [" X"], {"X"}])
+def test_parse_drop_env_rejects(value: object) -> None:
+    with pytest.raises(ValueError, match=r"expected a pattern or a list|cannot name a variable"):
+        parse_drop_env(value)
+
+
+def test_drop_env_marker_over_ini_and_none_drops_nothing() -> None:
+    defaults = with_drop_env(Defaults(), ["*_TOKEN", "AWS_*"])
+    assert defaults.spec.drop_env == ("*_TOKEN", "AWS_*") and defaults.sources == {"drop_env": "ini"}
+    assert "drop_env=*_TOKEN AWS_* (ini)" in describe_defaults(defaults)
+    assert spec_from_marker((), {}, "t.py::test_x", defaults).drop_env == ("*_TOKEN", "AWS_*")
+    assert spec_from_marker((), {"drop_env": "SECRET"}, "t.py::test_x", defaults).drop_env == ("SECRET",)
+    assert spec_from_marker((), {"drop_env": None}, "t.py::test_x", defaults).drop_env is None
+    assert spec_from_marker((), {"drop_env": []}, "t.py::test_x", defaults).drop_env is None
+    assert with_drop_env(Defaults(), []) == Defaults() and "drop_env" not in describe_defaults(Defaults())
+    assert nsbox(drop_env=["X_*"]).mark.kwargs == {"drop_env": ["X_*"]}
+
+
+def test_bad_drop_env_names_its_source() -> None:
+    with pytest.raises(SpecError, match=r"invalid drop_env \['A', 'B=1'\] from ini nsbox_drop_env \('B=1' cannot name"):
+        with_drop_env(Defaults(), ["A", "B=1"])
+    with pytest.raises(SpecError, match=r"invalid drop_env 3 from nsbox marker on t.py::test_x \(expected a pattern"):
+        spec_from_marker((), {"drop_env": 3}, "t.py::test_x", Defaults())
