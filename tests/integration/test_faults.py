@@ -13,13 +13,20 @@ import pytest
 from helpers import PID_FILE_CONFTEST, builders_of, cgroups_of, processes_with
 
 from pytest_nsbox import reports
-from pytest_nsbox.box import faults
+from pytest_nsbox.box import faults, mounts
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
 BOX = Path(reports.__file__).resolve().parent / "box"
 BOTH = ("prebuilt", "forked")
 JOINER = "C" if os.geteuid() == 0 else "J"  # P's child that joins a prebuilt sandbox (see prebuilt.py)
+
+# The kernel interface steps (mounts.kernel_interface_steps): their names are made from the paths.
+MASK_STEPS: tuple[str, ...] = (
+    *(mounts._step_name("readonly", p) for p in mounts.READONLY_PROC_PATHS),
+    *(mounts._step_name("mask", p) for p in mounts.MASKED_PROC_PATHS + mounts.MASKED_SYS_PATHS),
+)
+HOST_SYS_MASK_STEPS: tuple[str, ...] = tuple(mounts._step_name("mask", p) for p in mounts.MASKED_HOST_SYS_PATHS)
 
 # Every step a sandboxed test's setup runs, as PYTEST_NSBOX_FAULT names it, and the forms that run it.
 # An unqualified name fails where it first runs: in A (forked) or B' (prebuilt) for the namespace steps.
@@ -30,6 +37,8 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
     # A (forked) / B' (prebuilt): descriptors, cgroup, namespaces, id maps
     "set_parent_death_signal": BOTH,
     "close_inherited_fds": BOTH,
+    "clear_environment": BOTH,  # B' before its setup (prebuilt), B after forking C (forked)
+    "join_session_keyring": BOTH,  # B' (prebuilt), B (forked)
     "enter_cgroup": BOTH,
     "mount_proc_for_pid_namespace": ("prebuilt",),
     "unshare_namespaces": BOTH,
@@ -52,6 +61,8 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
     "link_dev": BOTH,
     "mount_proc": BOTH,
     "remount_readonly": BOTH,
+    "make_mask_sources": BOTH,
+    **dict.fromkeys(MASK_STEPS, BOTH),
     "mount_sysfs": BOTH,
     "pivot_root": BOTH,
     "set_hostname": BOTH,
@@ -66,6 +77,8 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
     # C, the test process (steps.run_test)
     "verify_sandbox": BOTH,
     "drop_capabilities": BOTH,
+    "C:join_session_keyring": BOTH,
+    "drop_environment": BOTH,
     "prefer_test_for_oom": BOTH,
     "register_stack_dump": BOTH,
     "redirect_crash_dump": BOTH,
@@ -78,16 +91,25 @@ NOT_IN_A_TEST_RUN: dict[str, str] = {
     "map_subordinate_ids": "full subordinate id maps: recipes' run steps only",
     "mount_host_path_dir": "a throwaway host directory with mounts below it (none in the host image's plan here)",
     "make_links": "symlinks inside such a directory",
+    **dict.fromkeys(HOST_SYS_MASK_STEPS, "the host's /sys bound read-only: network 'host' or 'private' only"),
 }
 
 CASES = [(mode, step) for step, forms in STEP_FAULTS.items() for mode in forms]
 
+PLAN_STEPS_CONFTEST = """
+def pytest_sessionfinish(session):
+    from pytest_nsbox.plugin import RUNNER_KEY
+
+    plans = session.config.stash[RUNNER_KEY].preparer._plans.values()
+    open("plan-steps", "w").write(" ".join(step.name for plan in plans for step in plan.steps))
+"""
 BASETEMP = "shared"  # the inner run's basetemp: shared with the host, where the body leaves its marker
 MARKER = "body-ran"
 INNER_TEST = """
 import pytest
 
-@pytest.mark.nsbox(memory="256M", timeout=120)     # a cgroup, the OOM preference and the stack dump
+# a cgroup, the OOM preference, the stack dump and drop_environment
+@pytest.mark.nsbox(memory="256M", timeout=120, drop_env=["NSBOX_FAULTS_NOT_SET"])
 def test_body():
     open({marker!r}, "w").write("the body ran")
 """
@@ -127,7 +149,7 @@ def step_names_in_code() -> set[str]:
 
 def test_every_step_in_the_code_has_a_fault_test() -> None:
     covered = {step.rpartition(":")[2] for step in STEP_FAULTS}
-    found = step_names_in_code()
+    found = step_names_in_code() | set(MASK_STEPS) | set(HOST_SYS_MASK_STEPS)
     assert {"unshare_namespaces", "pivot_root", "mount_proc", "join_namespaces", "harden_init"} <= found  # the scan works
     assert found - covered - set(NOT_IN_A_TEST_RUN) == set()  # a new step needs a line in STEP_FAULTS
     assert covered - found == set()  # and a step that is gone, none
@@ -166,12 +188,16 @@ def test_a_failed_step_leaves_the_test_unrun(
 def test_without_a_fault_the_body_runs(
     run_inner, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, build_mode: str
 ) -> None:
-    """The control: the same inner test, no fault, writes its marker."""
+    """The control: the same inner test, no fault, writes its marker. Every step of its mount plan
+    (some names are made at run time) has a fault test."""
     marker = pytester.path / BASETEMP / MARKER
     monkeypatch.delenv(faults.FAULT_ENV, raising=False)
-    result = run_inner(INNER_TEST.format(marker=str(marker)), f"--basetemp={BASETEMP}", conftest=PID_FILE_CONFTEST)
+    result = run_inner(INNER_TEST.format(marker=str(marker)), f"--basetemp={BASETEMP}", conftest=PLAN_STEPS_CONFTEST)
     result.assert_outcomes(passed=1)
     assert marker.read_text() == "the body ran"
+    plan_steps = set((pytester.path / "plan-steps").read_text().split())
+    assert "pivot_root" in plan_steps
+    assert plan_steps - {step for step, forms in STEP_FAULTS.items() if build_mode in forms} == set()
 
 
 @pytest.mark.parametrize("step", ["unshare_namespaces", "pivot_root", "write_cgroup_limits"])
