@@ -232,9 +232,10 @@ def test_kill_9_at_random_moments_leaves_nothing_behind(
                 run.send_signal(signal.SIGKILL)  # our child, not reaped yet: never another process
             killed[victim] += 1
             output = finish(n, run)
-            # Its builder killed, pytest goes on (a test running in a prebuilt sandbox dies with it: FAILED;
-            # test_hangs fails anyway)
-            if victim == "builder" and run.returncode != pytest.ExitCode.TESTS_FAILED:
+            # Its builder killed, pytest goes on. A test running in a sandbox the builder built dies with it
+            # (FAILED); one about to join such a sandbox finds it gone (SKIPPED: step join_namespaces failed,
+            # and with test_hangs skipped the run can pass).
+            if victim == "builder" and run.returncode not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
                 pytest.fail(f"run {n} (seed {seed}): pytest exited {run.returncode} after its builder was killed:\n{output}")
         print(f"killed: {killed}")
         # Every process of a killed run dies with its parent (PR_SET_PDEATHSIG) or its PID namespace.
