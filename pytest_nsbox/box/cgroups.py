@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import NsboxError
+from . import faults
 
 CGROUP_MOUNT: Final = Path("/sys/fs/cgroup")
 V1_CONTROLLERS: Final = ("memory", "pids", "cpu")
@@ -95,6 +96,14 @@ def _write(path: Path | str, value: str) -> None:
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror} ({name})") from None
+
+
+def _inject_fault(step: str, attempted: str) -> None:
+    """The test hook (faults.py) at P's own cgroup steps, raised as the CgroupError a real failure is."""
+    try:
+        faults.inject("P", step)
+    except OSError as exc:
+        raise CgroupError(f"step {step} failed: {attempted}: {exc.strerror} (EIO)") from None
 
 
 def _keyed(text: str | None) -> dict[str, int]:
@@ -405,6 +414,7 @@ class ManagerV1(CgroupManager):
         name = self._next_name()
         dirs: dict[str, Path] = {}
         try:
+            _inject_fault("create_cgroup", f"mkdir {self.root_name}/{name}")
             for ctrl in limits.controllers():
                 path = f"{CGROUP_MOUNT}/{ctrl}/{self.root_name}/{name}"
                 for attempt in range(3):  # another run may remove an empty default root between the two mkdirs
@@ -418,6 +428,7 @@ class ManagerV1(CgroupManager):
                             os.mkdir(os.path.dirname(path))  # the default root only: never its parents
                 dirs[ctrl] = Path(path)
             cgroup = CgroupV1(name, dirs)
+            _inject_fault("write_cgroup_limits", f"write the limits of {name}")
             cgroup.apply(limits)
             cgroup.open_counters()
         except OSError as exc:
@@ -529,12 +540,14 @@ class ManagerV2(CgroupManager):
     def create(self, limits: Limits) -> Cgroup:
         name = self._next_name()
         path = self.root / name
+        _inject_fault("create_cgroup", f"mkdir {path}")
         try:
             path.mkdir()
         except OSError as exc:
             raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}") from None
         cgroup = CgroupV2(name, {"": path})
         try:
+            _inject_fault("write_cgroup_limits", f"write the limits of {path}")
             cgroup.apply(limits)
             cgroup.open_counters()
         except CgroupError:

@@ -19,7 +19,7 @@ import signal
 from dataclasses import replace
 from typing import NoReturn
 
-from . import cgroups
+from . import cgroups, faults
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
 from .steps import (
     Step,
@@ -114,6 +114,7 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Targ
     after_fork: list[Step] = [("harden_init", lambda: harden_init(config.cap_last_cap)), ("clear_environment", clear_environment)]
     for name, action in after_fork:
         try:
+            faults.inject("B", name)  # the test hook, as in steps.run_steps
             action()
         except Exception as exc:
             os.kill(c_pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from . import _linux as L
-from . import subids
+from . import faults, subids
 from .config import EXIT_INTERNAL_ERROR, EXIT_SETUP_FAILED, SandboxConfig, namespace_ids
 from .wire import Channel
 
@@ -58,6 +58,7 @@ def run_steps(channel: Channel, process: str, steps: Iterable[Step]) -> None:
     """Run named steps in order; the first failure is sent as a setup_error and ends the process."""
     for name, action in steps:
         try:
+            faults.inject(process, name)  # a test hook (PYTEST_NSBOX_FAULT): it can only make a step fail
             action()
         except BaseException as exc:
             fail(channel, process, name, exc)
@@ -311,6 +312,7 @@ def guard_parent(channel: Channel, process: str, parent_alive: Callable[[], bool
     parent outside the caller's PID namespace.
     """
     try:
+        faults.inject(process, "set_parent_death_signal")
         L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
         if not parent_alive():
             os._exit(EXIT_SETUP_FAILED)
