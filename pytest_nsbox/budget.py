@@ -1,6 +1,6 @@
 """The memory budget: sandboxes with a memory limit start only while the limits fit.
 
-One ledger per user and machine (``$XDG_RUNTIME_DIR/pytest-nsbox`` or ``/tmp/pytest-nsbox-<uid>``),
+One ledger per user and machine (``$XDG_RUNTIME_DIR/pytest-nsbox`` or ``/tmp/pytest-nsbox-ledger-<uid>``),
 shared by every xdist worker and every pytest run of that user: a directory with one entry per
 running sandbox that has a memory limit, named after the pytest process that started it (pid and
 start time, so a reused pid is not mistaken for it) and holding the limit in bytes. Every change
@@ -43,7 +43,7 @@ def default_ledger_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK):
         return Path(runtime) / "pytest-nsbox"
-    return Path(tempfile.gettempdir()) / f"pytest-nsbox-{os.getuid()}"
+    return Path(tempfile.gettempdir()) / f"pytest-nsbox-ledger-{os.getuid()}"  # not a scratch dir name (pytest-nsbox-<pid>-...)
 
 
 def _start_time(pid: int) -> str | None:
