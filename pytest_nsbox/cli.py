@@ -238,6 +238,19 @@ def _matching(records: list[cache.ImageRecord], name: str, project: Project, dir
     return named
 
 
+def _named(
+    records: list[cache.ImageRecord], names: Sequence[str], project: Project, dirs: list[Path]
+) -> list[cache.ImageRecord] | str:
+    """The records the names mean (see _matching), or the first name that means none."""
+    chosen: list[cache.ImageRecord] = []
+    for name in names:
+        matching = _matching(records, name, project, dirs)
+        if not matching:
+            return name
+        chosen += matching
+    return chosen
+
+
 def _no_image(name: str, cache_dir: Path) -> int:
     print(f"nsbox: no image {name!r} in {cache_dir} (see 'nsbox images list')", file=sys.stderr)
     return 1
@@ -340,13 +353,9 @@ def cmd_images_save(args: argparse.Namespace) -> int:
     cache_dir = _cache(args, project)
     dirs = _recipe_dirs(args, project)
     with cache.InUse(cache_dir):
-        records = cache.list_images(cache_dir)
-        chosen: list[cache.ImageRecord] = []
-        for name in args.names:
-            matching = _matching(records, name, project, dirs)
-            if not matching:
-                return _no_image(name, cache_dir)
-            chosen += matching
+        chosen = _named(cache.list_images(cache_dir), args.names, project, dirs)
+        if isinstance(chosen, str):
+            return _no_image(chosen, cache_dir)
         size = archive.save(cache_dir, chosen, Path(args.output))
     print(f"{', '.join(args.names)}: {sum(len(r.layers) for r in chosen)} layers, {format_size(size)} in {args.output}")
     return 0
@@ -396,13 +405,9 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
     cache_dir = _cache(args, project)
     dirs = _recipe_dirs(args, project)
     with cache.exclusive(cache_dir):
-        records = cache.list_images(cache_dir)
-        forget: list[cache.ImageRecord] = []
-        for name in args.names:
-            matching = _matching(records, name, project, dirs)
-            if not matching:
-                return _no_image(name, cache_dir)
-            forget += matching
+        forget = _named(cache.list_images(cache_dir), args.names, project, dirs)
+        if isinstance(forget, str):
+            return _no_image(forget, cache_dir)
         return _carry_out(cache.plan_removal(cache_dir, forget), cache_dir, dry_run=args.dry_run)
 
 
