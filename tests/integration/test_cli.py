@@ -323,7 +323,9 @@ def test_shell_timeout() -> None:
 
 @pytest.mark.needs_cgroup_limits
 def test_shell_memory_and_pids_limits() -> None:
-    oom = nsbox("shell", "--memory", "64M", "host", "--", sys.executable, "-c", "x = bytearray(1 << 30)")
+    # a shell's sandbox has a fresh /tmp (a venv under /tmp is not there): a memory hog from /usr/bin
+    hog = "from array import array; x = array('b', bytes(1 << 30))"
+    oom = nsbox("shell", "--memory", "64M", "host", "--", "/usr/bin/python3", "-c", hog)
     assert oom.returncode == 137 and "nsbox: the command exceeded its memory limit of 64 MiB" in oom.stderr, oom.stderr
     forks = nsbox("shell", "--pids", "5", "host", "--", "sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 1 & done; wait")
     assert "nsbox: pids limit 5 reached" in forks.stderr, forks.stderr
