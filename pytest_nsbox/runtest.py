@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -18,10 +19,11 @@ from typing import Any, Final
 
 import pytest
 
-from . import compat, probe, reports, reruns, timers
+from . import compat, probe, reports, reruns, services, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
+from .box.network import NetworkError, NetworkHost
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
@@ -29,7 +31,8 @@ from .budget import Admission, BudgetError, MemoryLedger
 from .carry import Carriers
 from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
-from .spec import Defaults, format_size
+from .services import ServiceRegistry
+from .spec import Defaults, format_size, network_mode
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C 
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
 BUDGET_WAIT_PROPERTY: Final = "nsbox_budget_wait"  # user_properties: seconds the test waited for the memory budget
+NEEDS_BUILDER: Final = "the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)"
 DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
@@ -123,10 +127,12 @@ class Lookahead:
         if self.builder is None:
             return None
         try:
-            return self.builder.submit(prepared.config())
+            return self.builder.submit(prepared.config(), prepared.plumbing())
         except BuilderError as exc:
             self._lost(exc)
             return None
+        except NetworkError:
+            return None  # the test fails closed when it starts (SandboxRunner._run)
 
     def built(self, ticket: int | None) -> Prebuilt | Failed | None:
         """The sandbox of *ticket*; None: build it now, by forks of P."""
@@ -172,6 +178,11 @@ class Lookahead:
             builder.close()
 
 
+def _network_failed(message: str) -> Failed:
+    """The test's sandbox could not be put on the private network: the test fails closed."""
+    return Failed({"kind": "setup_error", "process": "P", "step": "connect_network", "errno": None, "message": message})
+
+
 class SandboxRunner:
     """Per session: which items are sandboxed, and running each one."""
 
@@ -196,6 +207,8 @@ class SandboxRunner:
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
         builder = Builder() if prebuild_ahead and probe.prebuild_supported() else None
         self.lookahead = Lookahead(self.preparer, builder)
+        self.preparer.network = self._network
+        self.services = ServiceRegistry(self)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
         self.reporter = ChildReporter(config)
@@ -206,7 +219,14 @@ class SandboxRunner:
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
 
+    def _network(self) -> NetworkHost:
+        builder = self.lookahead.builder
+        if builder is None:
+            raise NetworkError(NEEDS_BUILDER)
+        return builder.network()
+
     def close(self) -> None:
+        self.services.close()
         self.supervisor.close()
         self.lookahead.close()
         self.preparer.close()
@@ -318,20 +338,56 @@ class SandboxRunner:
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         environment = prepared.environment()
         built = self.lookahead.built(ticket)
+        private = network_mode(prepared.spec.network) == "private"
+        control: socket.socket | None = None
+        if private:
+            if not isinstance(built, Prebuilt) or built.address is None:
+                if isinstance(built, Prebuilt):
+                    built.kill()
+                    built.close()
+                if not isinstance(built, Failed):
+                    built = _network_failed(NEEDS_BUILDER)
+            else:
+                try:
+                    network = self._network()
+                    if network.generation:
+                        network.attach(built.address)  # host ports exposed after it was built
+                    if "nsbox_network" in getattr(item, "fixturenames", ()):
+                        control = network.control_connection()
+                except NetworkError as exc:
+                    built.kill()
+                    built.close()
+                    built = _network_failed(str(exc))
+            config = replace(
+                config,
+                extra_hosts=self.services.hosts(),
+                network_control_fd=control.fileno() if control is not None else None,
+            )
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record], usage=usage)
         timers.before_fork(item)
-        return self.supervisor.run(
-            config,
-            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter, environment),
-            prebuilt=built,
-            timeout=prepared.spec.timeout,
-            cgroup=prepared.cgroup,
-            while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
-        )
+        hosts = config.extra_hosts
+        control_fd = config.network_control_fd
+
+        def target(channel: Channel) -> None:
+            services.enter_test_process(control_fd, hosts)
+            run_protocol_in_child(item, channel, self.carriers, self.reporter, environment)
+
+        try:
+            return self.supervisor.run(
+                config,
+                target,
+                prebuilt=built,
+                timeout=prepared.spec.timeout,
+                cgroup=prepared.cgroup,
+                while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
+            )
+        finally:
+            if control is not None:
+                control.close()  # N undoes what the test changed when its copy closes too
 
     def too_small_to_start(self, prepared: Prepared, result: SandboxResult) -> str | None:
         """Why the sandbox could not start the test because its own limit is too small (with the
@@ -347,9 +403,7 @@ class SandboxRunner:
             cost = self.start_cost(prepared)
             smallest = start_memory_floor(cost)
             if spec.memory < smallest:
-                measured = (
-                    f"an empty sandbox peaked at {format_size(cost)}" if cost else "an empty sandbox could not be measured"
-                )
+                measured = f"an empty sandbox peaked at {format_size(cost)}" if cost else "an empty sandbox could not be measured"
                 return reports.MEMORY_TOO_SMALL.format(
                     limit=format_size(spec.memory), measured=measured, smallest=f"{smallest // 2**20}M"
                 )

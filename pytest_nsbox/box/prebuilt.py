@@ -53,9 +53,10 @@ from .wire import Channel
 class Prebuilt:
     """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
 
-    def __init__(self, pidfd: int, root_dev: int | None) -> None:
+    def __init__(self, pidfd: int, root_dev: int | None, address: str | None = None) -> None:
         self.pidfd = pidfd
         self.root_dev = root_dev  # st_dev of the sandbox's "/" (see steps.verify_inside)
+        self.address = address  # on the private network (network="private")
 
     def kill(self) -> None:
         """SIGKILL B': the PID namespace dies with it and takes every process inside along."""
@@ -185,9 +186,7 @@ def _process_c(config: SandboxConfig, channel: Channel, prebuilt: Prebuilt, kept
     run_test(config, channel, target)
 
 
-def _process_j(
-    config: SandboxConfig, channel: Channel, p_pid: int, prebuilt: Prebuilt, kept: set[int], target: Target
-) -> None:
+def _process_j(config: SandboxConfig, channel: Channel, p_pid: int, prebuilt: Prebuilt, kept: set[int], target: Target) -> None:
     """J: enter the namespaces of B', fork the test process there, send its status."""
     guard_parent(channel, "J", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
