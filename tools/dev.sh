@@ -15,7 +15,7 @@ OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
 # what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound (charged to memory), doctor
-UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py"
+UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py tests/integration/test_network.py"
 
 apt_install() {
   # Debian packages the project needs: python3-venv (the rootless venv), uidmap (rootless image builds).

@@ -300,6 +300,10 @@ class _Server:
         ipr.addr("add", index=index, address=GATEWAY, prefixlen=SUBNET.prefixlen)
         ipr.link("set", index=index, state="up")
         self.bridge_index = index
+        # the gateway has nowhere to forward to: with forwarding on, it answers "network
+        # unreachable" at once (off, it would drop the packets and a connect would time out)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as handle:  # this thread's namespace: the bridge's
+            handle.write("1")
         try:
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.tc("add", "netem", index=lo, handle="1:", delay=1000)
