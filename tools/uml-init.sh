@@ -35,6 +35,7 @@ mount -t tmpfs tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate,memory_recursiveprot cgroup2 /sys/fs/cgroup
 echo "+cpu +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 hostname nsbox-uml
+ip link set lo up
 cd "$nsbox_repo"
 set +eE
 trap - ERR

@@ -384,6 +384,7 @@ def test_faults_mid_test_then_heal(echo, nsbox_network):
         "-s",
     )
     result.assert_outcomes(passed=3)
+    print(*(line for line in result.outlines if "delayed round trip" in line))
 
 
 def test_faults_where_netem_is_missing_are_skipped_naming_it(run_inner) -> None:
