@@ -341,7 +341,7 @@ class SandboxRunner:
         private = network_mode(prepared.spec.network) == "private"
         control: socket.socket | None = None
         if private:
-            if not isinstance(built, Prebuilt) or built.address is None:
+            if not isinstance(built, Prebuilt) or ticket is None:
                 if isinstance(built, Prebuilt):
                     built.kill()
                     built.close()
@@ -349,11 +349,7 @@ class SandboxRunner:
                     built = _network_failed(NEEDS_BUILDER)
             else:
                 try:
-                    network = self._network()
-                    if network.generation:
-                        network.attach(built.address)  # host ports exposed after it was built
-                    if "nsbox_network" in getattr(item, "fixturenames", ()):
-                        control = network.control_connection()
+                    _, control = self._network().claim(ticket, control="nsbox_network" in getattr(item, "fixturenames", ()))
                 except NetworkError as exc:
                     built.kill()
                     built.close()

@@ -201,23 +201,28 @@ class ServiceRegistry:
         assert builder is not None
         config = replace(prepared.config(), cwd="/", extra_hosts=self.hosts())
         faults = _faults(spec.network)
-        built = builder.take(builder.submit(config, Plumbing(name, faults)))
+        ticket = builder.submit(config, Plumbing(name, faults))
+        built = builder.take(ticket)
         if not isinstance(built, Prebuilt):
             prepared.discard()
-            record = built.record
-            raise ServiceError(
-                f"nsbox_service {name!r}: its sandbox could not be built: step {record.get('step')}: {record.get('message')}"
-            )
-        assert built.address is not None
+            step, message = built.record.get("step"), built.record.get("message")
+            raise ServiceError(f"nsbox_service {name!r}: its sandbox could not be built: step {step}: {message}")
+        try:
+            address, _ = network.claim(ticket)
+        except NetworkError:
+            built.kill()
+            built.close()
+            prepared.discard()
+            raise
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
-        service = Service(self, name, built.address, log_path)
+        service = Service(self, name, address, log_path)
         service._prebuilt, service._cgroup = built, prepared.cgroup
         environment = {**prepared.environment(), **(env or {})}
         try:
             service.pid = self._spawn(config, built, command, log_path, environment, name)
             self.running[name] = service
-            network.register_service(name, built.address)
+            network.register_service(name, address)
             self._wait_ready(service, ready_port, pattern, ready_timeout)
         except BaseException:
             service.stop()

@@ -183,10 +183,7 @@ class Builder:
         answer: Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
             root_dev = record.get("root_dev")
-            address = record.get("address")
-            answer = Prebuilt(
-                fds[0], root_dev if isinstance(root_dev, int) else None, address if isinstance(address, str) else None
-            )
+            answer = Prebuilt(fds[0], root_dev if isinstance(root_dev, int) else None)
         else:
             for fd in fds:
                 os.close(fd)
@@ -273,7 +270,7 @@ def _work(sock: socket.socket) -> None:
         keep_out = (sock.fileno(), *((network.fileno(),) if network is not None else ()))
         answer, fds = _build(config, keep_out, own_pid_namespace)
         if plumbing is not None and answer.get("kind") == "ready" and fds:
-            answer = _connect(answer, fds, network, plumbing)
+            answer = _connect(ticket, answer, fds, network, plumbing)
         try:
             socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
         except OSError:
@@ -284,23 +281,23 @@ def _work(sock: socket.socket) -> None:
         _reap()
 
 
-def _connect(ready: dict[str, Any], fds: list[int], network: socket.socket | None, plumbing: Plumbing) -> dict[str, Any]:
-    """Have N put the sandox just built on the private network; on failure kill it, and the
-    answer is the setup error."""
+def _connect(
+    ticket: int, ready: dict[str, Any], fds: list[int], network: socket.socket | None, plumbing: Plumbing
+) -> dict[str, Any]:
+    """Have N put the sandbox just built on the private network, while W goes on (P claims it
+    from N when its test starts); without N the sandbox is a setup error."""
     if network is None:
-        answer: dict[str, Any] = {"error": "the private network's process is not running"}
-    else:
-        from .network import plumb  # W imports it only when a sandbox needs it
+        try:
+            signal.pidfd_send_signal(fds[0], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fds.pop())
+        message = "the private network's process is not running"
+        return {"kind": "setup_error", "process": "B", "step": "connect_network", "errno": None, "message": message}
+    from .network import plumb  # W imports it only when a sandbox needs it
 
-        answer = plumb(network, fds[0], plumbing)
-    if "error" not in answer:
-        return {**ready, "address": answer["address"]}
-    try:
-        signal.pidfd_send_signal(fds[0], signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.close(fds.pop())
-    return {"kind": "setup_error", "process": "B", "step": "connect_network", "errno": None, "message": answer["error"]}
+    plumb(network, ticket, fds[0], plumbing)
+    return ready
 
 
 def _build(config: SandboxConfig, keep_out: tuple[int, ...], own_pid_namespace: int) -> tuple[dict[str, Any], list[int]]:

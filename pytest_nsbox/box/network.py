@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -163,7 +164,6 @@ class NetworkHost:
         hello = call(self._control, {"kind": "hello"})
         self._control.settimeout(None)
         self.netem: bool = bool(hello["netem"])
-        self.generation = 0  # bumped by every host port exposed (sandboxes plumbed before lack it)
 
     def builder_socket(self) -> int:
         """The descriptor W talks to N on (sent to W once; P keeps no use for it)."""
@@ -182,23 +182,29 @@ class NetworkHost:
 
     def expose_host_port(self, port: int) -> None:
         """The host's 127.0.0.1:*port*, reachable as 127.0.0.1:*port* inside every sandbox on the
-        private network from now on (also those built already: see attach)."""
+        private network from now on (those built already get it when claimed)."""
         self.request("expose", port=port)
-        self.generation += 1
 
-    def attach(self, address: str) -> None:
-        """Bring the sandbox at *address* up to date with the host ports exposed since it was built."""
-        self.request("attach", address=address)
-
-    def control_connection(self) -> socket.socket:
-        """A new connection to N for one test's nsbox_network fixture (what it changed is undone
-        when it is closed)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def claim(self, ticket: int, *, control: bool = False) -> tuple[str, socket.socket | None]:
+        """The sandbox of builder *ticket*, about to run: its address once N has put it on the
+        network (N works on it while the builder goes on; NetworkError if it could not). With
+        *control*, also a connection for the test's nsbox_network fixture (what it changes is
+        undone when the connection closes)."""
+        ours: socket.socket | None = None
+        fds: list[int] = []
+        if control:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            fds.append(theirs.fileno())
         try:
-            self.request("control", fds=[theirs.fileno()])
+            answer = self.request("claim", fds=fds, ticket=ticket)
+        except BaseException:
+            if ours is not None:
+                ours.close()
+            raise
         finally:
-            theirs.close()
-        return ours
+            if control:
+                theirs.close()
+        return str(answer["address"]), ours
 
     def register_service(self, name: str, address: str) -> None:
         self.request("service", name=name, address=address)
@@ -219,13 +225,13 @@ class NetworkHost:
 # --- W's side --------------------------------------------------------------------------------------
 
 
-def plumb(sock: socket.socket, pidfd: int, plumbing: Plumbing) -> dict[str, Any]:
-    """W: have N connect the sandbox whose PID 1 *pidfd* is; its address, or an error record."""
+def plumb(sock: socket.socket, ticket: int, pidfd: int, plumbing: Plumbing) -> None:
+    """W: have N put the sandbox of *ticket* (its PID 1: *pidfd*) on the network. N answers P's
+    claim, not W: W goes on building while N works (if N is gone, the claim fails)."""
     try:
-        answer = call(sock, {"kind": "plumb", "name": plumbing.name, "faults": plumbing.faults}, [pidfd])
-    except NetworkError as exc:
-        return {"error": str(exc)}
-    return answer
+        _send(sock, {"kind": "plumb", "ticket": ticket, "name": plumbing.name, "faults": plumbing.faults}, [pidfd])
+    except OSError:
+        pass
 
 
 # --- N ------------------------------------------------------------------------------------------
@@ -287,6 +293,8 @@ class _Server:
         self._next_host = 2
         self._next_link = 0
         self.changed: dict[int, set[str]] = {}  # control connection fd -> names it partitioned or gave faults
+        self.claims: dict[int, _Sandbox | str] = {}  # builder ticket -> its sandbox, or why it has none
+        self.builder_side: socket.socket | None = None
         self.netem = False
         self.netns.run(self._make_bridge)
 
@@ -324,40 +332,62 @@ class _Server:
 
     # -- requests
 
-    def plumb(self, pidfd: int, name: str, faults: LinkFaults) -> dict[str, Any]:
-        if faults.needs_netem and not self.netem:
-            raise NetworkError(NETEM_MISSING)
-        address = self._allocate()
-        self._next_link += 1
-        host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
-        bridge_ns = self.netns.home
-
-        def inside() -> list[socket.socket]:
-            ipr = self._iproute()
-            try:
-                ipr.link("add", ifname=SANDBOX_LINK, kind="veth", peer={"ifname": host_link, "net_ns_fd": bridge_ns})
-                index = ipr.link_lookup(ifname=SANDBOX_LINK)[0]
-                ipr.addr("add", index=index, address=address, prefixlen=SUBNET.prefixlen)
-                ipr.link("set", index=index, state="up")
-                ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY)
-            finally:
-                ipr.close()
-            return [_listen_loopback(port) for port in self.exposed]
-
-        listeners = self.netns.inside(pidfd, inside)
-
-        def outside() -> None:
-            index = self.bridge.link_lookup(ifname=host_link)[0]
-            self.bridge.link("set", index=index, master=self.bridge_index, state="up")
-            self._apply_faults(index, faults)
-
-        self.netns.run(outside)
-        sandbox = _Sandbox(pidfd, address, host_link, len(self.exposed), listeners)
+    def plumb(self, ticket: int, pidfd: int, faults: LinkFaults) -> None:
+        """Put the sandbox whose PID 1 is *pidfd* on the bridge (its result waits for P's claim)."""
+        try:
+            if faults.needs_netem and not self.netem:
+                raise NetworkError(NETEM_MISSING)
+            address = self._allocate()
+            self._next_link += 1
+            host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
+            self.netns.run(lambda: self._connect(pidfd, host_link, address, faults))
+        except Exception as exc:
+            os.close(pidfd)
+            self.claims[ticket] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NetworkError | OSError) else str(exc)
+            return
+        sandbox = _Sandbox(pidfd, address, host_link, 0)
         self.sandboxes[pidfd] = sandbox
+        self.claims[ticket] = sandbox
         self.selector.register(pidfd, selectors.EVENT_READ, ("sandbox_gone", sandbox))
-        for listener in listeners:
-            self.selector.register(listener, selectors.EVENT_READ, ("to_host", listener))
-        return {"address": address, "name": name}
+
+    def _connect(self, pidfd: int, host_link: str, address: str, faults: LinkFaults) -> None:
+        """On the worker thread: a veth pair from the bridge (its end enslaved and up) to ``eth0``
+        in the sandbox's namespace, there with an address, up, and the default route."""
+        L.setns(pidfd, L.CLONE_NEWNET)
+        try:
+            sandbox_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            inside = self._iproute()
+        finally:
+            L.setns(self.netns.home, L.CLONE_NEWNET)
+        try:
+            self.bridge.link(
+                "add",
+                ifname=host_link,
+                kind="veth",
+                master=self.bridge_index,
+                state="up",
+                peer={"ifname": SANDBOX_LINK, "net_ns_fd": sandbox_ns},
+            )
+            index = _index(inside, SANDBOX_LINK)
+            inside.addr("add", index=index, address=address, prefixlen=SUBNET.prefixlen)
+            inside.link("set", index=index, state="up")
+            inside.route("add", dst="0.0.0.0/0", gateway=GATEWAY)
+            if not faults.empty:
+                self._apply_faults(_index(self.bridge, host_link), faults)
+        finally:
+            inside.close()
+            os.close(sandbox_ns)
+
+    def claim(self, ticket: int) -> _Sandbox:
+        """The sandbox of *ticket* as plumbed, with the host ports exposed since (NetworkError)."""
+        self.drain_builder()  # W sent its plumb request before P heard the sandbox was ready
+        result = self.claims.pop(ticket, None)
+        if result is None:
+            raise NetworkError(f"the sandbox (ticket {ticket}) was never put on the private network")
+        if isinstance(result, str):
+            raise NetworkError(result)
+        self.attach(result)
+        return result
 
     def _apply_faults(self, index: int, faults: LinkFaults) -> None:
         """On the host side of a link: what the sandbox receives is delayed, lost, rate-limited."""
@@ -387,10 +417,10 @@ class _Server:
         sandbox = next((s for s in self.sandboxes.values() if s.address == address), None)
         if sandbox is None:
             raise NetworkError(f"service {name!r} is not running")
-        links = self.netns.run(lambda: self.bridge.link_lookup(ifname=sandbox.host_link))  # pyroute2: per thread
-        if not links:
-            raise NetworkError(f"service {name!r} has no link on the private network")
-        return int(links[0])
+        try:
+            return self.netns.run(lambda: _index(self.bridge, sandbox.host_link))  # pyroute2 calls: on its thread
+        except Exception:
+            raise NetworkError(f"service {name!r} has no link on the private network") from None
 
     def partition(self, name: str) -> None:
         index = self._link_of(name)
@@ -436,11 +466,11 @@ class _Server:
         if port not in self.exposed:
             self.exposed.append(port)
 
-    def attach(self, address: str) -> None:
-        sandbox = next((s for s in self.sandboxes.values() if s.address == address), None)
-        if sandbox is None:
-            raise NetworkError(f"no sandbox at {address} on the private network")
+    def attach(self, sandbox: _Sandbox) -> None:
+        """Listeners on the sandbox's loopback for the host ports it lacks."""
         missing = self.exposed[sandbox.generation :]
+        if not missing:
+            return
         listeners = self.netns.inside(sandbox.pidfd, lambda: [_listen_loopback(port) for port in missing])
         sandbox.generation = len(self.exposed)
         sandbox.listeners += listeners
@@ -448,6 +478,27 @@ class _Server:
             self.selector.register(listener, selectors.EVENT_READ, ("to_host", listener))
 
     # -- events
+
+    def drain_builder(self) -> None:
+        """Handle every plumb request W has sent so far."""
+        while self.builder_side is not None and select.select([self.builder_side], [], [], 0)[0]:
+            try:  # (socket.recv_fds ignores its flags before Python 3.12: no MSG_DONTWAIT)
+                request, fds = _receive(self.builder_side)
+            except OSError:
+                request, fds = None, []
+            if request is None:
+                self.selector.unregister(self.builder_side)
+                self.builder_side.close()
+                self.builder_side = None
+                return
+            self.handle_builder(request, fds)
+
+    def handle_builder(self, request: dict[str, Any], fds: list[int]) -> None:
+        if request.get("kind") != "plumb" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return
+        self.plumb(int(request["ticket"]), fds[0], request["faults"])
 
     def accept_to_host(self, listener: socket.socket) -> None:
         try:
@@ -472,7 +523,14 @@ class _Server:
             self.selector.unregister(listener)
             listener.close()  # a socket holds its namespace: the sandbox's must be able to die
         del self.sandboxes[sandbox.pidfd]
+        for ticket in [t for t, claimed in self.claims.items() if claimed is sandbox]:
+            del self.claims[ticket]  # discarded before its test ran
         os.close(sandbox.pidfd)
+
+
+def _index(ipr: Any, name: str) -> int:
+    """A link's index, asked by name (not a dump of every link)."""
+    return int(ipr.link("get", ifname=name)[0]["index"])
 
 
 def _listen_loopback(port: int) -> socket.socket:
@@ -538,13 +596,15 @@ def serve() -> None:
         return
     server.selector.register(control, selectors.EVENT_READ, ("p", None))
     server.selector.register(builder_side, selectors.EVENT_READ, ("w", None))
+    server.builder_side = builder_side
     while True:
         for key, _ in server.selector.select():
             kind, data = key.data
-            if kind in ("p", "w", "c"):
-                if not _answer(server, key.fileobj, kind):  # type: ignore[arg-type]
-                    if kind != "c":
-                        return  # P or W is gone
+            if kind == "w":
+                server.drain_builder()
+            elif kind in ("p", "c"):
+                if not _answer(server, key.fileobj, kind) and kind == "p":  # type: ignore[arg-type]
+                    return  # P is gone
             elif kind == "sandbox_gone":
                 server.sandbox_gone(data)
             elif kind == "to_host":
@@ -616,14 +676,6 @@ def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str
         else:
             raise NetworkError(f"unknown request {what!r}")
         return {}
-    if what == "plumb" and kind == "w":
-        if len(fds) != 1:
-            raise NetworkError("plumb: expected one pidfd")
-        try:
-            return server.plumb(fds[0], request["name"], request["faults"])
-        except BaseException:
-            os.close(fds[0])
-            raise
     if kind != "p":
         raise NetworkError(f"unknown request {what!r}")
     if what == "hello":
@@ -635,19 +687,21 @@ def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str
     if what == "expose":
         server.expose(int(request["port"]))
         return {}
-    if what == "attach":
-        server.attach(request["address"])
-        return {}
+    if what == "claim":
+        control = socket.socket(fileno=fds.pop()) if fds else None
+        try:
+            sandbox = server.claim(int(request["ticket"]))
+        except BaseException:
+            if control is not None:
+                control.close()
+            raise
+        if control is not None:
+            server.selector.register(control, selectors.EVENT_READ, ("c", None))
+        return {"address": sandbox.address}
     if what == "service":
         server.services[request["name"]] = request["address"]
         return {}
     if what == "forget":
         server.services.pop(request["name"], None)
-        return {}
-    if what == "control":
-        if len(fds) != 1:
-            raise NetworkError("control: expected one socket")
-        connection = socket.socket(fileno=fds[0])
-        server.selector.register(connection, selectors.EVENT_READ, ("c", None))
         return {}
     raise NetworkError(f"unknown request {what!r}")

@@ -53,10 +53,9 @@ from .wire import Channel
 class Prebuilt:
     """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
 
-    def __init__(self, pidfd: int, root_dev: int | None, address: str | None = None) -> None:
+    def __init__(self, pidfd: int, root_dev: int | None) -> None:
         self.pidfd = pidfd
         self.root_dev = root_dev  # st_dev of the sandbox's "/" (see steps.verify_inside)
-        self.address = address  # on the private network (network="private")
 
     def kill(self) -> None:
         """SIGKILL B': the PID namespace dies with it and takes every process inside along."""
