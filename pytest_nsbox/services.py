@@ -35,7 +35,8 @@ from .prepare import Refused
 from .spec import Network, SandboxSpec, SpecError, network_mode, parse_field
 
 if TYPE_CHECKING:
-    from .runtest import SandboxRunner
+    from .box.builder import Builder
+    from .prepare import Preparer
 
 READY_TIMEOUT: Final = 60.0
 READY_POLL: Final = 0.05
@@ -147,13 +148,14 @@ class Service:
 class ServiceRegistry:
     """P's services of this session, by name."""
 
-    def __init__(self, runner: SandboxRunner) -> None:
-        self._runner = runner
+    def __init__(self, preparer: Preparer, builder: Callable[[], Builder | None]) -> None:
+        self._preparer = preparer
+        self._builder = builder  # the runner's (None once lost: the private network is gone with it)
         self.running: dict[str, Service] = {}
         self._switch = PidNamespaceSwitch()
 
     def network(self) -> Any:
-        builder = self._runner.lookahead.builder
+        builder = self._builder()
         if builder is None:
             raise NetworkError("the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)")
         return builder.network()
@@ -192,12 +194,12 @@ class ServiceRegistry:
             raise ServiceError(f"nsbox_service {name!r}: command must be a non-empty list of strings, got {command!r}")
         pattern = re.compile(ready_log) if ready_log is not None else None
         spec = self._spec(name, image, limits)
-        preparer = self._runner.preparer
+        preparer = self._preparer
         prepared = preparer.prepare_spec(spec, f"service {name!r}")
         if isinstance(prepared, Refused):
             raise ServiceError(f"nsbox_service {name!r}: {prepared.message}")
         network = self.network()
-        builder = self._runner.lookahead.builder
+        builder = self._builder()
         assert builder is not None
         config = replace(prepared.config(), cwd="/", extra_hosts=self.hosts())
         faults = _faults(spec.network)

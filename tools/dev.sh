@@ -209,7 +209,7 @@ def test_not_sandboxed():
     assert socket.gethostname() != "nsbox"
 EOF
   (cd "$project" && "$work/venv/bin/nsbox" images --cache-dir "$work/cache" build nope) 2> "$work/build-nope.err" && return 1
-  grep -F "known: busybox, debian-bookworm, debian-bookworm-curl" "$work/build-nope.err" \
+  grep -F "known: busybox, debian-bookworm, debian-bookworm-curl, debian-bookworm-redis" "$work/build-nope.err" \
     || { cat "$work/build-nope.err"; echo "the installed CLI does not list the shipped recipes" >&2; return 1; }
   local status=0
   (cd "$project" && "$work/venv/bin/python" -m pytest -p no:cacheprovider -n 2 -rA --nsbox-require) > "$work/pytest.log" 2>&1 || status=$?

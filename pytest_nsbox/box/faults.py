@@ -4,8 +4,9 @@
 that name (in that process: P, A, B, C or J) raise ``OSError(EIO)`` instead of running: the
 first one ends the setup. It can only make a step fail, never skip one, so it cannot weaken a
 sandbox. The steps are those ``steps.run_steps`` runs, plus a few run on their own
-(``steps.guard_parent``'s ``set_parent_death_signal``, forked B's ``harden_init``) and P's
-``create_cgroup`` and ``write_cgroup_limits`` (cgroups.py). The variable is read once, when
+(``steps.guard_parent``'s ``set_parent_death_signal``, forked B's ``harden_init``), P's
+``create_cgroup`` and ``write_cgroup_limits`` (cgroups.py), and the private network's
+``connect_network`` (process N, network.py). The variable is read once, when
 this module is imported: by pytest (P; its forks inherit it) and by the builder (started with
 P's environment: ``python -I`` ignores only ``PYTHON*`` variables).
 """

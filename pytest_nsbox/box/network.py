@@ -40,6 +40,7 @@ from typing import Any, Final, TypeVar
 
 from ..errors import NsboxError
 from . import _linux as L
+from .faults import inject as inject_fault
 
 SUBNET: Final = ipaddress.IPv4Network("10.89.0.0/16")
 GATEWAY: Final = str(SUBNET.network_address + 1)
@@ -335,6 +336,7 @@ class _Server:
     def plumb(self, ticket: int, pidfd: int, faults: LinkFaults) -> None:
         """Put the sandbox whose PID 1 is *pidfd* on the bridge (its result waits for P's claim)."""
         try:
+            inject_fault("N", "connect_network")
             if faults.needs_netem and not self.netem:
                 raise NetworkError(NETEM_MISSING)
             address = self._allocate()

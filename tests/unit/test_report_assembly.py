@@ -275,9 +275,7 @@ def test_each_requested_limit_and_the_cause_are_user_properties(item: pytest.Ite
     }
 
 
-@pytest.mark.parametrize(
-    ("status", "cause"), [(signaled(signal.SIGSEGV), "signal:SIGSEGV"), (exited(0), "exit"), (None, "exit")]
-)
+@pytest.mark.parametrize(("status", "cause"), [(signaled(signal.SIGSEGV), "signal:SIGSEGV"), (exited(0), "exit"), (None, "exit")])
 def test_cause_of_an_early_end(item: pytest.Item, status: int | None, cause: str) -> None:
     out = assemble(item, SandboxResult(records=sent(item, "setup"), test_status=status))
     assert all(dict(r.user_properties)[reports.CAUSE_PROPERTY] == cause for r in out.reports)

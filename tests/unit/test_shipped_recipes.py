@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pytest_nsbox.images import recipes
 
-SHIPPED = ("busybox", "debian-bookworm", "debian-bookworm-curl")
+SHIPPED = ("busybox", "debian-bookworm", "debian-bookworm-curl", "debian-bookworm-redis")
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "rootfs_images"
 
 
@@ -31,7 +31,12 @@ def test_a_projects_own_recipe_of_the_same_name_wins(tmp_path: Path) -> None:
     dirs = recipes.search_dirs(tmp_path, ["more_images"])
     assert recipes.find("busybox", dirs) == recipes.parse(own / recipes.RECIPE_FILE)
     assert recipes.find("debian-bookworm", dirs) == recipes.parse(extra / recipes.RECIPE_FILE)
-    assert recipes.known_images(dirs) == ["debian-bookworm", "busybox", "debian-bookworm-curl"]  # search order, once each
+    assert recipes.known_images(dirs) == [
+        "debian-bookworm",
+        "busybox",
+        "debian-bookworm-curl",
+        "debian-bookworm-redis",
+    ]  # search order, once each
 
 
 def test_the_shipped_recipes_are_the_repositorys(tmp_path: Path) -> None:

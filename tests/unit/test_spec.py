@@ -65,7 +65,12 @@ def test_bad_ini_value_names_the_ini_key() -> None:
         ((), {"pids": -1}, "invalid pids -1 from nsbox marker on t.py::test_x"),
         ((), {"cpus": "all"}, "invalid cpus 'all' from nsbox marker on t.py::test_x"),
         ((), {"timeout": float("inf")}, "invalid timeout inf from nsbox marker on t.py::test_x"),
-        ((), {"network": "veth"}, "invalid network 'veth' from nsbox marker on t.py::test_x (expected one of 'none', 'host')"),
+        (
+            (),
+            {"network": "veth"},
+            "invalid network 'veth' from nsbox marker on t.py::test_x (expected one of 'none', 'host', 'private' or "
+            "pytest_nsbox.Network(...))",
+        ),
         (
             (),
             {"memroy": 1},
@@ -80,7 +85,6 @@ def test_bad_marker_values_name_test_and_value(args: tuple[object, ...], kwargs:
     with pytest.raises(SpecError) as exc:
         spec_from_marker(args, kwargs, "t.py::test_x", Defaults())
     assert str(exc.value).startswith(message)
-
 
 
 def test_decorator_matches_marker() -> None:
