@@ -18,10 +18,11 @@ from typing import Any, Final
 
 import pytest
 
-from . import compat, probe, reports, reruns, timers
+from . import compat, kept, probe, reports, reruns, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
+from .box.mounts import HOSTNAME
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
@@ -187,8 +188,10 @@ class SandboxRunner:
         prebuild_ahead: bool = True,
         budget: MemoryLedger | None = None,
         leaks: str = reports.LEAKS_WARN,
+        keeper: kept.Keeper | None = None,
     ) -> None:
         self.config = config
+        self.keeper = keeper
         self.budget = budget
         self.leaks = leaks
         self.sandbox_all = sandbox_all
@@ -202,6 +205,7 @@ class SandboxRunner:
         config.pluginmanager.register(self.reporter, CHILD_REPORTER)
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
         self._warned_users: set[str] = set()  # images whose User a test does not take: warned once
+        self._forked = False  # the current test's sandbox was built by forks of P (never kept)
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -210,6 +214,8 @@ class SandboxRunner:
         self.supervisor.close()
         self.lookahead.close()
         self.preparer.close()
+        if self.keeper is not None:
+            self.keeper.close()
 
     def run_item(
         self,
@@ -274,6 +280,8 @@ class SandboxRunner:
                 if too_small is not None:
                     outcome.reports = [reports.failure_report(item, "setup", too_small)]
                     outcome.others = []
+                if self.keeper is not None:
+                    self._keep(item, outcome, forked=self._forked)
                 for record in outcome.warnings:
                     replay_warning(record)
                 in_sandbox_teardown = outcome.teardown()
@@ -324,6 +332,10 @@ class SandboxRunner:
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record], usage=usage)
         timers.before_fork(item)
+        self._forked = built is None
+        before_kill = None
+        if self.keeper is not None and isinstance(built, Prebuilt):
+            before_kill = self._snapshot_later(item, prepared, built, config, environment)
         return self.supervisor.run(
             config,
             lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter, environment),
@@ -331,7 +343,84 @@ class SandboxRunner:
             timeout=prepared.spec.timeout,
             cgroup=prepared.cgroup,
             while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
+            before_kill=before_kill,
         )
+
+    def _snapshot_later(
+        self, item: pytest.Item, prepared: Prepared, built: Prebuilt, config: Any, environment: dict[str, str]
+    ) -> Callable[[SandboxResult], None]:
+        """--nsbox-keep: what P does when the test is over and before it kills the sandbox."""
+        keeper = self.keeper
+        assert keeper is not None
+        spec = prepared.spec
+
+        def snapshot(result: SandboxResult) -> None:
+            if keeper.settings.mode == "failed":
+                usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()
+                hit = bool(usage.oom_kills or usage.pids_limit_hits)
+                if not kept.may_have_failed(result.records, result.done, result.timed_out, hit):
+                    return
+            from .box.keep import init_files, kept_sources, mount_points, pid_of_pidfd
+
+            image = prepared.image.root if prepared.image is not None else spec.image
+            meta = {
+                "nodeid": item.nodeid,
+                "rootdir": str(item.config.rootpath),
+                "image": spec.image,
+                "image_root": list(image) if isinstance(image, tuple) else image,
+                "network": spec.network,
+                "hostname": HOSTNAME,
+                "cwd": config.cwd,
+                "environment": kept.test_environment(os.environ, environment, spec.drop_env or ()),
+                "limits": {name: getattr(spec, name) for name in ("memory", "pids", "cpus", "timeout", "disk")},
+                "host_paths": [[hp.path, hp.access] for hp in prepared.plan.host_paths],
+                "started": result.started,
+            }
+            keeper.snapshot(
+                item.nodeid,
+                built.scratch_path(),
+                meta,
+                kept_sources(prepared.plan),
+                mount_points(prepared.plan),
+                pid_of_pidfd(built.pidfd),
+                init_files(prepared.plan),
+            )
+
+        return snapshot
+
+    def _keep(self, item: pytest.Item, outcome: reports.SandboxReports, *, forked: bool) -> None:
+        """Keep the test's layer or not, by its outcome; say so on its reports."""
+        keeper = self.keeper
+        assert keeper is not None
+        failed = any(r.failed for r in outcome.reports)
+        result = "failed" if failed else "skipped" if any(r.skipped for r in outcome.reports) else "passed"
+        directory, why_not, changes = keeper.finish(item.nodeid, failed, result, forked)
+        target = next((r for r in outcome.reports if r.failed), None) or next(
+            (r for r in outcome.reports if r.when == "call"), outcome.reports[-1] if outcome.reports else None
+        )
+        if target is None:
+            return
+        if directory is None:
+            if why_not is not None and failed:
+                message = kept.NOT_KEPT.format(nodeid=item.nodeid, reason=why_not)
+                path, lineno, _ = item.location
+                outcome.warnings.append(
+                    {"message": message, "category": reports.LEAKS_WARNING, "filename": path, "lineno": (lineno or 0) + 1}
+                )
+            return
+        assert changes is not None
+        command = keeper.shell_command(item.nodeid)
+        text = changes.render(more_hint=f" (nsbox diff {item.nodeid!r} lists them all)")
+        section = f"kept in {directory}\nre-enter: {command}\n\n{text}"
+        target.user_properties.append((kept.KEPT_PROPERTY, str(directory)))
+        target.user_properties.append((kept.KEPT_COMMAND_PROPERTY, command))
+        add_section = getattr(target.longrepr, "addsection", None)
+        if target.failed and callable(add_section):
+            add_section(kept.CHANGES_SECTION, section)  # the terminal's and junit's failure text
+        elif target.failed and isinstance(target.longrepr, str):
+            target.longrepr += f"\n\n{kept.CHANGES_SECTION}\n{section}"
+        else:
+            target.sections.append((kept.CHANGES_SECTION, section))
 
     def too_small_to_start(self, prepared: Prepared, result: SandboxResult) -> str | None:
         """Why the sandbox could not start the test because its own limit is too small (with the
@@ -347,9 +436,7 @@ class SandboxRunner:
             cost = self.start_cost(prepared)
             smallest = start_memory_floor(cost)
             if spec.memory < smallest:
-                measured = (
-                    f"an empty sandbox peaked at {format_size(cost)}" if cost else "an empty sandbox could not be measured"
-                )
+                measured = f"an empty sandbox peaked at {format_size(cost)}" if cost else "an empty sandbox could not be measured"
                 return reports.MEMORY_TOO_SMALL.format(
                     limit=format_size(spec.memory), measured=measured, smallest=f"{smallest // 2**20}M"
                 )
