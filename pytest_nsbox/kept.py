@@ -204,10 +204,10 @@ class RunDir:
     """The current run's directory (created on the first kept test). Under xdist every worker
     uses the same one: its name comes from xdist's test run id."""
 
-    def __init__(self, project: Path, rootdir: Path) -> None:
+    def __init__(self, project: Path, rootdir: Path, run_id: str | None = None) -> None:
         self.project = project
         self.rootdir = rootdir
-        run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+        run_id = re.sub(r"[^A-Za-z0-9]", "", run_id or "") or uuid.uuid4().hex
         self.path = project / f"run-{time.strftime('%Y%m%d')}-{run_id[:12]}"
 
     def ensure(self) -> Path:
@@ -545,10 +545,12 @@ class Keeper:
     """--nsbox-keep in P: copies a test's writable layers out of its sandbox (before P kills it),
     then keeps them or throws them away by the test's outcome."""
 
-    def __init__(self, settings: KeepSettings, cache_dir: Path, rootdir: Path, command: list[str]) -> None:
+    def __init__(
+        self, settings: KeepSettings, cache_dir: Path, rootdir: Path, command: list[str], run_id: str | None = None
+    ) -> None:
         self.settings = settings
         self.project = project_dir(cache_dir, rootdir)
-        self.run = RunDir(self.project, rootdir)
+        self.run = RunDir(self.project, rootdir, run_id)  # xdist's test run id: one directory for all workers
         self.command = command  # how to call the nsbox command, e.g. ["nsbox"]
         self._pending: dict[str, Snapshot] = {}
 

@@ -177,7 +177,8 @@ def pytest_configure(config: pytest.Config) -> None:
         from .project import cache_dir_setting
 
         cache_dir = cache_dir_setting(str(config.getini("nsbox_cache_dir")), config.rootpath)
-        keeper = kept.Keeper(keep, cache_dir, config.rootpath, nsbox_command())
+        run_id = getattr(config, "workerinput", {}).get("testrunuid")  # an xdist worker: the run's id
+        keeper = kept.Keeper(keep, cache_dir, config.rootpath, nsbox_command(), run_id)
     runner = runtest.SandboxRunner(
         config,
         defaults,
