@@ -618,15 +618,16 @@ class _PlanWriter:
             lowers = [kept, *lowers]
         self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd, root=root))
 
-    def fresh_dir(self, name: str, source: str, target: str, mode: int, *, inside: bool = False) -> list[Step]:
-        """A fresh directory of the scratch tmpfs at *target*; with a kept layer that has one
-        there, an overlay of it with a new writable layer (its mode as the fresh one's)."""
-        kept = self.kept_layer(target if inside else "/" + target[len(self.root) :].lstrip("/"))
-        root = self.root if inside else None
+    def fresh_dir(self, step: BindScratchDir) -> list[Step]:
+        """*step* (a fresh directory of the scratch tmpfs); with a kept layer that has that
+        directory, an overlay of it with a new writable layer (its mode as the fresh one's)."""
+        inside = step.target if step.root is not None else "/" + step.target[len(self.root) :].lstrip("/")
+        kept = self.kept_layer(inside)
         if kept is None:
-            return [BindScratchDir(name, source, target, mode, root)]
-        upper, work = f"{self.scratch}/upper/{name}", f"{self.scratch}/work/{name}"
-        return [MakeTree(name, modes=((upper, mode),)), MountOverlay(target, (kept,), upper, work, name=name, root=root)]
+            return [step]
+        upper, work = f"{self.scratch}/upper/{step.name}", f"{self.scratch}/work/{step.name}"
+        overlay = MountOverlay(step.target, (kept,), upper, work, name=step.name, root=step.root)
+        return [MakeTree(step.name, modes=((upper, step.mode),)), overlay]
 
     def throwaway(self, host_path: str) -> None:
         """*host_path* at the same path inside, under a writable layer of its own.
@@ -893,12 +894,12 @@ def build_plan(
     image_steps = list(b.steps)
     b.steps.clear()
     fresh: list[Step] = [
-        *b.fresh_dir("mount_tmp", f"{fresh_dir}/tmp", f"{root}/tmp", 0o1777),
-        *b.fresh_dir("mount_run", f"{fresh_dir}/run", f"{root}/run", 0o755),
+        *b.fresh_dir(BindScratchDir("mount_tmp", f"{fresh_dir}/tmp", f"{root}/tmp", 0o1777)),
+        *b.fresh_dir(BindScratchDir("mount_run", f"{fresh_dir}/run", f"{root}/run", 0o755)),
         BindScratchDir("mount_minimal_dev", f"{fresh_dir}/dev", f"{root}/dev", 0o755),
         BindDevNodes(f"{root}/dev"),
         MountFs("mount_devpts", "devpts", f"{root}/dev/pts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
-        *b.fresh_dir("mount_dev_shm", f"{fresh_dir}/shm", f"{root}/dev/shm", 0o1777),
+        *b.fresh_dir(BindScratchDir("mount_dev_shm", f"{fresh_dir}/shm", f"{root}/dev/shm", 0o1777)),
         MakeTree(
             "link_dev",
             symlinks=(
@@ -916,7 +917,7 @@ def build_plan(
         else:
             b.bind(hp.path, hp.path, hp.readonly)
     if fresh_var_tmp:
-        fresh[1:1] = b.fresh_dir("mount_var_tmp", f"{fresh_dir}/var-tmp", "/var/tmp", 0o1777, inside=True)
+        fresh[1:1] = b.fresh_dir(BindScratchDir("mount_var_tmp", f"{fresh_dir}/var-tmp", "/var/tmp", 0o1777, root))
     proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     tail: list[Step] = [
         # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
