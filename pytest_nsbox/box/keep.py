@@ -17,6 +17,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -204,9 +205,16 @@ def write_layer(
                 continue
             _add(out, entry_path, entry_name, entry_stat, uids, gids, written, limit)
             emitted.add(entry_name)
-            if stat.S_ISDIR(entry_stat.st_mode) and is_opaque(entry_path):
+            if stat.S_ISDIR(entry_stat.st_mode) and is_opaque(entry_path) and _below(source, entry_name):
                 _add_marker(out, posixpath.join(entry_name, OPAQUE_MARKER), written)
     return written
+
+
+def _below(source: KeptSource, name: str) -> bool:
+    """Whether a lower layer of *source* has *name* (overlayfs marks every new directory opaque:
+    only one that hides something is a deletion worth its marker)."""
+    relative = posixpath.relpath("/" + name, source.path)
+    return any(os.path.lexists(os.path.join(lower, relative)) for lower in source.lowers)
 
 
 def _walk(top: str, prefix: str, stubs: frozenset[str], hidden: frozenset[str]) -> Iterator[tuple[str, str, os.stat_result]]:
@@ -268,6 +276,7 @@ def _add_parents(out: tarfile.TarFile, name: str, emitted: set[str], written: Wr
 def _add_marker(out: tarfile.TarFile, name: str, written: Written) -> None:
     info = tarfile.TarInfo(name)
     info.mode = 0o644
+    info.mtime = int(time.time())
     out.addfile(info)
     written.members += 1
 

@@ -296,3 +296,27 @@ def test_kept_files_are_private(run_inner, pytester: pytest.Pytester, own_cache:
     assert os.stat(run).st_mode & 0o077 == 0
     [test_dir] = [p for p in run.iterdir() if p.is_dir()]
     assert os.stat(test_dir / kept.META_FILE).st_mode & 0o077 == 0  # it holds the test's environment
+
+
+@pytest.mark.needs_cgroup_limits
+def test_a_test_killed_by_its_memory_limit_is_kept_where_its_init_survives(run_inner, pytester: pytest.Pytester) -> None:
+    """cgroup v1 kills the largest process; v2 (memory.oom.group) the whole sandbox, its PID 1 too,
+    and with it the writable layer: then the test says it was not kept, and why."""
+    source = """
+import pytest
+
+@pytest.mark.nsbox(memory="64M")
+def test_hog():
+    open("/tmp/before-oom.txt", "w").write("written before the OOM kill\\n")
+    hog = bytearray(1 << 30)
+"""
+    result = run_inner(source, "--nsbox-keep=failed")
+    result.assert_outcomes(failed=1)
+    output = result.stdout.str()
+    assert "memory limit" in output
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2
+        assert "test_inner.py::test_hog failed but its sandbox was not kept: copying its writable layer failed" in output
+        return
+    command = kept_command(output, "test_inner.py::test_hog")
+    entered = run([*command, "--", "cat", "/tmp/before-oom.txt"], pytester.path)
+    assert entered.stdout == "written before the OOM kill\n", entered.stderr
