@@ -254,9 +254,10 @@ class Change:
 class Changes:
     changes: list[Change] = field(default_factory=list)
     diffs: dict[str, str] = field(default_factory=dict)  # path: unified diff against the image's version
+    not_kept: list[str] = field(default_factory=list)  # sockets, device nodes, files pytest's user cannot read
 
     def to_json(self) -> dict[str, Any]:
-        return {"changes": [c.to_json() for c in self.changes], "diffs": self.diffs}
+        return {"changes": [c.to_json() for c in self.changes], "diffs": self.diffs, "not_kept": self.not_kept}
 
     @classmethod
     def from_json(cls, data: Any) -> Changes:
@@ -268,10 +269,10 @@ class Changes:
             if isinstance(c, dict) and "kind" in c and "path" in c
         ]
         diffs = {str(k): str(v) for k, v in (data.get("diffs") or {}).items()}
-        return cls(changes, diffs)
+        return cls(changes, diffs, [str(p) for p in data.get("not_kept") or []])
 
     def render(self, *, limit: int | None = MAX_LISTED, diffs: int | None = MAX_DIFFS, more_hint: str = "") -> str:
-        if not self.changes:
+        if not self.changes and not self.not_kept:
             return "no changes"
         shown = self.changes if limit is None else self.changes[:limit]
         lines = [c.line() for c in shown]
@@ -279,6 +280,9 @@ class Changes:
             lines.append(f"... and {len(self.changes) - len(shown)} more{more_hint}")
         counts = {k: sum(1 for c in self.changes if c.kind == k) for k in "ACD"}
         lines.append(f"{len(self.changes)} path(s): {counts['A']} added, {counts['C']} changed, {counts['D']} deleted")
+        if self.not_kept:
+            shown_paths = ", ".join(self.not_kept[:10]) + (", ..." if len(self.not_kept) > 10 else "")
+            lines.append(f"not kept (sockets, device nodes, unreadable files): {shown_paths}")
         texts = list(self.diffs.items())
         for _path, text in texts if diffs is None else texts[:diffs]:
             lines.append("")
@@ -610,6 +614,7 @@ class Keeper:
         uids = IdMap(tuple(tuple(r) for r in meta["uid_map"]))  # type: ignore[misc]
         gids = IdMap(tuple(tuple(r) for r in meta["gid_map"]))  # type: ignore[misc]
         changes = compute_changes(snapshot.directory / LAYER_FILE, sources, meta["hidden"], uids, gids, meta.get("init_files"))
+        changes.not_kept = list(meta.get("skipped") or [])
         meta["changes"] = changes.to_json()
         fd = os.open(snapshot.directory / META_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:

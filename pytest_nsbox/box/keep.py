@@ -152,7 +152,7 @@ class Written:
 
     members: int = 0
     content_bytes: int = 0
-    skipped: list[str] = field(default_factory=list)  # sandbox paths of sockets and devices (not kept)
+    skipped: list[str] = field(default_factory=list)  # sandbox paths not kept: sockets, devices, unreadable files
 
 
 def pid_of_pidfd(pidfd: int) -> int | None:
@@ -203,7 +203,11 @@ def write_layer(
             if stat.S_ISSOCK(entry_stat.st_mode) or stat.S_ISCHR(entry_stat.st_mode) or stat.S_ISBLK(entry_stat.st_mode):
                 written.skipped.append("/" + entry_name)
                 continue
-            _add(out, entry_path, entry_name, entry_stat, uids, gids, written, limit)
+            try:
+                _add(out, entry_path, entry_name, entry_stat, uids, gids, written, limit)
+            except PermissionError:  # rootless: a file of an id pytest's user cannot read
+                written.skipped.append("/" + entry_name)
+                continue
             emitted.add(entry_name)
             if stat.S_ISDIR(entry_stat.st_mode) and is_opaque(entry_path) and _below(source, entry_name):
                 _add_marker(out, posixpath.join(entry_name, OPAQUE_MARKER), written)

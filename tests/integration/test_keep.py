@@ -20,10 +20,11 @@ from pytest_nsbox import kept
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
 FAILING = """
-import os, shutil, pytest
+import os, shutil, socket, pytest
 
 @pytest.mark.nsbox(image={image!r})
 def test_fails():
+    socket.socket(socket.AF_UNIX).bind("/run/test.sock")  # not kept, and said so
     open("/tmp/out.txt", "w").write("hello from the failed test\\n")
     with open("/etc/hostname", "a") as handle:   # the init layer's file
         handle.write("changed\\n")
@@ -90,6 +91,7 @@ def test_a_failed_test_is_kept_and_its_changes_reported(
         "A /srv/new/deeper (dir)",
         "+hello from the failed test",
         "+changed",
+        "not kept (sockets, device nodes, unreadable files): /run/test.sock",
     ):
         assert line in output, line
     assert "/tmp/passed.txt" not in output  # the passed test is not kept
