@@ -497,6 +497,14 @@ def _compare(archive: tarfile.TarFile, member: tarfile.TarInfo, host: str | None
         return "C"
     if (uids.inside(st.st_uid), gids.inside(st.st_gid)) != (member.uid, member.gid):
         return "C"
+    try:
+        return _compare_content(archive, member, host)
+    except OSError:
+        return "C"  # the image's file cannot be read (rootless: another user's): say changed
+
+
+def _compare_content(archive: tarfile.TarFile, member: tarfile.TarInfo, host: str) -> str | None:
+    st = os.lstat(host)
     if member.issym():
         return None if os.readlink(host) == member.linkname else "C"
     if member.isreg():
@@ -568,14 +576,20 @@ class Keeper:
         init_pid: int | None,
         init: dict[str, str],
     ) -> None:
-        """Copy the layer of *nodeid*'s sandbox (reached at *scratch*) into the run's directory."""
+        """Copy the layer of *nodeid*'s sandbox (reached at *scratch*) into the run's directory.
+        Never raises (P's loop calls it): what went wrong is the reason the test is not kept."""
         from .box.keep import LayerTooLarge, write_layer
 
-        directory = self.run.ensure() / f"{test_dir_name(nodeid)}.partial-{os.getpid()}"
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(mode=0o700)
+        directory = self.run.path / f"{test_dir_name(nodeid)}.partial-{os.getpid()}"
         snapshot = Snapshot(directory, meta)
         self._pending[nodeid] = snapshot
+        try:
+            self.run.ensure()
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(mode=0o700)
+        except OSError as exc:
+            snapshot.error = f"cannot write to {self.run.path}: {exc}"
+            return
         if scratch is None or init_pid is None:
             snapshot.error = "the sandbox's scratch filesystem could not be reached"
             return
@@ -593,6 +607,12 @@ class Keeper:
             snapshot.error = f"its writable layer is larger than nsbox_keep_size ({format_size(self.settings.size)})"
         except OSError as exc:
             snapshot.error = f"copying its writable layer failed: {exc} (was the sandbox killed with its cgroup?)"
+        except Exception as exc:  # noqa: BLE001 - the test's files are untrusted input; the run goes on
+            snapshot.error = f"copying its writable layer failed: {type(exc).__name__}: {exc}"
+
+    def snapshot_failed(self, nodeid: str, reason: str) -> None:
+        """The copy could not even start: *reason* is why the test is not kept."""
+        self._pending[nodeid] = Snapshot(self.run.path / f"{test_dir_name(nodeid)}.partial-{os.getpid()}", {}, reason)
 
     def finish(self, nodeid: str, failed: bool, outcome: str, forked: bool) -> tuple[Path | None, str | None, Changes | None]:
         """(kept directory, why a failed test was not kept, its changes) once *nodeid*'s outcome is known."""

@@ -280,7 +280,7 @@ class SandboxRunner:
                 if too_small is not None:
                     outcome.reports = [reports.failure_report(item, "setup", too_small)]
                     outcome.others = []
-                if self.keeper is not None:
+                if self.keeper is not None and result.setup_error is None:  # a sandbox never built: nothing to keep
                     self._keep(item, outcome, forked=self._forked)
                 for record in outcome.warnings:
                     replay_warning(record)
@@ -326,13 +326,13 @@ class SandboxRunner:
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         environment = prepared.environment()
         built = self.lookahead.built(ticket)
+        self._forked = built is None
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record], usage=usage)
         timers.before_fork(item)
-        self._forked = built is None
         before_kill = None
         if self.keeper is not None and isinstance(built, Prebuilt):
             before_kill = self._snapshot_later(item, prepared, built, config, environment)
@@ -355,6 +355,12 @@ class SandboxRunner:
         spec = prepared.spec
 
         def snapshot(result: SandboxResult) -> None:
+            try:
+                take(result)
+            except Exception as exc:  # noqa: BLE001 - P's loop goes on; the test says it was not kept
+                keeper.snapshot_failed(item.nodeid, f"{type(exc).__name__}: {exc}")
+
+        def take(result: SandboxResult) -> None:
             if keeper.settings.mode == "failed":
                 usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()
                 hit = bool(usage.oom_kills or usage.pids_limit_hits)
@@ -394,7 +400,10 @@ class SandboxRunner:
         assert keeper is not None
         failed = any(r.failed for r in outcome.reports)
         result = "failed" if failed else "skipped" if any(r.skipped for r in outcome.reports) else "passed"
-        directory, why_not, changes = keeper.finish(item.nodeid, failed, result, forked)
+        try:
+            directory, why_not, changes = keeper.finish(item.nodeid, failed, result, forked)
+        except Exception as exc:  # noqa: BLE001 - the test's files are untrusted input; the run goes on
+            directory, why_not, changes = None, f"{type(exc).__name__}: {exc}", None
         target = next((r for r in outcome.reports if r.failed), None) or next(
             (r for r in outcome.reports if r.when == "call"), outcome.reports[-1] if outcome.reports else None
         )
