@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import junit_cases
-from oci_writer import Entry, layer_tar, write_layout
+from oci_writer import Entry, host_shell_entries, layer_tar, write_layout
 
 from pytest_nsbox import kept
 
@@ -322,3 +322,23 @@ def test_hog():
     command = kept_command(output, "test_inner.py::test_hog")
     entered = run([*command, "--", "cat", "/tmp/before-oom.txt"], pytester.path)
     assert entered.stdout == "written before the OOM kill\n", entered.stderr
+
+
+def test_shell_kept_on_an_imported_image(run_inner, pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """The kept layer goes over the image's layers; the image's Env was the test's, and is the shell's."""
+    entries = [*host_shell_entries(), Entry("data", "dir", mode=0o755), Entry("data/original.txt", content=b"o\n")]
+    write_layout(tmp_path / "layout", [layer_tar(entries)], config={"Env": ["PATH=/bin", "GREETING=from the image"]})
+    source = f"""
+import os, pytest
+
+@pytest.mark.nsbox(image="oci:{tmp_path / "layout"}")
+def test_fails():
+    os.remove("/data/original.txt")
+    open("/data/new.txt", "w").write("new line\\n")
+    assert False
+"""
+    run_inner(source, "--nsbox-keep=failed").assert_outcomes(failed=1)
+    script = 'read l < /data/new.txt; echo "$l"; [ -e /data/original.txt ] && echo still || echo gone; echo "$GREETING"'
+    shell = nsbox("shell", "--kept", "test_inner.py::test_fails", "--", "/bin/sh", "-c", script, cwd=pytester.path)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.splitlines() == ["new line", "gone", "from the image"]
