@@ -98,6 +98,14 @@ CONFIGS: Final[tuple[BenchConfig, ...]] = (
         "namespaced",
         "--nsbox-all, host image, memory limit 256M (a cgroup per test)",
     ),
+    BenchConfig(
+        "nsbox-private",
+        "main",
+        NSBOX_HOST_ARGS,
+        "namespaced",
+        "host image, network='private' (a veth into the run's bridge per test)",
+        marker='@pytest.mark.nsbox(network="private")',
+    ),
 )
 REFERENCE: Final = "forked"
 

@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 from .errors import NsboxError
 
 if TYPE_CHECKING:
-    from .spec import SandboxSpec, nsbox
+    from .spec import Network, SandboxSpec, nsbox
 
 __version__ = "0.1.0"
-__all__ = ["NsboxError", "SandboxSpec", "__version__", "nsbox", "require_sandbox"]
+__all__ = ["Network", "NsboxError", "SandboxSpec", "__version__", "nsbox", "require_sandbox"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: the sandbox builder imports this package's mechanism modules without pytest.
-    if name in ("SandboxSpec", "nsbox"):
+    if name in ("Network", "SandboxSpec", "nsbox"):
         from . import spec
 
         return getattr(spec, name)

@@ -77,6 +77,9 @@ def cmd_shell(args: argparse.Namespace) -> int:
             hold.release()
 
 
+KEPT_PRIVATE_NETWORK: Final = (
+    "nsbox: the test ran on the run's private network, which ended with the run: this shell has network 'none'"
+)
 SHELL_LIMITS: Final = ("memory", "pids", "cpus", "timeout", "disk")
 EXIT_NOT_FOUND: Final = 127  # as a shell says: the command was not found
 EXIT_NOT_RUNNABLE: Final = 126  # found, but cannot be run
@@ -132,7 +135,7 @@ def _shell(
     with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
             image=image.root,
-            network=limits.network,
+            network=args.network or "none",
             scratch=scratch,
             host_paths=[],
             mounts=mounts.MountTable.read(),
@@ -149,7 +152,7 @@ def _shell(
 
         config = SandboxConfig.create(
             plan,
-            limits.network,
+            args.network or "none",
             "/",
             id_mapping=mapping,
             cgroup_files=cgroup.join_files if cgroup is not None else (),
@@ -194,6 +197,9 @@ def _shell_kept(args: argparse.Namespace) -> int:
     meta = kept.read_meta(directory)
     image = kept.image_root(meta)
     network = args.network or str(meta.get("network") or "none")
+    if network == "private" and not args.network:  # its services and bridge lived in the test run
+        print(KEPT_PRIVATE_NETWORK, file=sys.stderr)
+        network = "none"
     stored = meta.get("limits")
     stored = stored if isinstance(stored, dict) else {}
     try:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Final
 
 import pytest
 
-from . import kept, probe, reports, reruns, runtest, timers
+from . import kept, probe, reports, reruns, runtest, services, timers
 from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
 from .prepare import memory_available, memory_total
@@ -390,3 +390,53 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         limit_text = format_size(limit) if limit else "-"
         margin = f"{(limit - peak) * 100 / limit:.0f}%" if limit else "-"
         terminalreporter.write_line(f"{format_size(peak):>10}  {limit_text:>10}  {margin:>10}  {nodeid}")
+
+
+# --- fixtures: the private network (see services.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nsbox_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.ServiceFactory]:
+    """Factory: ``nsbox_service(name, image=..., command=[...], ready_port=PORT, **limits)`` starts a
+    service in a sandbox of its own on the private network; it stops at the end of the scope of
+    the fixture that started it. Tests with ``network="private"`` reach it as NAME:PORT."""
+    runner = request.config.stash[RUNNER_KEY]
+    log_dir: list[Path] = []
+
+    def logs() -> Path:
+        if not log_dir:
+            log_dir.append(tmp_path_factory.mktemp("nsbox-services", numbered=True))
+        return log_dir[0]
+
+    started: list[services.Service] = []
+    yield services.ServiceFactory(lambda: runner.services, logs, started)
+    for service in reversed(started):
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def nsbox_host_ports(request: pytest.FixtureRequest) -> services.HostPorts:
+    """``nsbox_host_ports.expose(PORT)``: the host's 127.0.0.1:PORT (a server a wider fixture runs in
+    pytest's process) is 127.0.0.1:PORT inside sandboxes on the private network."""
+    runner = request.config.stash[RUNNER_KEY]
+    return services.HostPorts(lambda: runner.services)
+
+
+@pytest.fixture
+def nsbox_network(request: pytest.FixtureRequest) -> services.TestNetwork:
+    """The private network of the current test: ``.partition(name)``, ``.heal()``,
+    ``.set_faults(name, delay=..., loss=...)``, ``.services``."""
+    return services.test_network(request.node.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report shows the logs of the services running while it ran."""
+    report = yield
+    if report.failed:
+        runner = item.config.stash.get(RUNNER_KEY, None)
+        for name, path in services.logs_for_report(runner.services if runner is not None else None):
+            report.sections.append((f"nsbox: service {name} log", services.log_tail(path, 200)))
+    return report

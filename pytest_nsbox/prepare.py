@@ -12,20 +12,32 @@ import os
 import pwd
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
 from . import compat, images, probe
 from .box import cgroups, mounts
 from .box.config import SandboxConfig
+from .box.network import NETEM_FIX, NETEM_MISSING, LinkFaults, NetworkError, Plumbing
 from .errors import NsboxError
 from .images import cache as layer_cache
 from .images.config import environment_for_tests
 from .project import cache_dir_setting
-from .spec import DEFAULT_PIDS, Defaults, Mark, SandboxSpec, SpecError, check_expected_limits, spec_from_markers
+from .spec import (
+    DEFAULT_PIDS,
+    Defaults,
+    Mark,
+    Network,
+    SandboxSpec,
+    SpecError,
+    check_expected_limits,
+    network_mode,
+    spec_from_markers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,8 @@ NO_HIERARCHY: Final = probe.NO_CGROUP_HIERARCHY
 PIDS_CAP_OFF: Final = f"the default pids cap ({DEFAULT_PIDS}) of sandboxed tests"
 MEMORY_REPORT_OFF: Final = "the peak-memory report"
 IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
+NO_PRIVATE_NETWORK: Final = "nsbox: network='private' is unavailable here: {error}"
+NO_NETEM: Final = "nsbox: {network!r} is unavailable here: {missing}; {fix}"
 DEFAULT_DISK_FLOOR: Final = 256 * 2**20  # the default disk bound on a machine with little memory free
 
 
@@ -60,12 +74,21 @@ class Prepared:
         fixtures may have changed it)."""
         return SandboxConfig.create(
             self.plan,
-            self.spec.network,
+            network_mode(self.spec.network),
             os.getcwd(),
             cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
             oom_first=self.cgroup is not None and self.spec.memory is not None,
             drop_env=self.spec.drop_env or (),
         )
+
+    def plumbing(self, name: str = mounts.HOSTNAME) -> Plumbing | None:
+        """What the private network's process does for the sandbox (None: not on it)."""
+        network = self.spec.network
+        if network_mode(network) != "private":
+            return None
+        if isinstance(network, Network):
+            return Plumbing(name, LinkFaults(network.delay_us, network.jitter_us, network.loss_percent, network.rate_bits))
+        return Plumbing(name)
 
     def discard(self) -> None:
         """The sandbox will not run: empty and release its cgroup."""
@@ -169,6 +192,8 @@ class Preparer:
         self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
         self.default_disk = default_disk_bound()
         self.defaults_off: dict[str, str] = {}  # what a sandboxed test lost for want of a cgroup: reason
+        # the run's private network (the runner sets it: it needs the builder); raises NetworkError
+        self.network: Callable[[], Any] | None = None
 
     def close(self) -> None:
         if self._cache_hold is not None:
@@ -199,20 +224,41 @@ class Preparer:
             return spare
         if ahead and spec.image != images.HOST and spec.image not in self._images:
             return None
+        return self.prepare_spec(spec, f"test {item.nodeid}")
+
+    def prepare_spec(self, spec: SandboxSpec, label: str) -> Prepared | Refused:
+        """A sandbox for *spec* (a test's, or a service's: *label* names it in messages)."""
         if not probe.linux().ok:
             return Refused(probe.linux().describe(), unavailable=True)
         try:
             image = self.resolve_image(spec.image)
-            plan = self.plan(image.root, spec.network, spec.disk)
+            plan = self.plan(image.root, network_mode(spec.network), spec.disk)
         except images.ImageError as exc:
-            return Refused(IMAGE_FAILED.format(error=exc, nodeid=item.nodeid), unavailable=False)
+            return Refused(IMAGE_FAILED.format(error=exc, nodeid=label.removeprefix("test ")), unavailable=False)
         except OSError as exc:
             return Refused(PLAN_FAILED.format(error=exc), unavailable=True)
+        refused = self._check_network(spec)
+        if refused is not None:
+            return refused
         try:
             cgroup = self.cgroup_for(spec)
         except LimitsUnavailable as exc:
             return Refused(str(exc), unavailable=True)
         return Prepared(spec, plan, cgroup, image)
+
+    def _check_network(self, spec: SandboxSpec) -> Refused | None:
+        """Why the private network *spec* asks for cannot be had here (a SKIP), or None."""
+        if network_mode(spec.network) != "private":
+            return None
+        try:
+            if self.network is None:
+                raise NetworkError("no sandbox builder")
+            host = self.network()
+        except NetworkError as exc:
+            return Refused(NO_PRIVATE_NETWORK.format(error=exc), unavailable=True)
+        if isinstance(spec.network, Network) and spec.network.needs_netem and not host.netem:
+            return Refused(NO_NETEM.format(network=spec.network, missing=NETEM_MISSING, fix=NETEM_FIX), unavailable=True)
+        return None
 
     def another(self, prepared: Prepared) -> Prepared | None:
         """A second sandbox like *prepared* (a cgroup of its own), or None if none can be had."""

@@ -209,10 +209,60 @@ def subordinate_ids() -> Probe:
     return Probe(True, what)
 
 
+NETWORK_KINDS: Final = {"veth": "CONFIG_VETH", "bridge": "CONFIG_BRIDGE"}
+
+
+def _network_attempt(kind: str) -> Callable[[], None]:
+    """In a user and network namespace of its own (as the private network's process): create a
+    link of *kind* ("veth", "bridge") or a netem qdisc ("netem") with pyroute2."""
+
+    def body() -> None:
+        enter_user_namespace(L.CLONE_NEWNET)
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            if kind == "veth":
+                ipr.link("add", ifname="probe0", kind="veth", peer={"ifname": "probe1"})
+            elif kind == "bridge":
+                ipr.link("add", ifname="probe0", kind="bridge")
+            else:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                try:
+                    ipr.tc("add", "netem", index=lo, handle="1:", delay=1000)
+                except Exception as exc:  # noqa: BLE001 - pyroute2 NetlinkError: ENOENT without netem
+                    code = getattr(exc, "code", 0)
+                    raise OSError(code, f"cannot add a netem qdisc: {os.strerror(code)}") from None
+
+    return body
+
+
+@functools.cache
+def network_link(kind: str) -> Probe:
+    """Can the private network's process create a *kind* link ("veth" or "bridge")?"""
+    what = f"{kind} links (network='private')"
+    if not userns().ok:
+        return Probe(False, what, "user namespaces are unavailable", userns().fix)
+    ok, message = _attempt(_network_attempt(kind))
+    fix = f"a kernel with {NETWORK_KINDS[kind]} (as root: modprobe {kind})"
+    return Probe(ok, what, message, "" if ok else fix)
+
+
+@functools.cache
+def netem() -> Probe:
+    """Can the private network delay and drop packets (the netem queueing discipline)?"""
+    from .box.network import NETEM_FIX
+
+    what = "netem (sch_netem: network delay, jitter, loss)"
+    if not userns().ok:
+        return Probe(False, what, "user namespaces are unavailable", userns().fix)
+    ok, message = _attempt(_network_attempt("netem"))
+    return Probe(ok, what, message, "" if ok else NETEM_FIX)
+
+
 def all_probes() -> list[Probe]:
     return [linux(), userns(), overlay_userns(), cgroup_limits()]
 
 
 def optional_probes() -> list[Probe]:
     """What some features need but a sandbox does not."""
-    return [subordinate_ids()]
+    return [subordinate_ids(), network_link("veth"), network_link("bridge"), netem()]

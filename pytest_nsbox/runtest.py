@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
@@ -18,11 +19,12 @@ from typing import Any, Final
 
 import pytest
 
-from . import compat, kept, probe, reports, reruns, timers
+from . import compat, kept, probe, reports, reruns, services, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
 from .box.mounts import HOSTNAME
+from .box.network import NetworkError, NetworkHost
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
 from .box.wire import Channel
@@ -30,7 +32,8 @@ from .budget import Admission, BudgetError, MemoryLedger
 from .carry import Carriers
 from .errors import NsboxError
 from .prepare import MARKER, Prepared, Preparer, Refused
-from .spec import Defaults, format_size
+from .services import ServiceRegistry
+from .spec import Defaults, format_size, network_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C 
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
 BUDGET_WAIT_PROPERTY: Final = "nsbox_budget_wait"  # user_properties: seconds the test waited for the memory budget
+NEEDS_BUILDER: Final = "the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)"
 DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
@@ -124,10 +128,12 @@ class Lookahead:
         if self.builder is None:
             return None
         try:
-            return self.builder.submit(prepared.config())
+            return self.builder.submit(prepared.config(), prepared.plumbing())
         except BuilderError as exc:
             self._lost(exc)
             return None
+        except NetworkError:
+            return None  # the test fails closed when it starts (SandboxRunner._run)
 
     def built(self, ticket: int | None) -> Prebuilt | Failed | None:
         """The sandbox of *ticket*; None: build it now, by forks of P."""
@@ -173,6 +179,11 @@ class Lookahead:
             builder.close()
 
 
+def _network_failed(message: str) -> Failed:
+    """The test's sandbox could not be put on the private network: the test fails closed."""
+    return Failed({"kind": "setup_error", "process": "P", "step": "connect_network", "errno": None, "message": message})
+
+
 class SandboxRunner:
     """Per session: which items are sandboxed, and running each one."""
 
@@ -199,6 +210,8 @@ class SandboxRunner:
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
         builder = Builder() if prebuild_ahead and probe.prebuild_supported() else None
         self.lookahead = Lookahead(self.preparer, builder)
+        self.preparer.network = self._network
+        self.services = ServiceRegistry(self)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
         self.reporter = ChildReporter(config)
@@ -210,7 +223,14 @@ class SandboxRunner:
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
 
+    def _network(self) -> NetworkHost:
+        builder = self.lookahead.builder
+        if builder is None:
+            raise NetworkError(NEEDS_BUILDER)
+        return builder.network()
+
     def close(self) -> None:
+        self.services.close()
         self.supervisor.close()
         self.lookahead.close()
         self.preparer.close()
@@ -326,6 +346,31 @@ class SandboxRunner:
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         environment = prepared.environment()
         built = self.lookahead.built(ticket)
+        private = network_mode(prepared.spec.network) == "private"
+        control: socket.socket | None = None
+        if private:
+            if not isinstance(built, Prebuilt) or built.address is None:
+                if isinstance(built, Prebuilt):
+                    built.kill()
+                    built.close()
+                if not isinstance(built, Failed):
+                    built = _network_failed(NEEDS_BUILDER)
+            else:
+                try:
+                    network = self._network()
+                    if network.generation:
+                        network.attach(built.address)  # host ports exposed after it was built
+                    if "nsbox_network" in getattr(item, "fixturenames", ()):
+                        control = network.control_connection()
+                except NetworkError as exc:
+                    built.kill()
+                    built.close()
+                    built = _network_failed(str(exc))
+            config = replace(
+                config,
+                extra_hosts=self.services.hosts(),
+                network_control_fd=control.fileno() if control is not None else None,
+            )
         self._forked = built is None
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
@@ -333,18 +378,29 @@ class SandboxRunner:
             self._prepare_next(nextitem)
             return SandboxResult(records=[built.record], usage=usage)
         timers.before_fork(item)
+        hosts = config.extra_hosts
+        control_fd = config.network_control_fd
+
+        def target(channel: Channel) -> None:
+            services.enter_test_process(control_fd, hosts)
+            run_protocol_in_child(item, channel, self.carriers, self.reporter, environment)
+
         before_kill = None
         if self.keeper is not None and isinstance(built, Prebuilt):
             before_kill = self._snapshot_later(item, prepared, built, config, environment)
-        return self.supervisor.run(
-            config,
-            lambda channel: run_protocol_in_child(item, channel, self.carriers, self.reporter, environment),
-            prebuilt=built,
-            timeout=prepared.spec.timeout,
-            cgroup=prepared.cgroup,
-            while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
-            before_kill=before_kill,
-        )
+        try:
+            return self.supervisor.run(
+                config,
+                target,
+                prebuilt=built,
+                timeout=prepared.spec.timeout,
+                cgroup=prepared.cgroup,
+                while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
+                before_kill=before_kill,
+            )
+        finally:
+            if control is not None:
+                control.close()  # N undoes what the test changed when its copy closes too
 
     def _snapshot_later(
         self, item: pytest.Item, prepared: Prepared, built: Prebuilt, config: Any, environment: dict[str, str]
@@ -374,7 +430,7 @@ class SandboxRunner:
                 "rootdir": str(item.config.rootpath),
                 "image": spec.image,
                 "image_root": list(image) if isinstance(image, tuple) else image,
-                "network": spec.network,
+                "network": network_mode(spec.network),
                 "hostname": HOSTNAME,
                 "cwd": config.cwd,
                 "environment": kept.test_environment(os.environ, environment, spec.drop_env or ()),

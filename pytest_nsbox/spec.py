@@ -17,8 +17,8 @@ import pytest
 
 from .errors import NsboxError
 
-Network = Literal["none", "host"]
-NETWORKS: Final = ("none", "host")
+NetworkMode = Literal["none", "host", "private"]
+NETWORKS: Final = ("none", "host", "private")
 DEFAULT_IMAGE: Final = "host"
 DEFAULT_PIDS: Final = 1024  # the pids cap of a sandbox that asks for none (where cgroups allow)
 SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
@@ -40,6 +40,116 @@ class SpecError(NsboxError, ValueError):
     """A marker, option or ini value is invalid; the message names its source and the value."""
 
 
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s)\s*$")
+_DURATION_UNITS: Final = {"us": 1, "ms": 1000, "s": 1_000_000}
+_RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)\s*$", re.IGNORECASE)
+_RATE_UNITS: Final = {
+    "bit": 1,
+    "kbit": 10**3,
+    "mbit": 10**6,
+    "gbit": 10**9,
+    "bps": 8,
+    "kbps": 8 * 10**3,
+    "mbps": 8 * 10**6,
+    "gbps": 8 * 10**9,
+}
+_PERCENT_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_duration_us(value: object, what: str) -> int:
+    """'100ms', '1.5s', '500us' (or a number of milliseconds) as microseconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what}: expected a duration such as '100ms', '1s' or '500us'")
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{what}: expected a duration such as '100ms', '1s' or '500us', got {value!r}")
+        micros = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        micros = float(value) * 1000
+    if not math.isfinite(micros) or micros < 0 or micros > 60_000_000:
+        raise ValueError(f"{what}: must be between 0 and 60s, got {value!r}")
+    return round(micros)
+
+
+def parse_percent(value: object, what: str) -> float:
+    """'10%' (or a number of percent) as a float in [0, 100]."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what}: expected a percentage such as '10%'")
+    if isinstance(value, str):
+        match = _PERCENT_RE.match(value)
+        if not match:
+            raise ValueError(f"{what}: expected a percentage such as '10%', got {value!r}")
+        percent = float(match.group(1))
+    else:
+        percent = float(value)
+    if not math.isfinite(percent) or not 0 <= percent <= 100:
+        raise ValueError(f"{what}: must be between 0% and 100%, got {value!r}")
+    return percent
+
+
+def parse_rate_bits(value: object, what: str) -> int:
+    """'1mbit', '100kbit', '1mbps' (bytes) as bits per second (tc's units)."""
+    if not isinstance(value, str) or not (match := _RATE_RE.match(value)):
+        raise ValueError(f"{what}: expected a rate such as '1mbit', '100kbit' or '1mbps' (bytes), got {value!r}")
+    bits = round(float(match.group(1)) * _RATE_UNITS[match.group(2).lower()])
+    if bits < 8000:
+        raise ValueError(f"{what}: at least 8kbit, got {value!r}")
+    return bits
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Network:
+    """A private network (``network="private"``) whose link to the test has faults: ``delay``
+    ('100ms'), ``jitter`` ('10ms', with a delay), ``loss`` ('10%') and ``rate`` ('1mbit').
+
+    Delay, jitter and loss need the kernel's netem queueing discipline (``sch_netem``); a test
+    asking for them where it is missing is skipped, naming it. A rate alone uses TBF.
+    """
+
+    delay_us: int
+    jitter_us: int
+    loss_percent: float
+    rate_bits: int | None
+
+    def __init__(
+        self,
+        *,
+        delay: str | float | None = None,
+        jitter: str | float | None = None,
+        loss: str | float | None = None,
+        rate: str | None = None,
+    ) -> None:
+        set_field = object.__setattr__
+        set_field(self, "delay_us", 0 if delay is None else parse_duration_us(delay, "delay"))
+        set_field(self, "jitter_us", 0 if jitter is None else parse_duration_us(jitter, "jitter"))
+        set_field(self, "loss_percent", 0.0 if loss is None else parse_percent(loss, "loss"))
+        set_field(self, "rate_bits", None if rate is None else parse_rate_bits(rate, "rate"))
+        if self.jitter_us and not self.delay_us:
+            raise ValueError("jitter needs a delay (netem varies the delay by the jitter)")
+
+    @property
+    def needs_netem(self) -> bool:
+        return bool(self.delay_us or self.jitter_us or self.loss_percent)
+
+    def __repr__(self) -> str:
+        parts = []
+        if self.delay_us:
+            parts.append(f"delay='{self.delay_us / 1000:g}ms'")
+        if self.jitter_us:
+            parts.append(f"jitter='{self.jitter_us / 1000:g}ms'")
+        if self.loss_percent:
+            parts.append(f"loss='{self.loss_percent:g}%'")
+        if self.rate_bits is not None:
+            parts.append(f"rate='{self.rate_bits}bit'")
+        return f"Network({', '.join(parts)})"
+
+
+def network_mode(network: NetworkMode | Network) -> NetworkMode:
+    """The namespace arrangement of *network*: a Network is a private network with faults."""
+    return "private" if isinstance(network, Network) else network
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxSpec:
     """What one test's sandbox looks like. Limits are None when not requested."""
@@ -49,7 +159,7 @@ class SandboxSpec:
     pids: int | None = None
     cpus: float | None = None
     timeout: float | None = None  # seconds, whole test (setup + call + teardown)
-    network: Network = "none"
+    network: NetworkMode | Network = "none"
     disk: int | None = None  # bytes; None: the default bound (P fills it in before the sandbox is built)
     # limits whose hit does not fail the test by itself (a subset of EXPECTABLE, in that order)
     expect_limits: tuple[str, ...] = ()
@@ -130,9 +240,11 @@ def _parse_image(value: object) -> str:
     return value
 
 
-def _parse_network(value: object) -> Network:
+def _parse_network(value: object) -> NetworkMode | Network:
+    if isinstance(value, Network):
+        return value
     if value not in NETWORKS:
-        raise ValueError(f"expected one of {', '.join(repr(n) for n in NETWORKS)}")
+        raise ValueError(f"expected one of {', '.join(repr(n) for n in NETWORKS)} or pytest_nsbox.Network(...)")
     return value  # type: ignore[return-value]
 
 
@@ -193,7 +305,7 @@ def marker_signature(
     pids: int | _Unset | None = UNSET,
     cpus: float | _Unset | None = UNSET,
     timeout: float | _Unset | None = UNSET,
-    network: Network | _Unset | None = UNSET,
+    network: NetworkMode | Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
     drop_env: str | Iterable[str] | _Unset | None = UNSET,
@@ -220,7 +332,7 @@ def nsbox(
     pids: int | _Unset | None = UNSET,
     cpus: float | _Unset | None = UNSET,
     timeout: float | _Unset | None = UNSET,
-    network: Network | _Unset | None = UNSET,
+    network: NetworkMode | Network | _Unset | None = UNSET,
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
     drop_env: str | Iterable[str] | _Unset | None = UNSET,
@@ -229,7 +341,8 @@ def nsbox(
 
     Same as ``@pytest.mark.nsbox(...)``; also usable bare, as ``@nsbox``.
     ``memory`` is int bytes or '512K'/'256M'/'2G'; ``pids`` a process cap; ``cpus`` CPU
-    bandwidth (0.5 = half a CPU); ``timeout`` wall-clock seconds; ``network`` 'none' or 'host';
+    bandwidth (0.5 = half a CPU); ``timeout`` wall-clock seconds; ``network`` 'none', 'host', 'private' or
+    ``Network(delay=..., loss=...)``;
     ``disk`` a size bounding everything the test writes (the writable layer, /tmp, /run, /dev/shm).
     ``None`` or ``0`` for a limit turns a command-line or ini default off for this test (pids and
     disk: down to the built-in bounds, 1024 processes and the default disk bound).

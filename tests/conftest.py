@@ -19,12 +19,18 @@ REQUIRE_KEY = {
     "needs_overlay_userns": "userns",
     "needs_cgroup_limits": "cgroup",
     "needs_subuid": "subuid",
+    "needs_private_network": "network",
+    "needs_netem": "netem",
 }
 CAPABILITIES = {
     "needs_userns": lambda: probe.userns(),
     "needs_overlay_userns": lambda: probe.overlay_userns(),
     "needs_cgroup_limits": lambda: probe.cgroup_limits(),
     "needs_subuid": lambda: probe.subordinate_ids(),
+    "needs_private_network": lambda: next(
+        (p for p in map(probe.network_link, ("veth", "bridge")) if not p.ok), probe.network_link("bridge")
+    ),
+    "needs_netem": lambda: probe.netem(),
 }
 
 

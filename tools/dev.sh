@@ -15,7 +15,7 @@ OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
 # what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound (charged to memory), doctor
-UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py"
+UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py tests/integration/test_network.py"
 
 apt_install() {
   # Debian packages the project needs: python3-venv (the rootless venv), uidmap (rootless image builds).
@@ -232,11 +232,17 @@ EOF
   echo "== the wheel: ok"
 }
 
+run_demo() {
+  # The demo as the README runs it (examples/: a real database as a service builds debian-bookworm-redis)
+  echo "== the demo: examples/"
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
+}
+
 case "${1:-}" in
   demo)
-    apt_install python3-venv
+    apt_install python3-venv mmdebstrap
     make_venv "${PYTHON:-python3}" "$VENV"
-    exec "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rA examples
+    run_demo
     ;;
   test)
     apt_install python3-venv user-mode-linux kmod mmdebstrap busybox-static zstd uidmap
@@ -244,6 +250,7 @@ case "${1:-}" in
     "$VENV/bin/ruff" check pytest_nsbox tests benchmarks examples
     "$VENV/bin/mypy" pytest_nsbox
     "$VENV/bin/python" -m pytest -p no:cacheprovider -n 2 --ignore=tests/compat tests
+    run_demo
     run_wheel
     run_compat
     run_oldest

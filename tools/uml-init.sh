@@ -19,7 +19,11 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 stty -F /dev/console -onlcr 2>/dev/null || true
-insmod "/usr/lib/uml/modules/$(uname -r)/kernel/fs/overlayfs/overlay.ko"
+# the guest's modules (the host has no /lib/modules for this kernel): overlayfs, and what the private
+# network needs (veth, bridge) and its faults (netem, tbf; the host kernel has no netem)
+mkdir -p /run/modules/lib
+ln -s /usr/lib/uml/modules /run/modules/lib/modules
+modprobe -d /run/modules -a overlay veth bridge sch_netem sch_tbf
 mkdir -p /run/rw
 for dir in tmp root home var; do
   mkdir -p "/run/rw/$dir/upper" "/run/rw/$dir/work"
@@ -31,6 +35,7 @@ mount -t tmpfs tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nsdelegate,memory_recursiveprot cgroup2 /sys/fs/cgroup
 echo "+cpu +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 hostname nsbox-uml
+ip link set lo up
 cd "$nsbox_repo"
 set +eE
 trap - ERR

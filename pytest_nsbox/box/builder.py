@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import subprocess
 
+    from .network import NetworkHost, Plumbing
+
 from ..errors import NsboxError
 from . import _linux as L
 from . import wire
@@ -89,6 +91,8 @@ class Builder:
         self._answers: dict[int, Prebuilt | Failed] = {}
         self._discarded: set[int] = set()
         self._plans_sent: dict[int, MountPlan] = {}  # id() -> plan, kept alive so ids stay unique
+        self._network: NetworkHost | None = None
+        self._network_sent = False  # W has N's socket
 
     def _start(self) -> socket.socket:
         if self._sock is not None:
@@ -116,8 +120,19 @@ class Builder:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def submit(self, config: SandboxConfig) -> int:
-        """Ask for a sandbox built from *config*; returns a ticket for take() or discard()."""
+    def network(self) -> NetworkHost:
+        """The run's private network (its process N is started the first time; NetworkError)."""
+        if self._network is None:
+            from .network import NetworkHost
+
+            self._start()
+            assert self._process is not None
+            self._network = NetworkHost(self._process.pid)
+        return self._network
+
+    def submit(self, config: SandboxConfig, plumbing: Plumbing | None = None) -> int:
+        """Ask for a sandbox built from *config* (on the private network as *plumbing* says, which
+        config.network "private" needs); returns a ticket for take() or discard()."""
         sock = self._start()
         ticket = self._next_id
         self._next_id += 1
@@ -126,9 +141,13 @@ class Builder:
         plan = None if self._plans_sent.get(plan_id) is config.plan else config.plan
         self._plans_sent[plan_id] = config.plan
         # B' needs the plan, the namespaces (network), the cgroup and the capability count only
-        request = (ticket, plan_id, plan, config.network, config.cgroup_files, config.cap_last_cap)
+        request = (ticket, plan_id, plan, config.network, config.cgroup_files, config.cap_last_cap, plumbing)
+        fds = []
+        if plumbing is not None and not self._network_sent:
+            fds.append(self.network().builder_socket())  # once: W keeps it
+            self._network_sent = True
         try:
-            sock.send(pickle.dumps(request))
+            socket.send_fds(sock, [pickle.dumps(request)], fds)
         except OSError as exc:
             raise BuilderError(f"the sandbox builder is gone: {exc}") from None
         return ticket
@@ -164,8 +183,12 @@ class Builder:
         answer: Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
             root_dev, scratch_fd = record.get("root_dev"), record.get("scratch_fd")
+            address = record.get("address")
             answer = Prebuilt(
-                fds[0], root_dev if isinstance(root_dev, int) else None, scratch_fd if isinstance(scratch_fd, int) else None
+                fds[0],
+                root_dev if isinstance(root_dev, int) else None,
+                address if isinstance(address, str) else None,
+                scratch_fd if isinstance(scratch_fd, int) else None,
             )
         else:
             for fd in fds:
@@ -183,6 +206,9 @@ class Builder:
         """Kill every sandbox not taken, stop the builder (it kills what it is building)."""
         for ticket in list(self._answers):
             self.discard(ticket)
+        if self._network is not None:
+            self._network.close()
+            self._network = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -233,18 +259,24 @@ def _work(sock: socket.socket) -> None:
     L.capset_prepare(0, 0, 0)  # B''s harden_init only calls (see steps.prepare_capability_drop)
     gc.freeze()  # what is imported now is never traversed (and copied) by a collection in B'
     plans: dict[int, MountPlan] = {}
+    network: socket.socket | None = None  # to N, the private network's process (P sends it once)
     while True:
         try:
-            message = sock.recv(MAX_MESSAGE)
+            message, received, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
         except OSError:
             return
         if not message:
             return  # P closed its end: P's pidfds keep its sandboxes; the B' processes die with S
-        ticket, plan_id, plan, network, cgroup_files, cap_last_cap = pickle.loads(message)
+        if received:
+            network = socket.socket(fileno=received[0])
+        ticket, plan_id, plan, network_mode, cgroup_files, cap_last_cap, plumbing = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        config = SandboxConfig(plans[plan_id], network, 0, 0, {}, "/", cap_last_cap, cgroup_files)
-        answer, fds = _build(config, sock.fileno(), own_pid_namespace)
+        config = SandboxConfig(plans[plan_id], network_mode, 0, 0, {}, "/", cap_last_cap, cgroup_files)
+        keep_out = (sock.fileno(), *((network.fileno(),) if network is not None else ()))
+        answer, fds = _build(config, keep_out, own_pid_namespace)
+        if plumbing is not None and answer.get("kind") == "ready" and fds:
+            answer = _connect(answer, fds, network, plumbing)
         try:
             socket.send_fds(sock, [wire.encode({**answer, "ticket": ticket})], fds)
         except OSError:
@@ -255,7 +287,26 @@ def _work(sock: socket.socket) -> None:
         _reap()
 
 
-def _build(config: SandboxConfig, keep_out: int, own_pid_namespace: int) -> tuple[dict[str, Any], list[int]]:
+def _connect(ready: dict[str, Any], fds: list[int], network: socket.socket | None, plumbing: Plumbing) -> dict[str, Any]:
+    """Have N put the sandox just built on the private network; on failure kill it, and the
+    answer is the setup error."""
+    if network is None:
+        answer: dict[str, Any] = {"error": "the private network's process is not running"}
+    else:
+        from .network import plumb  # W imports it only when a sandbox needs it
+
+        answer = plumb(network, fds[0], plumbing)
+    if "error" not in answer:
+        return {**ready, "address": answer["address"]}
+    try:
+        signal.pidfd_send_signal(fds[0], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.close(fds.pop())
+    return {"kind": "setup_error", "process": "B", "step": "connect_network", "errno": None, "message": answer["error"]}
+
+
+def _build(config: SandboxConfig, keep_out: tuple[int, ...], own_pid_namespace: int) -> tuple[dict[str, Any], list[int]]:
     """Fork B' for *config*; its first answer: ready (with its pidfd) or a setup error."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -265,7 +316,8 @@ def _build(config: SandboxConfig, keep_out: int, own_pid_namespace: int) -> tupl
         theirs.close()
         return {"kind": "setup_error", "process": "B", "step": "fork_pid_namespace", "errno": exc.errno, "message": str(exc)}, []
     if pid == 0:
-        os.close(keep_out)
+        for fd in keep_out:
+            os.close(fd)
         ours.close()
         build_ahead(config, theirs.detach())
     theirs.close()

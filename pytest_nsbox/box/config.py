@@ -69,6 +69,8 @@ class SandboxConfig:
     stdio_copies: tuple[int, ...] = ()
     gc_enabled: bool = True  # whether P's garbage collector was enabled: the test's is the same
     drop_env: tuple[str, ...] = ()  # fnmatch patterns of variables C removes from its environment
+    extra_hosts: tuple[tuple[str, str], ...] = ()  # (address, name) C adds to /etc/hosts: the private network's services
+    network_control_fd: int | None = None  # C's connection to the private network (a test's nsbox_network)
 
     @classmethod
     def create(
@@ -105,7 +107,7 @@ class SandboxConfig:
     @property
     def clone_flags(self) -> int:
         flags = L.CLONE_NEWUSER | L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWCGROUP
-        if self.network == "none":
+        if self.network != "host":
             flags |= L.CLONE_NEWNET
         return flags
 

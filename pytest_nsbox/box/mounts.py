@@ -703,7 +703,7 @@ def init_layer_files(network: str, host_resolv_conf: str, image_hosts: str | Non
     that names resolve as on the machine the image comes from; generated only for an image
     without one.
     """
-    resolv = host_resolv_conf if network == "host" else "# nsbox: network='none', no name servers\n"
+    resolv = host_resolv_conf if network == "host" else f"# nsbox: network={network!r}, no name servers\n"
     return {"etc/hostname": f"{HOSTNAME}\n", "etc/hosts": hosts_file(image_hosts), "etc/resolv.conf": resolv}
 
 
@@ -927,7 +927,7 @@ def build_plan(
         *kernel_interface_steps(root, scratch, MASKED_PROC_PATHS, readonly=READONLY_PROC_PATHS, flags=proc_flags),
     ]
     masked_sys: tuple[str, ...] = MASKED_SYS_PATHS
-    if network == "none":
+    if network != "host":  # a network namespace of its own
         tail.append(MountFs("mount_sysfs", "sysfs", f"{root}/sys", proc_flags | L.MS_RDONLY))
     else:
         binder = _PlanWriter(scratch, mounts)
@@ -936,7 +936,7 @@ def build_plan(
         masked_sys += MASKED_HOST_SYS_PATHS
     tail += kernel_interface_steps(root, scratch, masked_sys)
     tail += [PivotRoot(root), SetHostname()]
-    if network == "none":
+    if network != "host":
         families = configured_families() if address_families is None else address_families
         tail.append(BringUpLoopback())
         if families:

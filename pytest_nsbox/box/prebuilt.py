@@ -54,9 +54,10 @@ from .wire import Channel
 class Prebuilt:
     """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
 
-    def __init__(self, pidfd: int, root_dev: int | None, scratch_fd: int | None = None) -> None:
+    def __init__(self, pidfd: int, root_dev: int | None, address: str | None = None, scratch_fd: int | None = None) -> None:
         self.pidfd = pidfd
         self.root_dev = root_dev  # st_dev of the sandbox's "/" (see steps.verify_inside)
+        self.address = address  # on the private network (network="private")
         self.scratch_fd = scratch_fd  # B's descriptor of the scratch tmpfs (see box/keep.py)
 
     def scratch_path(self) -> str | None:

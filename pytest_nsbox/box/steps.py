@@ -288,7 +288,7 @@ def sandbox_problems(
     *root_dev* is the device of the caller's "/", *sandbox_root_dev* that of the sandbox's root
     as its PID 1 saw it after pivot_root (a tmpfs or overlay: a device of its own).
     """
-    required = ["mnt", "pid", "user", "uts", "ipc"] + (["net"] if network == "none" else [])
+    required = ["mnt", "pid", "user", "uts", "ipc"] + (["net"] if network != "host" else [])
     problems = [f"{ns} namespace is the host's" for ns in required if inside.get(ns) == host.get(ns)]
     if sandbox_root_dev is None or root_dev != sandbox_root_dev:
         problems.append(f"the root filesystem (device {root_dev}) is not the sandbox's (device {sandbox_root_dev})")
@@ -464,6 +464,9 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
         # pytest's faulthandler plugin writes to a copy of the terminal's stderr; P puts the dump in the report
         crash_fd = config.crash_fd
         steps.append(("redirect_crash_dump", lambda: faulthandler.enable(crash_fd, all_threads=True)))
+    if config.extra_hosts:
+        hosts = config.extra_hosts
+        steps.append(("write_hosts", lambda: add_hosts(hosts)))
     # the host's cwd is inside (mounts.sandbox_paths): never run silently somewhere else
     steps.append(("enter_working_directory", lambda: os.chdir(config.cwd)))
     run_steps(channel, "C", steps)
@@ -486,6 +489,14 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
             kill_leftovers()  # everything the test started, before P hears that it is done
             channel.send("done")
         os._exit(code)
+
+
+def add_hosts(hosts: Iterable[tuple[str, str]]) -> None:
+    """The private network's services in the sandbox's /etc/hosts (the test's own copy, of its
+    init layer): started after the sandbox was built, they are added when the test starts."""
+    with open("/etc/hosts", "a") as handle:
+        handle.write("# nsbox: services on the private network\n")
+        handle.writelines(f"{address}\t{name}\n" for address, name in hosts)
 
 
 def _prefer_for_oom() -> None:

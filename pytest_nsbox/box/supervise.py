@@ -256,6 +256,8 @@ class Supervisor:
                 config, stack_fd=stack_write if timeout is not None else None, crash_fd=stack_write, gc_enabled=gc_enabled
             )
             kept = (spawn.keep() - pipes) | {write_fd, stack_write} | set(config.stdio_copies)
+            if config.network_control_fd is not None:
+                kept.add(config.network_control_fd)
             gc.disable()
             started = time.time()
             try:

@@ -45,7 +45,7 @@ def layers_root(cache: Path) -> Path:
 
 
 def is_layer_id(value: object) -> bool:
-    """"sha256:" and 64 lowercase hex digits: the only names a layer directory can have."""
+    """ "sha256:" and 64 lowercase hex digits: the only names a layer directory can have."""
     return isinstance(value, str) and bool(LAYER_ID.fullmatch(value))
 
 

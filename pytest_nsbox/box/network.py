@@ -1,0 +1,653 @@
+"""The run's private network: a bridge in a network namespace of its own, veths into sandboxes.
+
+One network process (N) per pytest process (so xdist workers never share addresses or names),
+started by P the first time a sandbox asks for ``network="private"``:
+
+    N   joins the builder's user namespace (P owns it, so P's child may), where it is root and
+        so has CAP_NET_ADMIN over every sandbox's network namespace (their user namespaces are
+        the builder's children). Its main thread stays in P's network namespace (forwarded host
+        ports are reached from there); one worker thread (``_Netns``) lives in a network
+        namespace of its own with the bridge, and does every netlink operation (pyroute2) and
+        creates every socket that must belong to the bridge's or a sandbox's namespace.
+
+The builder's worker (W) asks N to connect each sandbox it built (``plumb``, with a pidfd of the
+sandbox's PID 1): N creates a veth pair inside the sandbox's namespace (``eth0``, an address,
+the default route) with its peer on the bridge, and applies the sandbox's link faults (netem, or
+TBF for a rate alone). P asks N for the rest: probing a service's port, forwarding a service's
+port to the host's loopback, exposing a host port inside sandboxes (a listener on the sandbox's
+own 127.0.0.1:PORT), and a control connection for a test's ``nsbox_network`` fixture
+(partition, heal, faults; undone when the test's connection closes).
+
+Nothing of it lives in the host's network namespace: when N dies (with P: PR_SET_PDEATHSIG), the
+bridge's namespace dies, and each sandbox's veth dies with the sandbox's namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from ..errors import NsboxError
+from . import _linux as L
+
+SUBNET: Final = ipaddress.IPv4Network("10.89.0.0/16")
+GATEWAY: Final = str(SUBNET.network_address + 1)
+BRIDGE: Final = "nsbox0"
+SANDBOX_LINK: Final = "eth0"
+MAX_MESSAGE: Final = 1 << 16
+PROBE_TIMEOUT: Final = 0.25
+START_TIMEOUT: Final = 30.0
+_SERVE: Final = "import sys; sys.path[:0] = sys.argv[1].split(chr(10)); from pytest_nsbox.box.network import serve; serve()"
+NETEM_MISSING: Final = (
+    "the kernel has no netem queueing discipline (sch_netem: CONFIG_NET_SCH_NETEM), which delay, jitter and loss need"
+)
+NETEM_FIX: Final = "load it as root (modprobe sch_netem) or use a kernel built with it; a rate alone works without it"
+
+T = TypeVar("T")
+
+
+class NetworkError(NsboxError):
+    """The private network could not be set up or changed; the message says what and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFaults:
+    """Faults of one link, in the kernel's units (see spec.Network)."""
+
+    delay_us: int = 0
+    jitter_us: int = 0
+    loss_percent: float = 0.0
+    rate_bits: int | None = None
+
+    @property
+    def needs_netem(self) -> bool:
+        return bool(self.delay_us or self.jitter_us or self.loss_percent)
+
+    @property
+    def empty(self) -> bool:
+        return not self.needs_netem and self.rate_bits is None
+
+
+@dataclass(frozen=True, slots=True)
+class Plumbing:
+    """What W asks N for one sandbox: its name on the network and its link's faults."""
+
+    name: str
+    faults: LinkFaults = LinkFaults()
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    socket.send_fds(sock, [pickle.dumps(message)], fds or [])
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return pickle.loads(data), fds
+
+
+def call(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+    """Send a request to N on *sock* and return its answer; NetworkError if N refused or is gone."""
+    try:
+        _send(sock, message, fds)
+        answer, extra = _receive(sock)
+    except OSError as exc:
+        raise NetworkError(f"the private network's process is gone: {exc}") from None
+    for fd in extra:
+        os.close(fd)
+    if answer is None:
+        raise NetworkError("the private network's process exited")
+    if "error" in answer:
+        raise NetworkError(str(answer["error"]))
+    return answer
+
+
+# --- P's side ------------------------------------------------------------------------------------
+
+
+class NetworkHost:
+    """P's handle on N: started once per pytest process, with the builder whose namespace it joins."""
+
+    def __init__(self, builder_pid: int) -> None:
+        import subprocess
+
+        self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._for_builder, builder_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        import importlib.util
+
+        # a plain -I -S interpreter: this package's and pyroute2's parents (found, not imported: P never imports it)
+        found = importlib.util.find_spec("pyroute2")
+        paths = [str(Path(__file__).resolve().parents[2])]
+        if found is not None and found.origin is not None:
+            paths.append(str(Path(found.origin).resolve().parents[1]))
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _SERVE,
+                    "\n".join(paths),
+                    str(theirs.fileno()),
+                    str(builder_theirs.fileno()),
+                    str(builder_pid),
+                    str(os.getpid()),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), builder_theirs.fileno()),
+                close_fds=True,
+            )
+        except OSError as exc:
+            self._control.close()
+            self._for_builder.close()
+            raise NetworkError(f"cannot start the private network's process ({sys.executable}): {exc}") from None
+        finally:
+            theirs.close()
+            builder_theirs.close()
+        self._control.settimeout(START_TIMEOUT)
+        hello = call(self._control, {"kind": "hello"})
+        self._control.settimeout(None)
+        self.netem: bool = bool(hello["netem"])
+        self.generation = 0  # bumped by every host port exposed (sandboxes plumbed before lack it)
+
+    def builder_socket(self) -> int:
+        """The descriptor W talks to N on (sent to W once; P keeps no use for it)."""
+        return self._for_builder.fileno()
+
+    def request(self, kind: str, fds: list[int] | None = None, **fields: Any) -> dict[str, Any]:
+        return call(self._control, {"kind": kind, **fields}, fds)
+
+    def probe(self, address: str, port: int) -> bool:
+        """Whether *address*:*port* on the private network accepts a connection now."""
+        return bool(self.request("probe", address=address, port=port)["open"])
+
+    def forward_to_host(self, address: str, port: int) -> int:
+        """A port of the host's 127.0.0.1 forwarded to *address*:*port* on the private network."""
+        return int(self.request("forward_to_host", address=address, port=port)["port"])
+
+    def expose_host_port(self, port: int) -> None:
+        """The host's 127.0.0.1:*port*, reachable as 127.0.0.1:*port* inside every sandbox on the
+        private network from now on (also those built already: see attach)."""
+        self.request("expose", port=port)
+        self.generation += 1
+
+    def attach(self, address: str) -> None:
+        """Bring the sandbox at *address* up to date with the host ports exposed since it was built."""
+        self.request("attach", address=address)
+
+    def control_connection(self) -> socket.socket:
+        """A new connection to N for one test's nsbox_network fixture (what it changed is undone
+        when it is closed)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.request("control", fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        return ours
+
+    def register_service(self, name: str, address: str) -> None:
+        self.request("service", name=name, address=address)
+
+    def forget_service(self, name: str) -> None:
+        self.request("forget", name=name)
+
+    def close(self) -> None:
+        self._control.close()
+        self._for_builder.close()
+        try:
+            self._process.kill()
+        except OSError:
+            pass
+        self._process.wait()
+
+
+# --- W's side --------------------------------------------------------------------------------------
+
+
+def plumb(sock: socket.socket, pidfd: int, plumbing: Plumbing) -> dict[str, Any]:
+    """W: have N connect the sandbox whose PID 1 *pidfd* is; its address, or an error record."""
+    try:
+        answer = call(sock, {"kind": "plumb", "name": plumbing.name, "faults": plumbing.faults}, [pidfd])
+    except NetworkError as exc:
+        return {"error": str(exc)}
+    return answer
+
+
+# --- N ------------------------------------------------------------------------------------------
+
+
+class _Netns:
+    """N's worker thread in the bridge's network namespace: every netlink call, every socket
+    of the bridge's or a sandbox's namespace is made there (setns(CLONE_NEWNET) is per thread)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # N only
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsbox-netns")
+        self.home = self.run(self._enter)
+
+    def run(self, action: Callable[[], T]) -> T:
+        return self._executor.submit(action).result()
+
+    @staticmethod
+    def _enter() -> int:
+        L.unshare(L.CLONE_NEWNET)
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def inside(self, pidfd: int, action: Callable[[], T]) -> T:
+        """Run *action* in the network namespace of the process *pidfd* (on the worker thread)."""
+
+        def step() -> T:
+            L.setns(pidfd, L.CLONE_NEWNET)
+            try:
+                return action()
+            finally:
+                L.setns(self.home, L.CLONE_NEWNET)
+
+        return self.run(step)
+
+
+@dataclass
+class _Sandbox:
+    pidfd: int
+    address: str
+    host_link: str
+    generation: int
+    listeners: list[socket.socket] = field(default_factory=list)
+
+
+class _Server:
+    """N's state: the bridge, the sandboxes on it, the services' names, the forwards."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute  # 150-300 ms: only N imports it
+
+        self._iproute = IPRoute
+        self.netns = _Netns()
+        self.bridge = self.netns.run(IPRoute)  # its netlink socket belongs to the bridge's namespace
+        self.selector = selectors.DefaultSelector()
+        self.sandboxes: dict[int, _Sandbox] = {}  # by pidfd
+        self.services: dict[str, str] = {}  # name -> address
+        self.exposed: list[int] = []
+        self._next_host = 2
+        self._next_link = 0
+        self.changed: dict[int, set[str]] = {}  # control connection fd -> names it partitioned or gave faults
+        self.netem = False
+        self.netns.run(self._make_bridge)
+
+    # -- setup
+
+    def _make_bridge(self) -> None:
+        ipr = self.bridge
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("add", ifname=BRIDGE, kind="bridge")
+        index = ipr.link_lookup(ifname=BRIDGE)[0]
+        ipr.addr("add", index=index, address=GATEWAY, prefixlen=SUBNET.prefixlen)
+        ipr.link("set", index=index, state="up")
+        self.bridge_index = index
+        # the gateway has nowhere to forward to: with forwarding on, it answers "network
+        # unreachable" at once (off, it would drop the packets and a connect would time out)
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as handle:  # this thread's namespace: the bridge's
+            handle.write("1")
+        try:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.tc("add", "netem", index=lo, handle="1:", delay=1000)
+            ipr.tc("del", index=lo, handle="1:", root=True)
+            self.netem = True
+        except Exception:
+            self.netem = False
+
+    def _allocate(self) -> str:
+        used = {s.address for s in self.sandboxes.values()} | set(self.services.values())
+        for _ in range(SUBNET.num_addresses):
+            host = self._next_host
+            self._next_host = host + 1 if host + 1 < SUBNET.num_addresses - 1 else 2
+            address = str(SUBNET.network_address + host)
+            if address not in used:
+                return address
+        raise NetworkError("the private network has no free address")
+
+    # -- requests
+
+    def plumb(self, pidfd: int, name: str, faults: LinkFaults) -> dict[str, Any]:
+        if faults.needs_netem and not self.netem:
+            raise NetworkError(NETEM_MISSING)
+        address = self._allocate()
+        self._next_link += 1
+        host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
+        bridge_ns = self.netns.home
+
+        def inside() -> list[socket.socket]:
+            ipr = self._iproute()
+            try:
+                ipr.link("add", ifname=SANDBOX_LINK, kind="veth", peer={"ifname": host_link, "net_ns_fd": bridge_ns})
+                index = ipr.link_lookup(ifname=SANDBOX_LINK)[0]
+                ipr.addr("add", index=index, address=address, prefixlen=SUBNET.prefixlen)
+                ipr.link("set", index=index, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY)
+            finally:
+                ipr.close()
+            return [_listen_loopback(port) for port in self.exposed]
+
+        listeners = self.netns.inside(pidfd, inside)
+
+        def outside() -> None:
+            index = self.bridge.link_lookup(ifname=host_link)[0]
+            self.bridge.link("set", index=index, master=self.bridge_index, state="up")
+            self._apply_faults(index, faults)
+
+        self.netns.run(outside)
+        sandbox = _Sandbox(pidfd, address, host_link, len(self.exposed), listeners)
+        self.sandboxes[pidfd] = sandbox
+        self.selector.register(pidfd, selectors.EVENT_READ, ("sandbox_gone", sandbox))
+        for listener in listeners:
+            self.selector.register(listener, selectors.EVENT_READ, ("to_host", listener))
+        return {"address": address, "name": name}
+
+    def _apply_faults(self, index: int, faults: LinkFaults) -> None:
+        """On the host side of a link: what the sandbox receives is delayed, lost, rate-limited."""
+        ipr = self.bridge
+        try:
+            ipr.tc("del", index=index, handle="1:", root=True)
+        except Exception:
+            pass
+        if faults.empty:
+            return
+        if faults.needs_netem:
+            if not self.netem:
+                raise NetworkError(NETEM_MISSING)
+            options: dict[str, Any] = {"delay": faults.delay_us, "jitter": faults.jitter_us, "loss": faults.loss_percent}
+            if faults.rate_bits is not None:
+                options["rate"] = faults.rate_bits // 8
+            ipr.tc("add", "netem", index=index, handle="1:", **options)
+        else:
+            assert faults.rate_bits is not None
+            ipr.tc("add", "tbf", index=index, handle="1:", rate=faults.rate_bits // 8, burst=16384, latency=100000)
+
+    def _link_of(self, name: str) -> int:
+        address = self.services.get(name)
+        if address is None:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise NetworkError(f"no service named {name!r} on the private network (services: {known})")
+        sandbox = next((s for s in self.sandboxes.values() if s.address == address), None)
+        if sandbox is None:
+            raise NetworkError(f"service {name!r} is not running")
+        links = self.netns.run(lambda: self.bridge.link_lookup(ifname=sandbox.host_link))  # pyroute2: per thread
+        if not links:
+            raise NetworkError(f"service {name!r} has no link on the private network")
+        return int(links[0])
+
+    def partition(self, name: str) -> None:
+        index = self._link_of(name)
+        self.netns.run(lambda: self.bridge.link("set", index=index, master=0))
+
+    def set_faults(self, name: str, faults: LinkFaults) -> None:
+        index = self._link_of(name)
+        self.netns.run(lambda: self._apply_faults(index, faults))
+
+    def heal(self, names: set[str]) -> None:
+        """Every link of *names* back on the bridge, without faults."""
+        for name in names:
+            try:
+                index = self._link_of(name)
+            except NetworkError:
+                continue  # stopped meanwhile
+
+            def restore(index: int = index) -> None:
+                self.bridge.link("set", index=index, master=self.bridge_index, state="up")
+                self._apply_faults(index, LinkFaults())
+
+            self.netns.run(restore)
+
+    def probe(self, address: str, port: int) -> bool:
+        probe = self.netns.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with probe:
+            probe.settimeout(PROBE_TIMEOUT)
+            try:
+                probe.connect((address, port))
+            except OSError:
+                return False
+        return True
+
+    def forward_to_host(self, address: str, port: int) -> int:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the host's namespace: N's main thread
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        self.selector.register(listener, selectors.EVENT_READ, ("to_service", (address, port)))
+        return int(listener.getsockname()[1])
+
+    def expose(self, port: int) -> None:
+        if port not in self.exposed:
+            self.exposed.append(port)
+
+    def attach(self, address: str) -> None:
+        sandbox = next((s for s in self.sandboxes.values() if s.address == address), None)
+        if sandbox is None:
+            raise NetworkError(f"no sandbox at {address} on the private network")
+        missing = self.exposed[sandbox.generation :]
+        listeners = self.netns.inside(sandbox.pidfd, lambda: [_listen_loopback(port) for port in missing])
+        sandbox.generation = len(self.exposed)
+        sandbox.listeners += listeners
+        for listener in listeners:
+            self.selector.register(listener, selectors.EVENT_READ, ("to_host", listener))
+
+    # -- events
+
+    def accept_to_host(self, listener: socket.socket) -> None:
+        try:
+            inside, _ = listener.accept()
+        except OSError:
+            return
+        port = listener.getsockname()[1]
+        outside = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # N's main thread: the host's namespace
+        _relay(inside, outside, ("127.0.0.1", port))
+
+    def accept_to_service(self, listener: socket.socket, target: tuple[str, int]) -> None:
+        try:
+            outside, _ = listener.accept()
+        except OSError:
+            return
+        inside = self.netns.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        _relay(outside, inside, target)
+
+    def sandbox_gone(self, sandbox: _Sandbox) -> None:
+        self.selector.unregister(sandbox.pidfd)
+        for listener in sandbox.listeners:
+            self.selector.unregister(listener)
+            listener.close()  # a socket holds its namespace: the sandbox's must be able to die
+        del self.sandboxes[sandbox.pidfd]
+        os.close(sandbox.pidfd)
+
+
+def _listen_loopback(port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(64)
+    return listener
+
+
+def _relay(accepted: socket.socket, upstream: socket.socket, target: tuple[str, int]) -> None:
+    """Connect *upstream* to *target* and copy bytes both ways, on two threads of N's."""
+
+    def copy(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def run() -> None:
+        try:
+            upstream.connect(target)
+        except OSError:
+            accepted.close()  # the client sees its connection closed, as with nothing listening
+            upstream.close()
+            return
+        back = threading.Thread(target=copy, args=(upstream, accepted), daemon=True)
+        back.start()
+        copy(accepted, upstream)
+        back.join()
+        accepted.close()
+        upstream.close()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def serve() -> None:
+    """Main of N (argv: package parent, P's socket, W's socket, the builder's pid, P's pid)."""
+    control = socket.socket(fileno=int(sys.argv[2]))
+    builder_side = socket.socket(fileno=int(sys.argv[3]))
+    builder_pid, parent = int(sys.argv[4]), int(sys.argv[5])
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
+    try:
+        userns = _builder_user_namespace(builder_pid)
+        L.setns(userns, L.CLONE_NEWUSER)  # root there: CAP_NET_ADMIN over every sandbox's namespace
+        os.close(userns)
+        server = _Server()
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+        try:
+            _receive(control)
+            _send(control, {"error": f"cannot set up the private network (veth and bridge in a user namespace): {detail}"})
+        except OSError:
+            pass
+        return
+    server.selector.register(control, selectors.EVENT_READ, ("p", None))
+    server.selector.register(builder_side, selectors.EVENT_READ, ("w", None))
+    while True:
+        for key, _ in server.selector.select():
+            kind, data = key.data
+            if kind in ("p", "w", "c"):
+                if not _answer(server, key.fileobj, kind):  # type: ignore[arg-type]
+                    if kind != "c":
+                        return  # P or W is gone
+            elif kind == "sandbox_gone":
+                server.sandbox_gone(data)
+            elif kind == "to_host":
+                server.accept_to_host(data)
+            elif kind == "to_service":
+                server.accept_to_service(key.fileobj, data)  # type: ignore[arg-type]
+
+
+def _builder_user_namespace(builder_pid: int, timeout: float = START_TIMEOUT) -> int:
+    """A descriptor of the builder's user namespace, once the builder has entered it and mapped
+    its ids (a builder just started may still be in P's)."""
+    import time
+
+    own = os.stat("/proc/self/ns/user").st_ino
+    deadline = time.monotonic() + timeout
+    while True:
+        userns = os.open(f"/proc/{builder_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(userns).st_ino != own and Path(f"/proc/{builder_pid}/uid_map").read_text().strip():
+            return userns
+        os.close(userns)
+        if time.monotonic() > deadline:
+            raise NetworkError(f"the sandbox builder (pid {builder_pid}) did not enter its user namespace")
+        time.sleep(0.005)
+
+
+def _answer(server: _Server, sock: socket.socket, kind: str) -> bool:
+    """Answer one request on *sock*; False when its sender is gone."""
+    try:
+        request, fds = _receive(sock)
+    except OSError:
+        request, fds = None, []
+    if request is None:
+        server.selector.unregister(sock)
+        if kind == "c":
+            server.heal(server.changed.pop(sock.fileno(), set()))
+        sock.close()
+        return False
+    try:
+        answer = _dispatch(server, sock, kind, request, fds)
+    except Exception as exc:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        answer = {"error": str(exc) if isinstance(exc, NetworkError | OSError) else f"{type(exc).__name__}: {exc}"}
+    try:
+        _send(sock, answer)
+    except OSError:
+        pass
+    return True
+
+
+def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    what = request["kind"]
+    if kind == "c":  # a test's nsbox_network: only what changes the services' links, undone at its end
+        names = server.changed.setdefault(sock.fileno(), set())
+        if what == "partition":
+            server.partition(request["name"])
+            names.add(request["name"])
+        elif what == "set_faults":
+            server.set_faults(request["name"], request["faults"])
+            names.add(request["name"])
+        elif what == "heal":
+            server.heal(names)
+            names.clear()
+        elif what == "services":
+            return {"services": dict(server.services)}
+        else:
+            raise NetworkError(f"unknown request {what!r}")
+        return {}
+    if what == "plumb" and kind == "w":
+        if len(fds) != 1:
+            raise NetworkError("plumb: expected one pidfd")
+        try:
+            return server.plumb(fds[0], request["name"], request["faults"])
+        except BaseException:
+            os.close(fds[0])
+            raise
+    if kind != "p":
+        raise NetworkError(f"unknown request {what!r}")
+    if what == "hello":
+        return {"netem": server.netem}
+    if what == "probe":
+        return {"open": server.probe(request["address"], int(request["port"]))}
+    if what == "forward_to_host":
+        return {"port": server.forward_to_host(request["address"], int(request["port"]))}
+    if what == "expose":
+        server.expose(int(request["port"]))
+        return {}
+    if what == "attach":
+        server.attach(request["address"])
+        return {}
+    if what == "service":
+        server.services[request["name"]] = request["address"]
+        return {}
+    if what == "forget":
+        server.services.pop(request["name"], None)
+        return {}
+    if what == "control":
+        if len(fds) != 1:
+            raise NetworkError("control: expected one socket")
+        connection = socket.socket(fileno=fds[0])
+        server.selector.register(connection, selectors.EVENT_READ, ("c", None))
+        return {}
+    raise NetworkError(f"unknown request {what!r}")

@@ -1,0 +1,470 @@
+"""network="private": the run's own bridge, services on it (nsbox_service), host ports into it
+(nsbox_host_ports), and a test's view of it (nsbox_network: partition, heal, faults)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from pytest_nsbox import probe
+
+pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.needs_private_network]
+
+# An echo server as a service command: answers each connection with "echo:" + what it got.
+ECHO_SERVER = '''
+import sys
+ECHO = [sys.executable, "-c", """
+import socket, sys
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 7000
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen()
+print("listening on", port, flush=True)
+while True:
+    c, _ = s.accept()
+    data = c.recv(65536)
+    c.sendall(b"echo:" + data)
+    c.close()
+"""]
+
+def ask(host, port, data=b"hi", timeout=5):
+    import socket
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := c.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+'''
+
+
+def test_a_private_test_reaches_a_service_by_name_and_nothing_else(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import errno, socket
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+@nsbox(network="private")
+def test_by_name(echo):
+    assert ask("echo", 7000) == b"echo:hi"
+    assert socket.gethostbyname("echo") == echo.ip
+    hosts = open("/etc/hosts").read()
+    assert f"{echo.ip}\\techo" in hosts
+    names = sorted(name for _, name in socket.if_nameindex())
+    assert names == ["eth0", "lo"]
+
+@nsbox(network="private")
+def test_only_the_private_network(echo):
+    with pytest.raises(OSError) as caught:
+        socket.create_connection(("192.0.2.1", 9), timeout=3)  # TEST-NET-1: outside the private network
+    assert caught.value.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+@nsbox(network="none")
+def test_network_none_has_no_service(echo):
+    with pytest.raises(OSError):
+        socket.getaddrinfo("echo", 7000)
+
+def test_from_the_host_through_a_forwarded_port(echo):
+    assert ask("127.0.0.1", echo.host_port(7000)) == b"echo:hi"
+    assert "listening on 7000" in echo.logs()
+"""
+    )
+    result.assert_outcomes(passed=4)
+
+
+def test_a_service_stops_at_the_end_of_its_fixtures_scope(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import os, pytest
+from pytest_nsbox import nsbox
+
+seen = {}
+
+class TestWithIt:
+    @pytest.fixture(scope="class")
+    def echo(self, nsbox_service):
+        service = nsbox_service("echo", command=ECHO, ready_port=7000)
+        seen["pid"] = service.pid
+        return service
+
+    @nsbox(network="private")
+    def test_uses_it(self, echo):
+        assert ask("echo", 7000) == b"echo:hi"
+
+def test_gone_after_the_class():
+    import helpers
+    assert seen["pid"] not in [p.pid for p in helpers.processes()]
+    assert not [p for p in helpers.processes() if p.ppid == os.getpid() and b"import socket, sys" in b" ".join(p.argv)]
+""",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_a_failed_test_shows_the_logs_of_its_services(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+@nsbox(network="private")
+def test_fails(echo):
+    assert ask("echo", 7000) == b"nope"
+"""
+    )
+    result.assert_outcomes(failed=1)
+    assert re.search(r"-+ nsbox: service echo log -+\s+listening on 7000", result.stdout.str())
+
+
+def test_a_service_that_is_never_ready_is_an_error_naming_it_with_its_log(run_inner) -> None:
+    result = run_inner(
+        """
+import sys
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def slow(nsbox_service):
+    return nsbox_service("slow", command=[sys.executable, "-c", "print('warming up', flush=True); import time; time.sleep(60)"],
+                         ready_port=5432, ready_timeout=2)
+
+@pytest.fixture(scope="module")
+def dies(nsbox_service):
+    return nsbox_service("dies", command=[sys.executable, "-c", "print('bad config', flush=True); raise SystemExit(3)"],
+                         ready_port=5432)
+
+@pytest.fixture(scope="module")
+def missing(nsbox_service):
+    return nsbox_service("missing", command=["/nonexistent/server"], ready_port=5432)
+
+@nsbox(network="private")
+def test_slow(slow):
+    pass
+
+@nsbox(network="private")
+def test_dies(dies):
+    pass
+
+@nsbox(network="private")
+def test_missing(missing):
+    pass
+"""
+    )
+    result.assert_outcomes(errors=3)
+    out = result.stdout.str()
+    assert "nsbox_service 'slow': not ready within 2s (waiting for port 5432); last lines of its log:" in out
+    assert "warming up" in out
+    assert "nsbox_service 'dies': exited before it was ready; last lines of its log:" in out
+    assert "bad config" in out
+    assert "cannot run '/nonexistent/server' in service 'missing'" in out
+
+
+def test_bad_service_arguments_are_errors_naming_the_value(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.mark.parametrize("kwargs", [
+    {"name": "Bad_Name", "command": ["x"]},
+    {"name": "ok", "command": "a string"},
+    {"name": "ok", "command": ["x"], "memory": "lots"},
+    {"name": "ok", "command": ["x"], "network": "host"},
+    {"name": "ok", "command": ["x"], "colour": "red"},
+])
+def test_bad(nsbox_service, kwargs):
+    from pytest_nsbox.services import ServiceError
+    with pytest.raises(ServiceError) as caught:
+        nsbox_service(kwargs.pop("name"), **kwargs)
+    print("ERROR:", caught.value)
+
+@pytest.fixture
+def inside(nsbox_service):
+    return nsbox_service("inside", command=ECHO, ready_port=7000)
+
+@nsbox(network="private")
+def test_not_from_inside_a_sandbox(inside):
+    pass
+""",
+        "-s",
+    )
+    result.assert_outcomes(passed=5, errors=1)
+    out = result.stdout.str()
+    assert "invalid name 'Bad_Name'" in out
+    assert "command must be a non-empty list of strings, got 'a string'" in out
+    assert "invalid memory 'lots'" in out
+    assert "not network='host'" in out
+    assert "unexpected argument 'colour'" in out
+    assert "'inside' cannot be started inside a sandboxed test" in out
+
+
+def test_a_host_port_exposed_by_a_wider_fixture_is_reachable_inside(run_inner) -> None:
+    result = run_inner(
+        """
+import socket, socketserver, threading
+import pytest
+from pytest_nsbox import nsbox
+
+class Hello(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"hello from pytest's process")
+
+@pytest.fixture(scope="session")
+def live_server(nsbox_host_ports):
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    nsbox_host_ports.expose(server.server_address[1])
+    yield server.server_address[1]
+    server.shutdown()
+
+@pytest.fixture(scope="session")
+def hidden_server():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+def receive(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        return c.recv(100)
+
+@nsbox(network="private")
+def test_exposed(live_server):
+    assert receive(live_server) == b"hello from pytest's process"
+
+@nsbox(network="private")
+def test_exposed_again(live_server):
+    assert receive(live_server) == b"hello from pytest's process"
+
+@nsbox(network="private")
+def test_not_exposed(hidden_server):
+    with pytest.raises(ConnectionRefusedError):
+        receive(hidden_server)
+"""
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_partition_and_heal_and_undone_at_the_end(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import socket
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+@nsbox(network="private")
+def test_partition_then_heal(echo, nsbox_network):
+    assert nsbox_network.services == {"echo": echo.ip}
+    nsbox_network.partition("echo")
+    with pytest.raises(OSError):
+        ask("echo", 7000, timeout=1)
+    nsbox_network.heal()
+    assert ask("echo", 7000) == b"echo:hi"
+
+@nsbox(network="private")
+def test_partition_left_in_place(echo, nsbox_network):
+    nsbox_network.partition("echo")
+
+@nsbox(network="private")
+def test_next_test_sees_it_healed(echo):
+    assert ask("echo", 7000) == b"echo:hi"
+
+@nsbox(network="private")
+def test_unknown_service(echo, nsbox_network):
+    from pytest_nsbox.box.network import NetworkError
+    with pytest.raises(NetworkError, match="no service named 'db' on the private network \\\\(services: echo\\\\)"):
+        nsbox_network.partition("db")
+
+@nsbox(network="none")
+def test_not_on_a_private_network(nsbox_network):
+    pass
+""",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=4, errors=1)
+    assert "is not on a private network: mark it with network='private'" in result.stdout.str()
+
+
+def test_a_rate_limit_slows_what_the_test_receives(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import time
+import pytest
+from pytest_nsbox import Network, nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+PAYLOAD = b"x" * 60000
+
+@nsbox(network=Network(rate="200kbit"))
+def test_limited(echo):
+    start = time.monotonic()
+    assert len(ask("echo", 7000, PAYLOAD, timeout=30)) == len(PAYLOAD) + 5
+    elapsed = time.monotonic() - start
+    print("limited", elapsed)
+    assert elapsed >= 1.5  # 60 kB at 25 kB/s: 2.4 s on the wire, minus the bucket's burst
+
+@nsbox(network="private")
+def test_unlimited(echo):
+    start = time.monotonic()
+    assert len(ask("echo", 7000, PAYLOAD)) == len(PAYLOAD) + 5
+    print("unlimited", time.monotonic() - start)
+""",
+        "-s",
+    )
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.needs_netem
+def test_delay_loss_and_faults_mid_test(run_inner) -> None:
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import time
+import pytest
+from pytest_nsbox import Network, nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+def round_trip():
+    start = time.monotonic()
+    assert ask("echo", 7000) == b"echo:hi"
+    return time.monotonic() - start
+
+@nsbox(network=Network(delay="100ms"))
+def test_delay(echo):
+    round_trip()  # the first one resolves, learns the neighbour (ARP): once
+    elapsed = min(round_trip() for _ in range(3))
+    print("delayed round trip", elapsed)
+    # a connection is several packets to the test (SYN-ACK, data, FIN), each delayed 100 ms,
+    # but they travel in parallel only partly: at least one delay, at most a handful
+    assert 0.1 <= elapsed <= 0.1 * 4 + 0.2
+
+@nsbox(network=Network(loss="100%"))
+def test_total_loss(echo):
+    with pytest.raises(OSError):
+        ask("echo", 7000, timeout=1.5)
+
+@nsbox(network="private")
+def test_faults_mid_test_then_heal(echo, nsbox_network):
+    assert round_trip() < 0.1 + 0.2
+    nsbox_network.set_faults("echo", loss="100%")
+    with pytest.raises(OSError):
+        ask("echo", 7000, timeout=1.5)
+    nsbox_network.heal()
+    assert ask("echo", 7000) == b"echo:hi"
+""",
+        "-s",
+    )
+    result.assert_outcomes(passed=3)
+    print(*(line for line in result.outlines if "delayed round trip" in line))
+
+
+def test_faults_where_netem_is_missing_are_skipped_naming_it(run_inner) -> None:
+    if probe.netem().ok:
+        pytest.skip("this kernel has netem")
+    source = """
+from pytest_nsbox import Network, nsbox
+
+@nsbox(network=Network(delay="100ms"))
+def test_delay():
+    raise AssertionError("must not run")
+
+@nsbox(network=Network(rate="1mbit"))
+def test_rate_alone_runs():
+    pass
+"""
+    result = run_inner(source)
+    result.assert_outcomes(passed=1, skipped=1)
+    assert "netem queueing discipline (sch_netem" in result.stdout.str()
+    result = run_inner(source, "--nsbox-require")
+    result.assert_outcomes(passed=1, errors=1)
+
+
+def test_the_forked_form_fails_closed(run_inner) -> None:
+    result = run_inner(
+        """
+from pytest_nsbox import nsbox
+
+@nsbox(network="private")
+def test_private():
+    raise AssertionError("must not run")
+""",
+        "-o",
+        "nsbox_prebuild=false",
+    )
+    result.assert_outcomes(skipped=1)
+    assert "network='private' is unavailable here" in result.stdout.str()
+
+
+BUILDER_OR_NETWORK = re.compile(rb"pytest_nsbox\.box\.(network|builder) import serve")
+
+
+def test_xdist_workers_each_have_their_own_network_and_leave_nothing(run_inner, pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import os
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="session")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+@pytest.fixture(scope="session", autouse=True)
+def record_worker_pid():
+    with open(f"worker-{os.getpid()}", "w"):
+        pass
+
+@pytest.mark.parametrize("n", range(20))
+@nsbox(network="private")
+def test_many(echo, n):
+    assert ask("echo", 7000, str(n).encode()) == b"echo:" + str(n).encode()
+""",
+        "-n",
+        "2",
+    )
+    result.assert_outcomes(passed=20)
+    import helpers
+
+    workers = [path.name.removeprefix("worker-") for path in pytester.path.glob("worker-*")]
+    assert len(workers) == 2
+    left = [p for p in helpers.processes() if BUILDER_OR_NETWORK.search(b" ".join(p.argv)) and p.argv[-1].decode() in workers]
+    assert left == []
+
+
+def test_doctor_reports_the_private_networks_needs(pytester: pytest.Pytester) -> None:
+    result = pytester.run(sys.executable, "-m", "pytest_nsbox", "doctor")
+    out = result.stdout.str()
+    assert re.search(r"ok\s+veth links \(network='private'\): ok", out)
+    assert re.search(r"ok\s+bridge links \(network='private'\): ok", out)
+    assert re.search(r"(ok|WARN)\s+netem \(sch_netem: network delay, jitter, loss\)", out)
