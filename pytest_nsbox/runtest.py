@@ -477,8 +477,8 @@ class SandboxRunner:
         command = keeper.shell_command(item.nodeid)
         text = changes.render(more_hint=f" (nsbox diff {item.nodeid!r} lists them all)")
         section = f"kept in {directory}\nre-enter: {command}\n\n{text}"
-        target.user_properties.append((kept.KEPT_PROPERTY, str(directory)))
-        target.user_properties.append((kept.KEPT_COMMAND_PROPERTY, command))
+        for report in outcome.reports:  # junit-xml takes the teardown report's properties
+            report.user_properties.extend([(kept.KEPT_PROPERTY, str(directory)), (kept.KEPT_COMMAND_PROPERTY, command)])
         add_section = getattr(target.longrepr, "addsection", None)
         if target.failed and callable(add_section):
             add_section(kept.CHANGES_SECTION, section)  # the terminal's and junit's failure text

@@ -100,6 +100,8 @@ def test_a_failed_test_is_kept_and_its_changes_reported(
     assert output.index("short test summary info") < output.index("nsbox: kept test_inner.py::test_fails")
     case = junit_cases(pytester.path / "junit.xml")["test_fails"]
     assert kept.CHANGES_SECTION in case.text and "A /tmp/out.txt" in case.text
+    assert case.properties[kept.KEPT_COMMAND_PROPERTY] == shlex.join(command)
+    assert Path(case.properties[kept.KEPT_PROPERTY], kept.LAYER_FILE).is_file()
     [run] = run_dirs(own_cache)
     assert [p.name for p in run.iterdir() if p.is_dir()] == [kept.test_dir_name("test_inner.py::test_fails")]
     meta = json.loads((run / kept.test_dir_name("test_inner.py::test_fails") / kept.META_FILE).read_text())
