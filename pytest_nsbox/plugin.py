@@ -316,6 +316,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     header = HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
     if runner.budget is not None:
         header += f"; memory budget {format_size(runner.budget.budget)} ({runner.budget.source})"
+    if runner.keeper is not None:
+        settings = runner.keeper.settings
+        header += f"; keep {settings.mode} (newest {settings.runs} runs, {format_size(settings.size)}: {runner.keeper.project})"
     return header
 
 
