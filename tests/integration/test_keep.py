@@ -345,3 +345,11 @@ def test_fails():
     shell = nsbox("shell", "--kept", "test_inner.py::test_fails", "--", "/bin/sh", "-c", script, cwd=pytester.path)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.splitlines() == ["new line", "gone", "from the image"]
+
+
+def test_shell_needs_an_image_or_kept(tmp_path: Path) -> None:
+    result = nsbox("shell", cwd=tmp_path)
+    assert result.returncode == 2 and "nsbox: shell needs an IMAGE (or --kept NODEID)" in result.stderr
+    nothing = nsbox("diff", "t.py::test_x", cwd=tmp_path)
+    assert nothing.returncode == 2 and "no kept sandbox of 't.py::test_x'" in nothing.stderr
+    assert "kept tests: none" in nothing.stderr
