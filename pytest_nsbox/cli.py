@@ -7,16 +7,18 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
-from . import __version__, images, probe
+from . import __version__, images, kept, probe
 from .box import cgroups, mounts
-from .box.config import EXIT_SETUP_FAILED, SandboxConfig
+from .box.config import EXIT_SETUP_FAILED, SandboxConfig, SandboxResult
 from .box.supervise import run_once
 from .box.wire import Channel
 from .errors import NsboxError
@@ -45,6 +47,14 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Run a command (default: $SHELL) in a sandbox of IMAGE; changes are thrown away."""
+    if args.kept is not None:
+        if args.image is not None:
+            args.command = [args.image, *args.command]  # "shell --kept NODEID CMD...": no IMAGE then
+            args.image = None
+        return _shell_kept(args)
+    if args.image is None:
+        print("nsbox: shell needs an IMAGE (or --kept NODEID)", file=sys.stderr)
+        return EXIT_USAGE
     project = _project()
     cache_dir = project.cache_dir()
     try:
@@ -67,16 +77,19 @@ def cmd_shell(args: argparse.Namespace) -> int:
             hold.release()
 
 
+KEPT_PRIVATE_NETWORK: Final = (
+    "nsbox: the test ran on the run's private network, which ended with the run: this shell has network 'none'"
+)
 SHELL_LIMITS: Final = ("memory", "pids", "cpus", "timeout", "disk")
 EXIT_NOT_FOUND: Final = 127  # as a shell says: the command was not found
 EXIT_NOT_RUNNABLE: Final = 126  # found, but cannot be run
 EXIT_TIMED_OUT: Final = 124  # as timeout(1) says
 
 
-def _shell_limits(args: argparse.Namespace) -> SandboxSpec:
+def _shell_limits(args: argparse.Namespace, network: str | None = None) -> SandboxSpec:
     """The shell's limits from its options, parsed as a marker's are (SpecError names the option)."""
     fields = {name: parse_field(name, getattr(args, name), f"option --{name}") for name in SHELL_LIMITS if getattr(args, name)}
-    return replace(SandboxSpec(network=args.network), **fields)  # type: ignore[arg-type]
+    return replace(SandboxSpec(network=network or args.network or "none"), **fields)  # type: ignore[arg-type]
 
 
 def _shell_cgroup(limits: SandboxSpec, project: Project) -> cgroups.Cgroup | None:
@@ -122,7 +135,7 @@ def _shell(
     with mounts.scratch_dir() as scratch:
         plan = mounts.build_plan(
             image=image.root,
-            network=args.network,
+            network=args.network or "none",
             scratch=scratch,
             host_paths=[],
             mounts=mounts.MountTable.read(),
@@ -135,23 +148,22 @@ def _shell(
             os.chdir(workdir)
             if user is not None and not user.is_root:
                 become(user)
-            try:
-                if env is None:
-                    os.execvp(command[0], command)
-                os.execvpe(command[0], command, env)
-            except OSError as exc:  # what a shell says, and its status
-                print(f"nsbox: cannot run {command[0]!r} in the sandbox: {exc.strerror}", file=sys.stderr, flush=True)
-                os._exit(EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_RUNNABLE)
+            _exec(command, env)
 
         config = SandboxConfig.create(
             plan,
-            args.network,
+            args.network or "none",
             "/",
             id_mapping=mapping,
             cgroup_files=cgroup.join_files if cgroup is not None else (),
             oom_first=limits.memory is not None,
         )
         result = run_once(config, target, cgroup=cgroup, timeout=limits.timeout)
+    return _shell_status(result, limits)
+
+
+def _shell_status(result: SandboxResult, limits: SandboxSpec) -> int:
+    """The shell's exit status; what went wrong on stderr."""
     error = result.setup_error
     if error:
         print(f"nsbox: {error['step']} failed: {error['message']}", file=sys.stderr)
@@ -171,6 +183,135 @@ def _shell(
         return EXIT_SETUP_FAILED
     code = os.waitstatus_to_exitcode(result.test_status)
     return 128 - code if code < 0 else code & 0xFF  # killed by a signal: 128 + its number, as a shell says
+
+
+def _kept_dir(nodeid: str, run: str | None) -> Path:
+    project = _project()
+    return kept.find_kept(kept.project_dir(project.cache_dir(), project.rootdir), nodeid, run)
+
+
+def _shell_kept(args: argparse.Namespace) -> int:
+    """nsbox shell --kept NODEID: the kept test's image with its kept layer on top (copy-on-write:
+    the kept layer is not changed), its environment, cwd, network and limits (but its timeout)."""
+    directory = _kept_dir(args.kept, args.run)
+    meta = kept.read_meta(directory)
+    image = kept.image_root(meta)
+    network = args.network or str(meta.get("network") or "none")
+    if network == "private" and not args.network:  # its services and bridge lived in the test run
+        print(KEPT_PRIVATE_NETWORK, file=sys.stderr)
+        network = "none"
+    stored = meta.get("limits")
+    stored = stored if isinstance(stored, dict) else {}
+    try:
+        given = _shell_limits(args, network)
+    except SpecError as exc:
+        print(f"nsbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    fields = {name: getattr(given, name) for name in SHELL_LIMITS if getattr(args, name)}
+    for name in ("memory", "pids", "cpus", "disk"):  # the test's timeout would end an interactive shell: not applied
+        if name not in fields and isinstance(stored.get(name), int | float):
+            fields[name] = stored[name]
+    limits = replace(SandboxSpec(network=network), **fields)  # type: ignore[arg-type]
+    env = {str(k): str(v) for k, v in (meta.get("environment") or {}).items()}
+    if "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if sep:
+            env[key] = value
+        elif key in os.environ:
+            env[key] = os.environ[key]
+    workdir = args.workdir or str(meta.get("cwd") or "/")
+    command = args.command or [os.environ.get("SHELL", "/bin/sh")]
+    host_paths = [
+        mounts.HostPath(str(path), access)
+        for path, access in meta.get("host_paths") or []
+        if os.path.exists(str(path))  # a basetemp pytest has removed since
+    ]
+    project = _project()
+    cache_dir = project.cache_dir()
+    hold = cache.InUse(cache_dir) if image != images.HOST else None
+    # in the temporary directory: inside the rootdir or home (lower layers too) overlayfs refuses it (ELOOP)
+    layer = Path(tempfile.mkdtemp(prefix="nsbox-kept-"))
+    try:
+        kept.extract_kept(directory, layer)
+        cgroup = _shell_cgroup(limits, project)
+        try:
+            with mounts.scratch_dir() as scratch:
+                plan = mounts.build_plan(
+                    image=image,
+                    network=network,
+                    scratch=scratch,
+                    host_paths=host_paths,
+                    mounts=mounts.MountTable.read(),
+                    stacks_dir=str(cache.stacks_dir(cache_dir)),
+                    disk=limits.disk or default_disk_bound(),
+                    kept=str(layer),
+                )
+
+                def target(_channel: Channel) -> None:
+                    try:
+                        os.chdir(workdir)
+                    except OSError as exc:
+                        print(f"nsbox: cannot enter the test's directory {workdir}: {exc.strerror}", file=sys.stderr)
+                    _exec(command, env)
+
+                config = SandboxConfig.create(
+                    plan,
+                    network,
+                    "/",
+                    cgroup_files=cgroup.join_files if cgroup is not None else (),
+                    oom_first=limits.memory is not None,
+                )
+                result = run_once(config, target, cgroup=cgroup, timeout=limits.timeout)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.discard()
+            raise
+    finally:
+        if hold is not None:
+            hold.release()
+        cache.remove_tree(layer)
+    return _shell_status(result, limits)
+
+
+def _exec(command: list[str], env: dict[str, str] | None) -> None:
+    """In the sandbox: run *command*; what a shell says, and its status, if it cannot be run."""
+    try:
+        if env is None:
+            os.execvp(command[0], command)
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"nsbox: cannot run {command[0]!r} in the sandbox: {exc.strerror}", file=sys.stderr, flush=True)
+        os._exit(EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_RUNNABLE)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What a kept test changed: one line per path (A added, C changed, D deleted), diffs of small text files."""
+    directory = _kept_dir(args.nodeid, args.run)
+    meta = kept.read_meta(directory)
+    changes = kept.Changes.from_json(meta.get("changes"))
+    if args.json:
+        data = {"nodeid": meta.get("nodeid"), "outcome": meta.get("outcome"), "kept": str(directory), **changes.to_json()}
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"{kept.CHANGES_SECTION}: {meta.get('nodeid')} ({meta.get('outcome')}), kept in {directory}")
+    print(changes.render(limit=None, diffs=None))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a kept test's writable layer as a tar layer with OCI whiteouts (.wh.NAME, .wh..wh..opq)."""
+    directory = _kept_dir(args.nodeid, args.run)
+    output = Path(args.output)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(directory / kept.LAYER_FILE, temporary)
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
+    print(f"nsbox: wrote the kept layer of {args.nodeid} to {output}", file=sys.stderr)
+    return 0
 
 
 def _project() -> Project:
@@ -433,8 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help=cmd_doctor.__doc__)
     doctor.set_defaults(func=cmd_doctor)
     shell = sub.add_parser("shell", help=cmd_shell.__doc__)
-    shell.add_argument("image", help=IMAGE_HELP)
-    shell.add_argument("--network", choices=NETWORKS, default="none")
+    shell.add_argument("image", nargs="?", help=IMAGE_HELP)
+    shell.add_argument("--kept", metavar="NODEID", help="re-enter the kept sandbox of a test (pytest --nsbox-keep)")
+    shell.add_argument("--run", help=argparse.SUPPRESS)
+    shell.add_argument("--network", choices=NETWORKS, default=None)
     shell.add_argument("-e", "--env", action="append", metavar="KEY[=VALUE]", help="set a variable (KEY alone: yours)")
     shell.add_argument("-w", "--workdir", metavar="DIR", help="the working directory inside (default: the image's, or /)")
     for name, metavar, what in (
@@ -447,6 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
         shell.add_argument(f"--{name}", metavar=metavar, help=what)
     shell.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: $SHELL)")
     shell.set_defaults(func=cmd_shell)
+    for name, func in (("diff", cmd_diff), ("export", cmd_export)):
+        command = sub.add_parser(name, help=func.__doc__)
+        command.add_argument("nodeid", metavar="NODEID", help="the test's node id, as pytest prints it")
+        command.add_argument("--run", metavar="RUN", help="a kept run's directory name (default: the newest with the test)")
+        if name == "diff":
+            command.add_argument("--json", action="store_true", help="print JSON")
+        else:
+            command.add_argument("-o", "--output", required=True, metavar="FILE", help="the tar file to write")
+        command.set_defaults(func=func)
     # --cache-dir and --image-dir are accepted before and after the images subcommand
     cache_option = argparse.ArgumentParser(add_help=False)
     cache_option.add_argument(
@@ -503,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except cache.CacheBusy as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
         return 1
-    except (NsboxError, OSError) as exc:
+    except (NsboxError, OSError, kept.KeepError) as exc:
         print(f"nsbox: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return code

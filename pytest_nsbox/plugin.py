@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Final
 
 import pytest
 
-from . import probe, reports, reruns, runtest, services, timers
+from . import kept, probe, reports, reruns, runtest, services, timers
 from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
 from .prepare import memory_available, memory_total
@@ -28,6 +30,7 @@ BUDGET_SUMMARY: Final = (
     "nsbox: {count} sandboxed test(s) waited for the memory budget: {total:.1f}s in total, longest {longest:.1f}s ({nodeid})"
 )
 _defaults_off: dict[str, str] = {}  # what xdist workers' sandboxed tests went without: reason
+_kept: dict[str, str] = {}  # nodeid: the command that re-enters its kept sandbox (also from xdist workers)
 MARKER_HELP: Final = (
     "nsbox(image='host', *, memory=None, pids=None, cpus=None, timeout=None, network='none', disk=None, "
     "expect_limits=(), drop_env=None): "
@@ -114,6 +117,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("nsbox_leaks", "processes a sandboxed test left running: warn (default) or fail", default="")
     group.addoption(
+        "--nsbox-keep",
+        default=None,
+        choices=kept.KEEP_MODES,
+        help="keep the writable layers of sandboxed tests that failed (failed), of every one (all) or none (none, the "
+        "default), report what each changed, and print how to re-enter it (nsbox shell --kept NODEID). Over ini nsbox_keep.",
+    )
+    group.addoption(
+        "--nsbox-keep-runs",
+        default=None,
+        metavar="N",
+        help=f"kept runs of this project to keep, newest first (over ini {kept.KEEP_RUNS_INI}; default {kept.DEFAULT_KEEP_RUNS})",
+    )
+    group.addoption(
+        "--nsbox-keep-size",
+        default=None,
+        metavar="SIZE",
+        help=f"bound on the kept layers of this project, e.g. 2G (over ini {kept.KEEP_SIZE_INI}; default 2G)",
+    )
+    parser.addini(kept.KEEP_INI, "keep the writable layers of sandboxed tests: failed, all or none (default)", default="")
+    parser.addini(kept.KEEP_RUNS_INI, f"kept runs of this project to keep (default {kept.DEFAULT_KEEP_RUNS})", default="")
+    parser.addini(kept.KEEP_SIZE_INI, "bound on the kept layers of this project (default 2G)", default="")
+    group.addoption(
         "--nsbox-memory-budget",
         default=None,
         metavar="SIZE",
@@ -144,8 +169,16 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
     try:
         budget = memory_budget(config)
-    except NsboxError as exc:
+        keep = keep_settings(config)
+    except (NsboxError, kept.KeepError) as exc:
         raise pytest.UsageError(f"pytest-nsbox: {exc}") from None
+    keeper = None
+    if keep.active:
+        from .project import cache_dir_setting
+
+        cache_dir = cache_dir_setting(str(config.getini("nsbox_cache_dir")), config.rootpath)
+        run_id = getattr(config, "workerinput", {}).get("testrunuid")  # an xdist worker: the run's id
+        keeper = kept.Keeper(keep, cache_dir, config.rootpath, nsbox_command(), run_id)
     runner = runtest.SandboxRunner(
         config,
         defaults,
@@ -156,14 +189,52 @@ def pytest_configure(config: pytest.Config) -> None:
         prebuild_ahead=bool(config.getini("nsbox_prebuild")),
         budget=budget,
         leaks=leaks_setting(config),
+        keeper=keeper,
     )
     config.stash[RUNNER_KEY] = runner
+    if keep.active and not config.pluginmanager.has_plugin("nsbox-kept-summary"):
+        config.pluginmanager.register(KeptSummary(), "nsbox-kept-summary")
     _peaks.clear()
     _waits.clear()
     _defaults_off.clear()
+    _kept.clear()
     if config.pluginmanager.hasplugin(timers.TIMEOUT_PLUGIN):
         hooks = timers.TimeoutPluginHooks(runner.wants, lambda: runtest.child_channel(config))
         config.pluginmanager.register(hooks, "nsbox-timeout-plugin")
+
+
+class KeptSummary:
+    """After the short test summary (pytest prints it last in its own pytest_terminal_summary
+    wrapper, this one is outside it): the command that re-enters each kept sandbox."""
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> Generator[None, None, None]:
+        try:
+            return (yield)
+        finally:
+            for nodeid, command in sorted(_kept.items()):
+                terminalreporter.write_line(f"nsbox: kept {nodeid}: {command}")
+
+
+def keep_settings(config: pytest.Config) -> kept.KeepSettings:
+    """--nsbox-keep, --nsbox-keep-runs, --nsbox-keep-size over their ini keys (KeepError names the source)."""
+    values = {
+        "mode": (config.getoption("nsbox_keep"), str(config.getini(kept.KEEP_INI))),
+        "runs": (config.getoption("nsbox_keep_runs"), str(config.getini(kept.KEEP_RUNS_INI))),
+        "size": (config.getoption("nsbox_keep_size"), str(config.getini(kept.KEEP_SIZE_INI))),
+    }
+    return kept.settings_from(values)
+
+
+def nsbox_command() -> list[str]:
+    """How to run this installation's nsbox command: ``nsbox`` if that is the one on PATH."""
+    found = shutil.which("nsbox")
+    own = Path(sys.executable).parent / "nsbox"
+    if found is not None and own.exists() and os.path.samefile(found, own):
+        return ["nsbox"]
+    if own.exists():
+        return [str(own)]
+    return [sys.executable, "-m", "pytest_nsbox"]
 
 
 def leaks_setting(config: pytest.Config) -> str:
@@ -245,6 +316,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     header = HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
     if runner.budget is not None:
         header += f"; memory budget {format_size(runner.budget.budget)} ({runner.budget.source})"
+    if runner.keeper is not None:
+        settings = runner.keeper.settings
+        header += f"; keep {settings.mode} (newest {settings.runs} runs, {format_size(settings.size)}: {runner.keeper.project})"
     return header
 
 
@@ -280,10 +354,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Collect peaks (also from xdist workers: they travel in user_properties)."""
+    """Collect peaks and kept sandboxes (also from xdist workers: they travel in user_properties)."""
+    properties = dict(report.user_properties)
+    command = properties.get(kept.KEPT_COMMAND_PROPERTY)
+    if isinstance(command, str):
+        _kept[report.nodeid] = command
     if report.when != "teardown":
         return
-    properties = dict(report.user_properties)
     waited = properties.get(runtest.BUDGET_WAIT_PROPERTY)
     if isinstance(waited, int | float):
         _waits[report.nodeid] = _waits.get(report.nodeid, 0.0) + float(waited)

@@ -19,10 +19,11 @@ from typing import Any, Final
 
 import pytest
 
-from . import compat, probe, reports, reruns, services, timers
+from . import compat, kept, probe, reports, reruns, services, timers
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
+from .box.mounts import HOSTNAME
 from .box.network import NetworkError, NetworkHost
 from .box.prebuilt import Prebuilt
 from .box.supervise import Supervisor
@@ -198,8 +199,10 @@ class SandboxRunner:
         prebuild_ahead: bool = True,
         budget: MemoryLedger | None = None,
         leaks: str = reports.LEAKS_WARN,
+        keeper: kept.Keeper | None = None,
     ) -> None:
         self.config = config
+        self.keeper = keeper
         self.budget = budget
         self.leaks = leaks
         self.sandbox_all = sandbox_all
@@ -215,6 +218,7 @@ class SandboxRunner:
         config.pluginmanager.register(self.reporter, CHILD_REPORTER)
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
         self._warned_users: set[str] = set()  # images whose User a test does not take: warned once
+        self._forked = False  # the current test's sandbox was built by forks of P (never kept)
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -230,6 +234,8 @@ class SandboxRunner:
         self.supervisor.close()
         self.lookahead.close()
         self.preparer.close()
+        if self.keeper is not None:
+            self.keeper.close()
 
     def run_item(
         self,
@@ -294,6 +300,8 @@ class SandboxRunner:
                 if too_small is not None:
                     outcome.reports = [reports.failure_report(item, "setup", too_small)]
                     outcome.others = []
+                if self.keeper is not None and result.setup_error is None:  # a sandbox never built: nothing to keep
+                    self._keep(item, outcome, forked=self._forked)
                 for record in outcome.warnings:
                     replay_warning(record)
                 in_sandbox_teardown = outcome.teardown()
@@ -359,6 +367,7 @@ class SandboxRunner:
                 extra_hosts=self.services.hosts(),
                 network_control_fd=control.fileno() if control is not None else None,
             )
+        self._forked = built is None
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
             prepared.discard()  # its processes are exiting: empty the cgroup, release it
@@ -372,6 +381,9 @@ class SandboxRunner:
             services.enter_test_process(control_fd, hosts)
             run_protocol_in_child(item, channel, self.carriers, self.reporter, environment)
 
+        before_kill = None
+        if self.keeper is not None and isinstance(built, Prebuilt):
+            before_kill = self._snapshot_later(item, prepared, built, config, environment)
         try:
             return self.supervisor.run(
                 config,
@@ -380,10 +392,96 @@ class SandboxRunner:
                 timeout=prepared.spec.timeout,
                 cgroup=prepared.cgroup,
                 while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
+                before_kill=before_kill,
             )
         finally:
             if control is not None:
                 control.close()  # N undoes what the test changed when its copy closes too
+
+    def _snapshot_later(
+        self, item: pytest.Item, prepared: Prepared, built: Prebuilt, config: Any, environment: dict[str, str]
+    ) -> Callable[[SandboxResult], None]:
+        """--nsbox-keep: what P does when the test is over and before it kills the sandbox."""
+        keeper = self.keeper
+        assert keeper is not None
+        spec = prepared.spec
+
+        def snapshot(result: SandboxResult) -> None:
+            try:
+                take(result)
+            except Exception as exc:  # noqa: BLE001 - P's loop goes on; the test says it was not kept
+                keeper.snapshot_failed(item.nodeid, f"{type(exc).__name__}: {exc}")
+
+        def take(result: SandboxResult) -> None:
+            if keeper.settings.mode == "failed":
+                usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()
+                hit = bool(usage.oom_kills or usage.pids_limit_hits)
+                if not kept.may_have_failed(result.records, result.done, result.timed_out, hit):
+                    return
+            from .box.keep import init_files, kept_sources, mount_points, pid_of_pidfd
+
+            image = prepared.image.root if prepared.image is not None else spec.image
+            meta = {
+                "nodeid": item.nodeid,
+                "rootdir": str(item.config.rootpath),
+                "image": spec.image,
+                "image_root": list(image) if isinstance(image, tuple) else image,
+                "network": network_mode(spec.network),
+                "hostname": HOSTNAME,
+                "cwd": config.cwd,
+                "environment": kept.test_environment(os.environ, environment, spec.drop_env or ()),
+                "limits": {name: getattr(spec, name) for name in ("memory", "pids", "cpus", "timeout", "disk")},
+                "host_paths": [[hp.path, hp.access] for hp in prepared.plan.host_paths],
+                "started": result.started,
+            }
+            keeper.snapshot(
+                item.nodeid,
+                built.scratch_path(),
+                meta,
+                kept_sources(prepared.plan),
+                mount_points(prepared.plan),
+                pid_of_pidfd(built.pidfd),
+                init_files(prepared.plan),
+            )
+
+        return snapshot
+
+    def _keep(self, item: pytest.Item, outcome: reports.SandboxReports, *, forked: bool) -> None:
+        """Keep the test's layer or not, by its outcome; say so on its reports."""
+        keeper = self.keeper
+        assert keeper is not None
+        failed = any(r.failed for r in outcome.reports)
+        result = "failed" if failed else "skipped" if any(r.skipped for r in outcome.reports) else "passed"
+        try:
+            directory, why_not, changes = keeper.finish(item.nodeid, failed, result, forked)
+        except Exception as exc:  # noqa: BLE001 - the test's files are untrusted input; the run goes on
+            directory, why_not, changes = None, f"{type(exc).__name__}: {exc}", None
+        target = next((r for r in outcome.reports if r.failed), None) or next(
+            (r for r in outcome.reports if r.when == "call"), outcome.reports[-1] if outcome.reports else None
+        )
+        if target is None:
+            return
+        if directory is None:
+            if why_not is not None and failed:
+                message = kept.NOT_KEPT.format(nodeid=item.nodeid, reason=why_not)
+                path, lineno, _ = item.location
+                outcome.warnings.append(
+                    {"message": message, "category": reports.LEAKS_WARNING, "filename": path, "lineno": (lineno or 0) + 1}
+                )
+            return
+        assert changes is not None
+        command = keeper.shell_command(item.nodeid)
+        text = changes.render(more_hint=f" (nsbox diff {item.nodeid!r} lists them all)")
+        section = f"kept in {directory}\nre-enter: {command}\n\n{text}"
+        for report in outcome.reports:  # junit-xml takes the teardown report's properties
+            report.user_properties.extend([(kept.KEPT_PROPERTY, str(directory)), (kept.KEPT_COMMAND_PROPERTY, command)])
+        add_section = getattr(target.longrepr, "addsection", None)
+        if target.failed and callable(add_section):
+            add_section(kept.CHANGES_SECTION, section)  # the terminal's and junit's failure text
+        elif target.failed and isinstance(target.longrepr, str):
+            target.longrepr += f"\n\n{kept.CHANGES_SECTION}\n{section}"
+        else:
+            target.sections.append((kept.CHANGES_SECTION, section))
 
     def too_small_to_start(self, prepared: Prepared, result: SandboxResult) -> str | None:
         """Why the sandbox could not start the test because its own limit is too small (with the

@@ -131,6 +131,7 @@ class JunitCase:
     time: float
     message: str | None
     properties: dict[str, str]
+    text: str = ""  # the failure's or error's full text
 
 
 def junit_cases(path: Path) -> dict[str, JunitCase]:
@@ -144,7 +145,8 @@ def junit_cases(path: Path) -> dict[str, JunitCase]:
             problem = case.find("error")
         properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
         message = problem.get("message") if problem is not None else None
-        cases[case.get("name", "")] = JunitCase(float(case.get("time", "0")), message, properties)
+        text = (problem.text or "") if problem is not None else ""
+        cases[case.get("name", "")] = JunitCase(float(case.get("time", "0")), message, properties, text)
     return cases
 
 

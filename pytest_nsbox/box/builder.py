@@ -182,8 +182,12 @@ class Builder:
         ticket = int(record.get("ticket", -1))
         answer: Prebuilt | Failed
         if record["kind"] == "ready" and len(fds) == 1:
-            root_dev = record.get("root_dev")
-            answer = Prebuilt(fds[0], root_dev if isinstance(root_dev, int) else None)
+            root_dev, scratch_fd = record.get("root_dev"), record.get("scratch_fd")
+            answer = Prebuilt(
+                fds[0],
+                root_dev if isinstance(root_dev, int) else None,
+                scratch_fd if isinstance(scratch_fd, int) else None,
+            )
         else:
             for fd in fds:
                 os.close(fd)

@@ -578,6 +578,7 @@ class MountPlan:
     scratch: str
     root: str
     steps: tuple[Step, ...]
+    host_paths: tuple[HostPath, ...] = ()  # what build_plan was given (--nsbox-keep records them)
 
 
 @dataclass
@@ -586,6 +587,14 @@ class _PlanWriter:
     mounts: MountTable
     steps: list[Step] = field(default_factory=list)
     layers: int = 0
+    kept: str | None = None  # a kept writable layer (nsbox shell --kept): the top lower layer of every overlay
+
+    def kept_layer(self, path: str) -> str | None:
+        """The kept layer's directory at sandbox *path*, if it has one."""
+        if self.kept is None:
+            return None
+        candidate = os.path.join(self.kept, path.lstrip("/"))
+        return candidate if os.path.isdir(candidate) and not os.path.islink(candidate) else None
 
     @property
     def root(self) -> str:
@@ -604,7 +613,21 @@ class _PlanWriter:
         self.layers += 1
         upper, work = f"{self.scratch}/upper/{self.layers}", f"{self.scratch}/work/{self.layers}"
         root = self.root if inside else None
+        kept = self.kept_layer(target if inside else "/" + target[len(self.root) :].lstrip("/"))
+        if kept is not None:
+            lowers = [kept, *lowers]
         self.steps.append(MountOverlay(target, tuple(lowers), upper, work, source, cwd=cwd, root=root))
+
+    def fresh_dir(self, step: BindScratchDir) -> list[Step]:
+        """*step* (a fresh directory of the scratch tmpfs); with a kept layer that has that
+        directory, an overlay of it with a new writable layer (its mode as the fresh one's)."""
+        inside = step.target if step.root is not None else "/" + step.target[len(self.root) :].lstrip("/")
+        kept = self.kept_layer(inside)
+        if kept is None:
+            return [step]
+        upper, work = f"{self.scratch}/upper/{step.name}", f"{self.scratch}/work/{step.name}"
+        overlay = MountOverlay(step.target, (kept,), upper, work, name=step.name, root=step.root)
+        return [MakeTree(step.name, modes=((upper, step.mode),)), overlay]
 
     def throwaway(self, host_path: str) -> None:
         """*host_path* at the same path inside, under a writable layer of its own.
@@ -826,6 +849,7 @@ def build_plan(
     address_families: tuple[int, ...] | None = None,
     fresh_var_tmp: bool = True,
     disk: int | None = None,
+    kept: str | None = None,
 ) -> MountPlan:
     """Build every mount step for one sandbox, by the filesystem rule of the module doc.
     ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
@@ -838,8 +862,12 @@ def build_plan(
     ``disk``: the size of the scratch tmpfs, which holds every place the sandbox can write (the
     writable layers, ``/tmp``, ``/var/tmp``, ``/run``, ``/dev``, ``/dev/shm``, the root of image
     "host"): one bound for all of them (None: the kernel's default, half of the RAM).
+
+    ``kept``: a kept writable layer, extracted (``nsbox shell --kept``): it lies over the image
+    in every overlay and under the fresh directories, each under a new writable layer.
     """
-    b = _PlanWriter(scratch, mounts)
+    host_paths = tuple(host_paths)
+    b = _PlanWriter(scratch, mounts, kept=kept)
     root, init = b.root, f"{scratch}/init"
     resolv = read_resolv_conf() if host_resolv_conf is None else host_resolv_conf
     hosts = read_image_file(image, HOSTS)
@@ -866,12 +894,12 @@ def build_plan(
     image_steps = list(b.steps)
     b.steps.clear()
     fresh: list[Step] = [
-        BindScratchDir("mount_tmp", f"{fresh_dir}/tmp", f"{root}/tmp", 0o1777),
-        BindScratchDir("mount_run", f"{fresh_dir}/run", f"{root}/run", 0o755),
+        *b.fresh_dir(BindScratchDir("mount_tmp", f"{fresh_dir}/tmp", f"{root}/tmp", 0o1777)),
+        *b.fresh_dir(BindScratchDir("mount_run", f"{fresh_dir}/run", f"{root}/run", 0o755)),
         BindScratchDir("mount_minimal_dev", f"{fresh_dir}/dev", f"{root}/dev", 0o755),
         BindDevNodes(f"{root}/dev"),
         MountFs("mount_devpts", "devpts", f"{root}/dev/pts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
-        BindScratchDir("mount_dev_shm", f"{fresh_dir}/shm", f"{root}/dev/shm", 0o1777),
+        *b.fresh_dir(BindScratchDir("mount_dev_shm", f"{fresh_dir}/shm", f"{root}/dev/shm", 0o1777)),
         MakeTree(
             "link_dev",
             symlinks=(
@@ -889,8 +917,7 @@ def build_plan(
         else:
             b.bind(hp.path, hp.path, hp.readonly)
     if fresh_var_tmp:
-        var_tmp = BindScratchDir("mount_var_tmp", f"{fresh_dir}/var-tmp", "/var/tmp", 0o1777, root)
-        fresh.insert(1, var_tmp)
+        fresh[1:1] = b.fresh_dir(BindScratchDir("mount_var_tmp", f"{fresh_dir}/var-tmp", "/var/tmp", 0o1777, root))
     proc_flags = L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC
     tail: list[Step] = [
         # /proc is mounted while the old root is still attached (EPERM after, in a user namespace)
@@ -914,4 +941,4 @@ def build_plan(
         tail.append(BringUpLoopback())
         if families:
             tail.append(AddLoopbackAddresses(tuple(int(f) for f in families)))
-    return MountPlan(scratch, root, (*head, *image_steps, *fresh, *b.steps, *tail))
+    return MountPlan(scratch, root, (*head, *image_steps, *fresh, *b.steps, *tail), host_paths)

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NoReturn
 
@@ -53,9 +54,19 @@ from .wire import Channel
 class Prebuilt:
     """A sandbox whose PID 1 (B') waits for a test to join it; P holds a pidfd of B'."""
 
-    def __init__(self, pidfd: int, root_dev: int | None) -> None:
+    def __init__(self, pidfd: int, root_dev: int | None, scratch_fd: int | None = None) -> None:
         self.pidfd = pidfd
         self.root_dev = root_dev  # st_dev of the sandbox's "/" (see steps.verify_inside)
+        self.scratch_fd = scratch_fd  # B's descriptor of the scratch tmpfs (see box/keep.py)
+
+    def scratch_path(self) -> str | None:
+        """A path that reaches the sandbox's scratch tmpfs from P while B' lives, or None."""
+        from .keep import pid_of_pidfd
+
+        pid = pid_of_pidfd(self.pidfd)
+        if pid is None or self.scratch_fd is None:
+            return None
+        return f"/proc/{pid}/fd/{self.scratch_fd}"
 
     def kill(self) -> None:
         """SIGKILL B': the PID namespace dies with it and takes every process inside along."""
@@ -225,6 +236,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
     try:
         channel = Channel(fd)
         guard_parent(channel, "B", lambda: os.getppid() == 0)  # the worker is outside this PID namespace
+        scratch: list[int] = []
         steps: list[NamedStep] = [
             ("close_inherited_fds", lambda: _keep_only(fd)),
             ("clear_environment", clear_environment),  # /proc/1/environ: nothing of the builder's (pytest's)
@@ -233,7 +245,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
             ("mount_proc_for_pid_namespace", _mount_own_proc),
             ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),
             ("write_id_maps", lambda: write_id_maps(0, 0)),
-            *((step.name, step.run) for step in prebuilt_plan_steps(config.plan)),
+            *((step.name, _holding_scratch(step, config.plan.scratch, scratch)) for step in prebuilt_plan_steps(config.plan)),
             ("harden_init", lambda: harden_init(config.cap_last_cap)),
         ]
         run_steps(channel, "B", steps)
@@ -241,13 +253,26 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
             pidfd = os.pidfd_open(os.getpid())
         except OSError as exc:
             fail(channel, "B", "open_pidfd", exc)
-        ready = {"kind": "ready", "root_dev": os.stat("/").st_dev}
+        ready = {"kind": "ready", "root_dev": os.stat("/").st_dev, "scratch_fd": scratch[0] if scratch else None}
         with socket.socket(fileno=channel.fd) as sock:
             socket.send_fds(sock, [wire.encode(ready)], [pidfd])
         os.close(pidfd)
         reap_forever()
     finally:
         os._exit(EXIT_INTERNAL_ERROR)
+
+
+def _holding_scratch(step: Step, scratch: str, held: list[int]) -> Callable[[], None]:
+    """*step*'s run; after the scratch tmpfs is mounted, B' opens it and holds it until it dies:
+    after pivot_root P reaches the writable layers only through this descriptor (box/keep.py)."""
+    if not (isinstance(step, MountFs) and step.target == scratch):
+        return step.run
+
+    def run_and_hold() -> None:
+        step.run()
+        held.append(os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+
+    return run_and_hold
 
 
 def _keep_only(fd: int) -> None:

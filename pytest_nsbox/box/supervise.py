@@ -223,6 +223,7 @@ class Supervisor:
         timeout: float | None = None,
         cgroup: Cgroup | None = None,
         while_running: Callable[[], None] | None = None,
+        before_kill: Callable[[SandboxResult], None] | None = None,
     ) -> SandboxResult:
         """Run *target* as the test process inside a sandbox; return what came back.
 
@@ -230,7 +231,10 @@ class Supervisor:
         and P owns *prebuilt* from now on. P owns *cgroup* too: it is killed on a timeout, its
         counters read at the end, and it is released once every process is gone. After
         *timeout* seconds the test's stack is dumped and the sandbox killed. *while_running* is
-        called in P right after the fork: work that need not wait for the test.
+        called in P right after the fork: work that need not wait for the test. *before_kill*
+        is called once, when the test is over (or timed out: its processes but PID 1 are killed
+        first) and before the sandbox's PID 1 is killed, in the prebuilt form only: its mounts
+        are still there (--nsbox-keep copies the writable layers out).
         """
         if self._prepared_capabilities != config.cap_last_cap:
             prepare_capability_drop(config.cap_last_cap)
@@ -277,7 +281,8 @@ class Supervisor:
         os.close(stack_write)
         ending = _Ending(child_pid, spawn, cgroup)
         try:
-            result = self._watch(ending, read_fd, stack_read, timeout, while_running)
+            keep = _Once(before_kill if isinstance(spawn, PrebuiltSpawn) else None)
+            result = self._watch(ending, read_fd, stack_read, timeout, while_running, keep)
         except BaseException:
             ending.kill()
             ending.finish_now()
@@ -295,6 +300,7 @@ class Supervisor:
         stack_read: int,
         timeout: float | None,
         while_running: Callable[[], None] | None,
+        keep: _Once,
     ) -> SandboxResult:
         spawn, child_pid, cgroup = ending.spawn, ending.pid, ending.cgroup
         result = SandboxResult()
@@ -325,6 +331,9 @@ class Supervisor:
                     result.timed_out = True
                     result.ended = time.time()  # the test ran until now; the dump is P's work
                     stack += _dump_stack(spawn.test_pid(child_pid), stack_read)
+                    if keep.pending and isinstance(spawn, PrebuiltSpawn):
+                        _stop_all_but_init(spawn, child_pid, cgroup)
+                        keep(result)
                     if cgroup is not None:
                         cgroup.kill()
                     ending.kill()
@@ -338,6 +347,7 @@ class Supervisor:
                     result.test_status = result.sandbox_status = status
                     _note_end(result)
                     watched.remove(test_exit)
+                    keep(result)
                     spawn.test_finished()
                     continue
                 if read_fd not in ready:
@@ -347,12 +357,13 @@ class Supervisor:
                     _note_end(result)
                     break
                 if result.wire_error is None:  # else drain, so no writer blocks
-                    self._take_records(reader, chunk, result, spawn, deadline, interrupt)
+                    self._take_records(reader, chunk, result, spawn, deadline, interrupt, keep)
                 if result.done:
                     # The test ran to its end and killed what it left; it exits with 0 right
                     # after. The namespaces' teardown need not delay the next test.
                     result.test_status = 0
                     _note_end(result)
+                    keep(result)
                     spawn.test_finished()
                     break
         finally:
@@ -370,6 +381,8 @@ class Supervisor:
         if cgroup is not None:
             result.usage = cgroup.usage()  # final: every process of the test is gone
         if result.test_status is None or result.setup_error is not None or result.timed_out:
+            if result.setup_error is None:
+                keep(result)
             spawn.kill()
             if not ending.reaped:
                 _, result.sandbox_status = os.waitpid(child_pid, 0)
@@ -389,6 +402,7 @@ class Supervisor:
         spawn: Spawn,
         deadline: _Deadline,
         interrupt: _TerminalInterrupt,
+        keep: _Once,
     ) -> None:
         try:
             for record in reader.feed(chunk):
@@ -401,6 +415,7 @@ class Supervisor:
                 elif record["kind"] == "test_status":
                     result.test_status = int(record.get("status", 0))
                     _note_end(result)
+                    keep(result)
                     spawn.test_finished()
                 elif record["kind"] == "done":
                     result.done = True
@@ -447,6 +462,51 @@ def run_once(
         return supervisor.run(config, target, cgroup=cgroup, while_running=while_running, timeout=timeout)
     finally:
         supervisor.close()
+
+
+class _Once:
+    """The before_kill callback of Supervisor.run, called at most once."""
+
+    def __init__(self, callback: Callable[[SandboxResult], None] | None) -> None:
+        self.callback = callback
+
+    @property
+    def pending(self) -> bool:
+        return self.callback is not None
+
+    def __call__(self, result: SandboxResult) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback(result)
+
+
+STOP_ROUNDS = 200  # of killing what is left in a timed-out sandbox's cgroup but its PID 1
+
+
+def _stop_all_but_init(spawn: PrebuiltSpawn, child_pid: int, cgroup: Cgroup | None) -> None:
+    """A timed-out test whose sandbox is kept: SIGKILL its processes but the sandbox's PID 1,
+    whose mounts are copied out next (without a cgroup, only P's child and the test are found)."""
+    from .keep import pid_of_pidfd
+
+    init = pid_of_pidfd(spawn.prebuilt.pidfd)
+    for pid in (spawn.test_pid(child_pid), child_pid):
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if cgroup is None or init is None:
+        return
+    for _ in range(STOP_ROUNDS):
+        left = [pid for pid in cgroup.pids() if pid != init]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(REAP_POLL)
 
 
 def _note_end(result: SandboxResult) -> None:
