@@ -40,7 +40,7 @@ from typing import Any, Final, TypeVar
 
 from ..errors import NsboxError
 from . import _linux as L
-from .faults import inject as inject_fault
+from .faults import inject
 
 SUBNET: Final = ipaddress.IPv4Network("10.89.0.0/16")
 GATEWAY: Final = str(SUBNET.network_address + 1)
@@ -48,6 +48,10 @@ BRIDGE: Final = "nsbox0"
 SANDBOX_LINK: Final = "eth0"
 MAX_MESSAGE: Final = 1 << 16
 PROBE_TIMEOUT: Final = 0.25
+LOOPBACK: Final = "127.0.0.1"
+# what N's selector watches: requests from P, W, a test's nsbox_network; a sandbox's PID 1 exiting;
+# a listener on a sandbox's loopback (to the host) or on the host's (to a service)
+FROM_P, FROM_W, FROM_TEST, GONE, TO_HOST, TO_SERVICE = range(6)
 START_TIMEOUT: Final = 30.0
 _SERVE: Final = "import sys; sys.path[:0] = sys.argv[1].split(chr(10)); from pytest_nsbox.box.network import serve; serve()"
 NETEM_MISSING: Final = (
@@ -336,7 +340,7 @@ class _Server:
     def plumb(self, ticket: int, pidfd: int, faults: LinkFaults) -> None:
         """Put the sandbox whose PID 1 is *pidfd* on the bridge (its result waits for P's claim)."""
         try:
-            inject_fault("N", "connect_network")
+            inject("N", "connect_network")
             if faults.needs_netem and not self.netem:
                 raise NetworkError(NETEM_MISSING)
             address = self._allocate()
@@ -350,7 +354,7 @@ class _Server:
         sandbox = _Sandbox(pidfd, address, host_link, 0)
         self.sandboxes[pidfd] = sandbox
         self.claims[ticket] = sandbox
-        self.selector.register(pidfd, selectors.EVENT_READ, ("sandbox_gone", sandbox))
+        self.selector.register(pidfd, selectors.EVENT_READ, (GONE, sandbox))
 
     def _connect(self, pidfd: int, host_link: str, address: str, faults: LinkFaults) -> None:
         """On the worker thread: a veth pair from the bridge (its end enslaved and up) to ``eth0``
@@ -459,9 +463,9 @@ class _Server:
     def forward_to_host(self, address: str, port: int) -> int:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the host's namespace: N's main thread
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
+        listener.bind((LOOPBACK, 0))
         listener.listen(64)
-        self.selector.register(listener, selectors.EVENT_READ, ("to_service", (address, port)))
+        self.selector.register(listener, selectors.EVENT_READ, (TO_SERVICE, (address, port)))
         return int(listener.getsockname()[1])
 
     def expose(self, port: int) -> None:
@@ -477,7 +481,7 @@ class _Server:
         sandbox.generation = len(self.exposed)
         sandbox.listeners += listeners
         for listener in listeners:
-            self.selector.register(listener, selectors.EVENT_READ, ("to_host", listener))
+            self.selector.register(listener, selectors.EVENT_READ, (TO_HOST, listener))
 
     # -- events
 
@@ -509,7 +513,7 @@ class _Server:
             return
         port = listener.getsockname()[1]
         outside = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # N's main thread: the host's namespace
-        _relay(inside, outside, ("127.0.0.1", port))
+        _relay(inside, outside, (LOOPBACK, port))
 
     def accept_to_service(self, listener: socket.socket, target: tuple[str, int]) -> None:
         try:
@@ -538,7 +542,7 @@ def _index(ipr: Any, name: str) -> int:
 def _listen_loopback(port: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
+    listener.bind((LOOPBACK, port))
     listener.listen(64)
     return listener
 
@@ -596,22 +600,22 @@ def serve() -> None:
         except OSError:
             pass
         return
-    server.selector.register(control, selectors.EVENT_READ, ("p", None))
-    server.selector.register(builder_side, selectors.EVENT_READ, ("w", None))
+    server.selector.register(control, selectors.EVENT_READ, (FROM_P, None))
+    server.selector.register(builder_side, selectors.EVENT_READ, (FROM_W, None))
     server.builder_side = builder_side
     while True:
         for key, _ in server.selector.select():
             kind, data = key.data
-            if kind == "w":
+            if kind == FROM_W:
                 server.drain_builder()
-            elif kind in ("p", "c"):
-                if not _answer(server, key.fileobj, kind) and kind == "p":  # type: ignore[arg-type]
+            elif kind in (FROM_P, FROM_TEST):
+                if not _answer(server, key.fileobj, kind) and kind == FROM_P:  # type: ignore[arg-type]
                     return  # P is gone
-            elif kind == "sandbox_gone":
+            elif kind == GONE:
                 server.sandbox_gone(data)
-            elif kind == "to_host":
+            elif kind == TO_HOST:
                 server.accept_to_host(data)
-            elif kind == "to_service":
+            elif kind == TO_SERVICE:
                 server.accept_to_service(key.fileobj, data)  # type: ignore[arg-type]
 
 
@@ -632,7 +636,7 @@ def _builder_user_namespace(builder_pid: int, timeout: float = START_TIMEOUT) ->
         time.sleep(0.005)
 
 
-def _answer(server: _Server, sock: socket.socket, kind: str) -> bool:
+def _answer(server: _Server, sock: socket.socket, kind: int) -> bool:
     """Answer one request on *sock*; False when its sender is gone."""
     try:
         request, fds = _receive(sock)
@@ -640,7 +644,7 @@ def _answer(server: _Server, sock: socket.socket, kind: str) -> bool:
         request, fds = None, []
     if request is None:
         server.selector.unregister(sock)
-        if kind == "c":
+        if kind == FROM_TEST:
             server.heal(server.changed.pop(sock.fileno(), set()))
         sock.close()
         return False
@@ -660,9 +664,9 @@ def _answer(server: _Server, sock: socket.socket, kind: str) -> bool:
     return True
 
 
-def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+def _dispatch(server: _Server, sock: socket.socket, kind: int, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     what = request["kind"]
-    if kind == "c":  # a test's nsbox_network: only what changes the services' links, undone at its end
+    if kind == FROM_TEST:  # a test's nsbox_network: only what changes the services' links, undone at its end
         names = server.changed.setdefault(sock.fileno(), set())
         if what == "partition":
             server.partition(request["name"])
@@ -678,7 +682,7 @@ def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str
         else:
             raise NetworkError(f"unknown request {what!r}")
         return {}
-    if kind != "p":
+    if kind != FROM_P:
         raise NetworkError(f"unknown request {what!r}")
     if what == "hello":
         return {"netem": server.netem}
@@ -698,7 +702,7 @@ def _dispatch(server: _Server, sock: socket.socket, kind: str, request: dict[str
                 control.close()
             raise
         if control is not None:
-            server.selector.register(control, selectors.EVENT_READ, ("c", None))
+            server.selector.register(control, selectors.EVENT_READ, (FROM_TEST, None))
         return {"address": sandbox.address}
     if what == "service":
         server.services[request["name"]] = request["address"]
