@@ -77,6 +77,11 @@ NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 RTM_NEWADDR = 20
+RTM_NEWROUTE = 24
+RTA_GATEWAY = 5
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RTN_UNICAST = 1
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 IFA_F_NODAD = 0x02
@@ -84,6 +89,7 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_HOST = 254
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTATTR = struct.Struct("=HH")  # len, type
 _NLMSGERR = struct.Struct("=i")  # error (negative errno), then the request's header
 
@@ -285,15 +291,27 @@ def add_address(ifname: str, family: int, address: str, prefixlen: int, scope: i
     packed = socket.inet_pton(family, address)
     ifaddr = _IFADDRMSG.pack(family, prefixlen, IFA_F_NODAD, scope, socket.if_nametoindex(ifname))
     body = ifaddr + _rtattr(IFA_LOCAL, packed) + _rtattr(IFA_ADDRESS, packed)
+    _rtnl_create(RTM_NEWADDR, body, lambda: f"RTM_NEWADDR {address}/{prefixlen} dev {ifname}")
+
+
+def add_default_route(family: int, gateway: str) -> None:
+    """The default route via *gateway* (``ip route add default via GATEWAY``), as add_address does."""
+    route = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body = route + _rtattr(RTA_GATEWAY, socket.inet_pton(family, gateway))
+    _rtnl_create(RTM_NEWROUTE, body, lambda: f"RTM_NEWROUTE default via {gateway}")
+
+
+def _rtnl_create(kind: int, body: bytes, describe: Callable[[], str]) -> None:
+    """One create request on a NETLINK_ROUTE socket of the caller's network namespace; its ack."""
     flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_NEWADDR, flags, 1, 0) + body
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, 1, 0) + body
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sock:
         sock.sendto(request, (0, 0))
         reply = sock.recv(4096)
-    kind = _NLMSGHDR.unpack_from(reply)[1] if len(reply) >= _NLMSGHDR.size else None
-    err = -_NLMSGERR.unpack_from(reply, _NLMSGHDR.size)[0] if kind == NLMSG_ERROR else errno.EPROTO
+    answer = _NLMSGHDR.unpack_from(reply)[1] if len(reply) >= _NLMSGHDR.size else None
+    err = -_NLMSGERR.unpack_from(reply, _NLMSGHDR.size)[0] if answer == NLMSG_ERROR else errno.EPROTO
     if err:
-        raise OSError(err, f"RTM_NEWADDR {address}/{prefixlen} dev {ifname}: {os.strerror(err)} ({errno_name(err)})")
+        raise OSError(err, f"{describe()}: {os.strerror(err)} ({errno_name(err)})")
 
 
 def _show(value: bytes | None) -> str:
