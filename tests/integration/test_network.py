@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -494,3 +496,107 @@ def test_doctor_reports_the_private_networks_needs(pytester: pytest.Pytester) ->
     assert re.search(r"ok\s+veth links \(network='private'\): ok", out)
     assert re.search(r"ok\s+bridge links \(network='private'\): ok", out)
     assert re.search(r"(ok|WARN)\s+netem \(sch_netem: network delay, jitter, loss\)", out)
+
+
+SOAK_CONFTEST = """
+import os
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker is a P: record its pid
+        open(f"worker-{os.getpid()}", "w").close()
+"""
+
+
+def _left_by(workers: set[int], token: str) -> list[str]:
+    """Processes of runs whose Ps were *workers*: N and the builder (their argv ends with P's pid),
+    services (*token* in their command line)."""
+    import helpers
+
+    left = []
+    for process in helpers.processes():
+        line = b" ".join(process.argv)
+        if (BUILDER_OR_NETWORK.search(line) and process.argv[-1].isdigit() and int(process.argv[-1]) in workers) or (
+            token.encode() in line and b"pytest" not in process.argv[0]
+        ):
+            left.append(f"{process.pid}: {line[:120]!r}")
+    return left
+
+
+def _wait_until_gone(workers: set[int], token: str, timeout: float = 30.0) -> list[str]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := _left_by(workers, token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.slow
+def test_hundreds_of_tests_and_a_kill_9_leave_nothing_behind(pytester: pytest.Pytester) -> None:
+    """500 tests on the private network under -n 2, then a run killed with SIGKILL halfway: no
+    network process, builder or service of those runs is left, the host's interfaces are as they
+    were, and the next run works."""
+    import signal
+    import subprocess
+    import time
+
+    pytest.importorskip("xdist")
+    token = f"soak-token-{os.getpid()}"
+    interfaces = sorted(os.listdir("/sys/class/net"))
+    pytester.makeconftest(SOAK_CONFTEST)
+    pytester.makepyfile(
+        test_soak=ECHO_SERVER.replace('"-c", """', f'"-c", "# {token}\\n" + """')
+        + """
+import os
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="session")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+@pytest.mark.parametrize("n", range(int(os.environ["SOAK_TESTS"])))
+@nsbox(network="private")
+def test_private(echo, n):
+    if n % 50 == 0:
+        assert ask("echo", 7000, b"x") == b"echo:x"
+"""
+    )
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2", "test_soak.py"]
+    env = {
+        **os.environ,
+        "SOAK_TESTS": "500",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
+
+    def workers() -> set[int]:
+        found = {int(path.name.removeprefix("worker-")) for path in pytester.path.glob("worker-*")}
+        for path in pytester.path.glob("worker-*"):
+            path.unlink()
+        return found
+
+    done = subprocess.run(command, cwd=pytester.path, env=env, capture_output=True, text=True, timeout=900)
+    assert "500 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _wait_until_gone(workers(), token) == []
+    assert sorted(os.listdir("/sys/class/net")) == interfaces
+
+    killed = subprocess.Popen(command, cwd=pytester.path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(pytester.path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # well into the run: services up, sandboxes on the network, plumbing under way
+    running = {int(path.name.removeprefix("worker-")) for path in pytester.path.glob("worker-*")}
+    for pid in (killed.pid, *running):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed.wait()
+    assert _wait_until_gone(workers(), token) == []
+    assert sorted(os.listdir("/sys/class/net")) == interfaces
+
+    again = subprocess.run(
+        command, cwd=pytester.path, env={**env, "SOAK_TESTS": "20"}, capture_output=True, text=True, timeout=300
+    )
+    assert "20 passed" in again.stdout, again.stdout[-3000:]
+    assert _wait_until_gone(workers(), token) == []
