@@ -305,10 +305,21 @@ class _Server:
     # -- setup
 
     def _make_bridge(self) -> None:
+        inject("N", "make_private_network")
         ipr = self.bridge
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        ipr.link("add", ifname=BRIDGE, kind="bridge")
-        index = ipr.link_lookup(ifname=BRIDGE)[0]
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        try:
+            ipr.link("add", ifname=BRIDGE, kind="bridge")
+        except Exception as exc:
+            raise NetworkError(
+                f"cannot create a bridge ({exc}): a kernel with CONFIG_BRIDGE (as root: modprobe bridge)"
+            ) from None
+        try:  # what every sandbox will need: fail here, once, naming it
+            ipr.link("add", ifname="nsbprobe0", kind="veth", peer={"ifname": "nsbprobe1"})
+            ipr.link("del", index=_index(ipr, "nsbprobe0"))
+        except Exception as exc:
+            raise NetworkError(f"cannot create a veth pair ({exc}): a kernel with CONFIG_VETH (as root: modprobe veth)") from None
+        index = _index(ipr, BRIDGE)
         ipr.addr("add", index=index, address=GATEWAY, prefixlen=SUBNET.prefixlen)
         ipr.link("set", index=index, state="up")
         self.bridge_index = index
@@ -317,7 +328,7 @@ class _Server:
         with open("/proc/sys/net/ipv4/ip_forward", "w") as handle:  # this thread's namespace: the bridge's
             handle.write("1")
         try:
-            lo = ipr.link_lookup(ifname="lo")[0]
+            lo = _index(ipr, "lo")
             ipr.tc("add", "netem", index=lo, handle="1:", delay=1000)
             ipr.tc("del", index=lo, handle="1:", root=True)
             self.netem = True
@@ -590,16 +601,18 @@ def serve() -> None:
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
+    step = "join_builder_user_namespace"
     try:
         userns = _builder_user_namespace(builder_pid)
         L.setns(userns, L.CLONE_NEWUSER)  # root there: CAP_NET_ADMIN over every sandbox's namespace
         os.close(userns)
+        step = "make_private_network"
         server = _Server()
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+        detail = f"step {step}: " + (f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError | NetworkError) else str(exc))
         try:
             _receive(control)
-            _send(control, {"error": f"cannot set up the private network (veth and bridge in a user namespace): {detail}"})
+            _send(control, {"error": f"cannot set up the private network: {detail}"})
         except OSError:
             pass
         return

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "300")  # the short summary lines whole
 
+
 MIB = 2**20
 DISK_REACHED = "nsbox: disk limit of 8 MiB reached"
 assert DISK_FULL.startswith("nsbox: disk limit of {limit} reached")

@@ -410,7 +410,7 @@ def test_rate_alone_runs():
     result.assert_outcomes(passed=1, errors=1)
 
 
-@pytest.mark.parametrize("step", ["connect_network", "write_hosts"])
+@pytest.mark.parametrize("step", ["make_private_network", "connect_network", "write_hosts"])
 def test_a_failed_network_step_leaves_the_test_unrun(run_inner, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
     monkeypatch.setenv("PYTEST_NSBOX_FAULT", step)
     # write_hosts runs only when a service is on the network (the service's own sandbox has none before it)
@@ -431,9 +431,10 @@ def test_body():
         "--nsbox-require",
     )
     result.assert_outcomes(errors=1)  # a SKIP without --nsbox-require, as for every setup step
-    assert re.search(
-        rf"ERROR test_inner.py::test_body - .*step {step} failed: .*fault injected by PYTEST_NSBOX_FAULT", result.stdout.str()
+    failed = (
+        f"network='private' is unavailable here: .*step {step}: " if step == "make_private_network" else f"step {step} failed: "
     )
+    assert re.search(rf"ERROR test_inner.py::test_body - .*{failed}.*fault injected by PYTEST_NSBOX_FAULT", result.stdout.str())
 
 
 def test_the_forked_form_fails_closed(run_inner) -> None:
