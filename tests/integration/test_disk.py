@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nsbox.box import diskscratch
+from pytest_nsbox.box import diskscratch, faults
 from pytest_nsbox.reports import DISK_FULL
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
@@ -523,4 +523,26 @@ def test_keep_copies_a_disk_scratch_out(
     text = result.stdout.str()
     for path in ("/tmp/t", "/etc/e", "/top"):
         assert re.search(rf"^A {re.escape(path)}\b", text, re.M), text
+    assert run_dirs(disk_base) == []
+
+
+@pytest.mark.both_build_modes
+def test_a_failed_disk_scratch_step_leaves_the_test_unrun_and_nothing_behind(
+    run_inner, pytester: pytest.Pytester, disk_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(faults.FAULT_ENV, "mount_scratch_dir")
+    marker = pytester.path / "shared" / "body-ran"
+    result = run_inner(
+        f"""
+        from pytest_nsbox import nsbox
+
+        @nsbox(scratch="disk")
+        def test_body():
+            open({str(marker)!r}, "w").write("the body ran")
+        """,
+        "--basetemp=shared",
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines([f"SKIPPED*step mount_scratch_dir failed*{faults.FAULT_MESSAGE}*"])
+    assert not marker.exists()
     assert run_dirs(disk_base) == []
