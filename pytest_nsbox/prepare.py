@@ -241,6 +241,7 @@ class Preparer:
         self.default_disk = default_disk_bound()
         self._default_disk_on_disk: int | None = None
         self._disk_run: diskscratch.RunDir | None = None  # scratch="disk": this process's directory
+        diskscratch.sweep_stale()  # what killed runs left, whether this run uses a disk scratch or not
         self.defaults_off: dict[str, str] = {}  # what a sandboxed test lost for want of a cgroup: reason
         # the run's private network (the runner sets it: it needs the builder); raises NetworkError
         self.network: Callable[[], Any] | None = None

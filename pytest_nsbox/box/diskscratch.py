@@ -124,6 +124,17 @@ class RunDir:
         self._fd = None
 
 
+def sweep_stale(base: str | None = None) -> None:
+    """At a run's start: remove what killed runs left in the caller's directory, if it has one."""
+    parent = os.path.join(base or base_dir(), f"{USER_DIR_PREFIX}{os.getuid()}")
+    try:
+        st = os.lstat(parent)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        sweep(parent)
+
+
 def sweep(parent: str) -> None:
     """Remove the run directories of processes that were killed (nobody holds their lock)."""
     try:

@@ -392,8 +392,8 @@ def test_a_killed_run_s_scratch_is_swept_at_the_next_start(pytester: pytest.Pyte
         test_inner="""
         from pytest_nsbox import nsbox
 
-        @nsbox(scratch="disk")
-        def test_next():
+        @nsbox
+        def test_next():  # a run that uses no disk scratch sweeps too
             pass
         """
     )
