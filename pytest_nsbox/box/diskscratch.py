@@ -18,12 +18,15 @@ the next start (``sweep``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
+import socket
 import stat
 import time
+from collections.abc import Callable
 from typing import Final
 
 USER_DIR_PREFIX: Final = "pytest-nsbox-disk-"  # + uid (not a mounts.SCRATCH_PREFIX name: no pid follows)
@@ -218,13 +221,86 @@ def usage(path: str) -> int:
     return total
 
 
+class Measurer:
+    """``usage()`` of disk scratches, reading every directory a sandbox made, whatever its mode.
+
+    As root, P reads them itself (CAP_DAC_READ_SEARCH). Rootless, a directory the test made mode
+    000 (root inside may still write into it) would hide what it holds from P: a child of P that
+    is root of a user namespace of its own (P's uid outside) walks the trees instead; its
+    CAP_DAC_READ_SEARCH there reaches every file P's uid owns. It is forked once, when the first
+    disk scratch is watched, and ends when P closes its socket (or dies).
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._pid: int | None = None
+        self._failed = os.getuid() == 0  # root: no helper needed
+
+    def usage(self, path: str) -> int:
+        if not self._failed:
+            try:
+                sock = self._sock or self._start()
+                sock.send(os.fsencode(path))
+                return int(sock.recv(64))
+            except (OSError, ValueError):
+                self._failed = True  # the helper is gone: P reads what it can (sandboxes need user namespaces too)
+                self.close()
+        return usage(path)
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, uid, gid = os.getpid(), os.getuid(), os.getgid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve(theirs, parent, uid, gid)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self._sock, self._pid = ours, pid
+        return ours
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._pid, 0)  # it exits at EOF
+            self._pid = None
+
+
+def _serve(sock: socket.socket, parent: int, uid: int, gid: int) -> None:
+    """The measurer's child: root of a user namespace of its own; answers each path with its usage."""
+    import gc
+    import signal
+
+    from . import _linux as L
+    from .steps import close_all_but, write_id_maps
+
+    gc.disable()  # a collection would copy pytest's heap, page by page
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is P's
+    L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return
+    close_all_but({sock.fileno()})
+    L.unshare(L.CLONE_NEWUSER)
+    write_id_maps(uid, gid)
+    while True:
+        path = sock.recv(4096)
+        if not path:
+            return
+        sock.send(str(usage(os.fsdecode(path))).encode())
+
+
 class DiskWatch:
     """P's look at a disk scratch while its test runs: ``due()`` says when to look next,
     ``exceeded()`` whether the tree is over the bound (the bytes it holds, or None)."""
 
-    def __init__(self, path: str, bound: int) -> None:
+    def __init__(self, path: str, bound: int, measure: Callable[[str], int] = usage) -> None:
         self.path = path
         self.bound = bound
+        self.measure = measure
         self.interval = POLL_INTERVAL
         self.next = time.monotonic() + self.interval
 
@@ -234,7 +310,7 @@ class DiskWatch:
 
     def exceeded(self) -> int | None:
         started = time.monotonic()
-        used = usage(self.path)
+        used = self.measure(self.path)
         took = time.monotonic() - started
         self.interval = max(POLL_INTERVAL, POLL_SHARE * took)
         self.next = time.monotonic() + self.interval

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, Protocol
 from . import wire
 from .cgroups import Cgroup, control_devices
 from .config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult, Target
-from .diskscratch import DiskWatch, remove_tree
+from .diskscratch import DiskWatch, Measurer, remove_tree
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
@@ -223,6 +223,7 @@ class Supervisor:
         self._switch = PidNamespaceSwitch()
         control_devices()  # read once in P, before any fork
         self._prepared_capabilities: int | None = None
+        self._measurer = Measurer()  # what disk scratches hold (its helper process starts on first use)
 
     def run(
         self,
@@ -297,7 +298,9 @@ class Supervisor:
         os.close(write_fd)
         os.close(stack_write)
         ending = _Ending(child_pid, spawn, cgroup, scratch_dir=config.scratch_dir)
-        watch = DiskWatch(config.scratch_dir, disk_bound) if config.scratch_dir is not None and disk_bound is not None else None
+        watch = None
+        if config.scratch_dir is not None and disk_bound is not None:
+            watch = DiskWatch(config.scratch_dir, disk_bound, self._measurer.usage)
         try:
             keep = _Once(before_kill if isinstance(spawn, PrebuiltSpawn) else None)
             result = self._watch(ending, read_fd, stack_read, timeout, while_running, keep, watch)
@@ -477,6 +480,7 @@ class Supervisor:
     def close(self) -> None:
         self.reap(block=True)
         self._switch.close()
+        self._measurer.close()
 
 
 def run_once(

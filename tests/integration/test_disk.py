@@ -282,10 +282,11 @@ def test_a_disk_scratch_holds_more_than_the_memory_limit(run_inner, disk_base: P
 @pytest.mark.both_build_modes
 def test_the_disk_bound_holds_on_disk(run_inner, disk_base: Path, pytester: pytest.Pytester) -> None:
     """P measures the disk scratch while the test runs and kills the sandbox over the bound; a
-    test that wrote too much and ended before P looked is caught by P's last look."""
+    test that wrote too much and ended before P looked is caught by P's last look; a directory
+    the test closed (mode 000) hides nothing (rootless, P's helper in a user namespace reads it)."""
     result = run_inner(
         """
-        import time
+        import os, time
         from pytest_nsbox import nsbox
 
         @nsbox(scratch="disk", disk="8M")
@@ -301,6 +302,16 @@ def test_the_disk_bound_holds_on_disk(run_inner, disk_base: Path, pytester: pyte
             open("/var/tmp/a", "wb").write(b"x" * 6 * 2**20)
             open("/usr/b", "wb").write(b"x" * 6 * 2**20)
 
+        @nsbox(scratch="disk", disk="8M")
+        def test_hides_in_a_closed_directory():
+            os.mkdir("/tmp/closed")
+            os.chmod("/tmp/closed", 0)  # root inside writes there all the same; pytest must see it too
+            with open("/tmp/closed/f", "wb") as handle:
+                for _ in range(4096):
+                    handle.write(b"x" * 2**20)
+                    handle.flush()
+                    time.sleep(0.001)
+
         @nsbox(scratch="disk", disk="8M", image="busybox")
         def test_an_image_s_layer():
             open("/bin/big", "wb").write(b"x" * 16 * 2**20)
@@ -312,14 +323,14 @@ def test_the_disk_bound_holds_on_disk(run_inner, disk_base: Path, pytester: pyte
         """,
         "--junitxml=junit.xml",
     )
-    result.assert_outcomes(passed=1, failed=3)
+    result.assert_outcomes(passed=1, failed=4)
     outcomes = result.stdout.str()
-    for name in ("test_keeps_writing", "test_writes_and_ends", "test_an_image_s_layer"):
+    for name in ("test_keeps_writing", "test_writes_and_ends", "test_hides_in_a_closed_directory", "test_an_image_s_layer"):
         assert re.search(rf"FAILED test_inner.py::{name} - (Failed: )?{DISK_REACHED}", outcomes), outcomes
     assert "the sandbox was killed" in outcomes
     assert "PASSED test_inner.py::test_within" in outcomes
     xml = (pytester.path / "junit.xml").read_text()
-    assert xml.count('<property name="nsbox_cause" value="disk" />') == 3
+    assert xml.count('<property name="nsbox_cause" value="disk" />') == 4
     assert run_dirs(disk_base) == []
 
 
