@@ -217,10 +217,12 @@ def _check_unseen(base: str, image: images.Resolved, plan: mounts.MountPlan) -> 
     for hp in plan.host_paths:
         path = os.path.realpath(hp.path)
         if real == path or real.startswith(path.rstrip("/") + "/"):
-            raise OSError(errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=f"below {hp.path}, which it shows"))
+            raise diskscratch.DiskScratchError(
+                errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=f"below {hp.path}, which it shows")
+            )
     if image == images.HOST and not mounts.under_fresh_or_replaced(real):
         why = "image 'host' shows the host's directories but /tmp, /var/tmp, /run, /dev, /proc, /sys"
-        raise OSError(errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=why))
+        raise diskscratch.DiskScratchError(errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=why))
 
 
 class Preparer:
@@ -303,7 +305,8 @@ class Preparer:
                 _check_unseen(diskscratch.base_dir(), image.root, plan)
                 scratch_dir = self.new_scratch_dir(spec.disk, label)
             except OSError as exc:
-                return Refused(NO_DISK_SCRATCH.format(error=exc, nodeid=label.removeprefix("test ")), unavailable=False)
+                error = exc.strerror if isinstance(exc, diskscratch.DiskScratchError) else exc  # no "[Errno 22]"
+                return Refused(NO_DISK_SCRATCH.format(error=error, nodeid=label.removeprefix("test ")), unavailable=False)
             except _NoRoom as exc:
                 return Refused(str(exc), unavailable=False)
         try:
