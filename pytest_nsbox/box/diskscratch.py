@@ -221,31 +221,43 @@ def usage(path: str) -> int:
     return total
 
 
-class Measurer:
-    """``usage()`` of disk scratches, reading every directory a sandbox made, whatever its mode.
+class ScratchHelper:
+    """What P does with disk scratches, done by a helper process: ``usage()`` reads every
+    directory a sandbox made, whatever its mode; ``remove()`` deletes a scratch while P goes on.
 
-    As root, P reads them itself (CAP_DAC_READ_SEARCH). Rootless, a directory the test made mode
-    000 (root inside may still write into it) would hide what it holds from P: a child of P that
-    is root of a user namespace of its own (P's uid outside) walks the trees instead; its
-    CAP_DAC_READ_SEARCH there reaches every file P's uid owns. It is forked once, when the first
-    disk scratch is watched, and ends when P closes its socket (or dies).
+    The helper is a child of P, forked on first use. Rootless it is root of a user namespace of
+    its own (P's uid outside): a directory the test made mode 000 (root inside may still write
+    into it) would hide what it holds from P, but not from the helper's CAP_DAC_READ_SEARCH over
+    P's own files. It ends when P closes its socket (after the removals asked for) or dies.
+    Without it (it could not start), P does both itself. P uses one helper to measure (rootless
+    only: root reads everything) and another to remove, so that a look never waits for removals.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, in_process: bool = False) -> None:
         self._sock: socket.socket | None = None
         self._pid: int | None = None
-        self._failed = os.getuid() == 0  # root: no helper needed
+        self._failed = in_process
 
     def usage(self, path: str) -> int:
-        if not self._failed:
-            try:
-                sock = self._sock or self._start()
-                sock.send(os.fsencode(path))
-                return int(sock.recv(64))
-            except (OSError, ValueError):
-                self._failed = True  # the helper is gone: P reads what it can (sandboxes need user namespaces too)
-                self.close()
-        return usage(path)
+        answer = self._ask(b"u", path, reply=True)
+        return usage(path) if answer is None else int(answer)
+
+    def remove(self, path: str) -> None:
+        """Remove the scratch at *path* (every process of its sandbox is gone), now or soon."""
+        if self._ask(b"r", path, reply=False) is None:
+            remove_tree(path)
+
+    def _ask(self, kind: bytes, path: str, *, reply: bool) -> bytes | None:
+        if self._failed:
+            return None
+        try:
+            sock = self._sock or self._start()
+            sock.send(kind + os.fsencode(path))
+            return sock.recv(64) if reply else b""
+        except OSError:
+            self._failed = True  # the helper is gone: P does it (sandboxes need user namespaces too)
+            self.close()
+            return None
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -261,6 +273,7 @@ class Measurer:
         return ours
 
     def close(self) -> None:
+        """Let the helper finish the removals asked for, and wait for it."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -271,7 +284,8 @@ class Measurer:
 
 
 def _serve(sock: socket.socket, parent: int, uid: int, gid: int) -> None:
-    """The measurer's child: root of a user namespace of its own; answers each path with its usage."""
+    """The helper: rootless, root of a user namespace of its own; answers "u" + path with the
+    usage of the tree there, and removes the tree on "r" + path (no answer)."""
     import gc
     import signal
 
@@ -284,13 +298,19 @@ def _serve(sock: socket.socket, parent: int, uid: int, gid: int) -> None:
     if os.getppid() != parent:
         return
     close_all_but({sock.fileno()})
-    L.unshare(L.CLONE_NEWUSER)
-    write_id_maps(uid, gid)
+    if uid != 0:  # root reads and removes anything as it is; in a user namespace it would not
+        L.unshare(L.CLONE_NEWUSER)
+        write_id_maps(uid, gid)
     while True:
-        path = sock.recv(4096)
-        if not path:
+        message = sock.recv(4096)
+        if not message:
             return
-        sock.send(str(usage(os.fsdecode(path))).encode())
+        kind, path = message[:1], os.fsdecode(message[1:])
+        if kind == b"u":
+            sock.send(str(usage(path)).encode())
+        else:
+            with contextlib.suppress(OSError, RuntimeError):  # left for P's end of run, or the next run's sweep
+                _remove(path)
 
 
 class DiskWatch:

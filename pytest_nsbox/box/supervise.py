@@ -27,7 +27,7 @@ from typing import Any, NoReturn, Protocol
 from . import wire
 from .cgroups import Cgroup, control_devices
 from .config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult, Target
-from .diskscratch import DiskWatch, Measurer, remove_tree
+from .diskscratch import DiskWatch, ScratchHelper, remove_tree
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
@@ -177,6 +177,7 @@ class _Ending:
     cgroup: Cgroup | None
     reaped: bool = False
     scratch_dir: str | None = None  # a disk scratch: removed once every process is gone
+    scratches: ScratchHelper | None = None  # who removes it
 
     def poll(self) -> bool:
         """True once every process is gone."""
@@ -200,7 +201,10 @@ class _Ending:
             self.cgroup.release()
         if self.scratch_dir is not None:
             try:
-                remove_tree(self.scratch_dir)
+                if self.scratches is not None:
+                    self.scratches.remove(self.scratch_dir)
+                else:
+                    remove_tree(self.scratch_dir)
             except (OSError, RuntimeError) as exc:  # what is left goes with the run's directory, or the next run's sweep
                 log.debug("nsbox: could not remove %s: %s", self.scratch_dir, exc)
 
@@ -223,7 +227,9 @@ class Supervisor:
         self._switch = PidNamespaceSwitch()
         control_devices()  # read once in P, before any fork
         self._prepared_capabilities: int | None = None
-        self._measurer = Measurer()  # what disk scratches hold (its helper process starts on first use)
+        # disk scratches: what they hold, and their removal (each a process of its own, on first use)
+        self._measurer = ScratchHelper(in_process=os.getuid() == 0)
+        self._remover = ScratchHelper()
 
     def run(
         self,
@@ -297,7 +303,7 @@ class Supervisor:
             spawn.child(config, write_fd, kept, p_pid, target)
         os.close(write_fd)
         os.close(stack_write)
-        ending = _Ending(child_pid, spawn, cgroup, scratch_dir=config.scratch_dir)
+        ending = _Ending(child_pid, spawn, cgroup, scratch_dir=config.scratch_dir, scratches=self._remover)
         watch = None
         if config.scratch_dir is not None and disk_bound is not None:
             watch = DiskWatch(config.scratch_dir, disk_bound, self._measurer.usage)
@@ -481,6 +487,7 @@ class Supervisor:
         self.reap(block=True)
         self._switch.close()
         self._measurer.close()
+        self._remover.close()
 
 
 def run_once(
