@@ -211,7 +211,7 @@ class SandboxRunner:
         builder = Builder() if prebuild_ahead and probe.prebuild_supported() else None
         self.lookahead = Lookahead(self.preparer, builder)
         self.preparer.network = self._network
-        self.services = ServiceRegistry(self.preparer, lambda: self.lookahead.builder)
+        self.services = ServiceRegistry(self.preparer, lambda: self.lookahead.builder, budget)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
         self.reporter = ChildReporter(config)

@@ -643,3 +643,38 @@ def test_private(echo, n):
     )
     assert "20 passed" in again.stdout, again.stdout[-3000:]
     assert _wait_until_gone(workers(), token) == []
+
+
+@pytest.mark.needs_cgroup_limits
+def test_a_services_memory_limit_takes_its_share_of_the_budget(
+    run_inner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # a ledger of its own: other runs' sandboxes do not count
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import pytest
+from pytest_nsbox import nsbox
+from pytest_nsbox.services import ServiceError
+
+def test_too_big_for_the_budget(nsbox_service):
+    with pytest.raises(ServiceError, match="nsbox_service 'big': .*memory limit of 1 GiB .*budget of 512 MiB"):
+        nsbox_service("big", command=ECHO, ready_port=7000, memory="1G")
+
+def test_held_while_it_runs(nsbox_service, request):
+    ledger = request.config.stash[__import__("pytest_nsbox.plugin").plugin.RUNNER_KEY].budget
+    before = ledger.in_use()
+    service = nsbox_service("small", command=ECHO, ready_port=7000, memory="300M")
+    assert ledger.in_use() == before + 300 * 2**20
+    service.stop()
+    assert ledger.in_use() == before
+
+@nsbox(memory="300M")
+def test_a_test_still_fits_after_it(nsbox_service):
+    pass
+""",
+        "--nsbox-memory-budget=512M",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=3)
