@@ -36,7 +36,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # N only: P and W never import it
 
 from ..errors import NsboxError
 from . import _linux as L
@@ -255,6 +258,10 @@ class _Netns:
     def run(self, action: Callable[[], T]) -> T:
         return self._executor.submit(action).result()
 
+    def submit(self, action: Callable[[], T]) -> Future[T]:
+        """Run *action* on the worker thread, after what is queued; its future."""
+        return self._executor.submit(action)
+
     @staticmethod
     def _enter() -> int:
         L.unshare(L.CLONE_NEWNET)
@@ -278,7 +285,8 @@ class _Sandbox:
     pidfd: int
     address: str
     host_link: str
-    generation: int
+    generation: int  # how many of the exposed host ports it has listeners for
+    connected: Future[None]  # its veth, on the worker thread: P's claim waits for it (only)
     listeners: list[socket.socket] = field(default_factory=list)
 
 
@@ -354,14 +362,15 @@ class _Server:
             if faults.needs_netem and not self.netem:
                 raise NetworkError(NETEM_MISSING)
             address = self._allocate()
-            self._next_link += 1
-            host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
-            self.netns.run(lambda: self._connect(pidfd, host_link, address, faults))
         except Exception as exc:
             os.close(pidfd)
-            self.claims[ticket] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NetworkError | OSError) else str(exc)
+            self.claims[ticket] = _describe(exc)
             return
-        sandbox = _Sandbox(pidfd, address, host_link, 0)
+        self._next_link += 1
+        host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
+        # on the worker thread, while this one answers P: a claim waits for its own sandbox only
+        connected = self.netns.submit(lambda: self._connect(pidfd, host_link, address, faults))
+        sandbox = _Sandbox(pidfd, address, host_link, 0, connected)
         self.sandboxes[pidfd] = sandbox
         self.claims[ticket] = sandbox
         self.selector.register(pidfd, selectors.EVENT_READ, (GONE, sandbox))
@@ -406,6 +415,10 @@ class _Server:
             raise NetworkError(f"the sandbox (ticket {ticket}) was never put on the private network")
         if isinstance(result, str):
             raise NetworkError(result)
+        try:
+            result.connected.result()
+        except Exception as exc:
+            raise NetworkError(_describe(exc)) from None
         self.attach(result)
         return result
 
@@ -545,7 +558,18 @@ class _Server:
         del self.sandboxes[sandbox.pidfd]
         for ticket in [t for t, claimed in self.claims.items() if claimed is sandbox]:
             del self.claims[ticket]  # discarded before its test ran
-        os.close(sandbox.pidfd)
+        sandbox.connected.cancel()
+        # closed once the worker thread is done with it (at once if it is, or never started)
+        pidfd = sandbox.pidfd
+
+        def close_pidfd(_: Future[None]) -> None:
+            os.close(pidfd)
+
+        sandbox.connected.add_done_callback(close_pidfd)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, NetworkError | OSError) else f"{type(exc).__name__}: {exc}"
 
 
 def _index(ipr: Any, name: str) -> int:
