@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import subprocess
 
-    from .network import NetworkHost, Plumbing
+    from .network import NetworkError, NetworkHost, Plumbing
 
 from ..errors import NsboxError
 from . import _linux as L
@@ -92,6 +92,7 @@ class Builder:
         self._discarded: set[int] = set()
         self._plans_sent: dict[int, MountPlan] = {}  # id() -> plan, kept alive so ids stay unique
         self._network: NetworkHost | None = None
+        self._network_failed: NetworkError | None = None
         self._network_sent = False  # W has N's socket
 
     def _start(self) -> socket.socket:
@@ -122,12 +123,18 @@ class Builder:
 
     def network(self) -> NetworkHost:
         """The run's private network (its process N is started the first time; NetworkError)."""
+        if self._network_failed is not None:
+            raise self._network_failed  # once per run: every private test then says the same
         if self._network is None:
-            from .network import NetworkHost
+            from .network import NetworkError, NetworkHost
 
             self._start()
             assert self._process is not None
-            self._network = NetworkHost(self._process.pid)
+            try:
+                self._network = NetworkHost(self._process.pid)
+            except NetworkError as exc:
+                self._network_failed = exc
+                raise
         return self._network
 
     def submit(self, config: SandboxConfig, plumbing: Plumbing | None = None) -> int:

@@ -131,11 +131,11 @@ class NetworkHost:
     """P's handle on N: started once per pytest process, with the builder whose namespace it joins."""
 
     def __init__(self, builder_pid: int) -> None:
+        import importlib.util
         import subprocess
 
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._for_builder, builder_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        import importlib.util
 
         # a plain -I -S interpreter: this package's and pyroute2's parents (found, not imported: P never imports it)
         found = importlib.util.find_spec("pyroute2")
@@ -169,7 +169,11 @@ class NetworkHost:
             theirs.close()
             builder_theirs.close()
         self._control.settimeout(START_TIMEOUT)
-        hello = call(self._control, {"kind": "hello"})
+        try:
+            hello = call(self._control, {"kind": "hello"})
+        except NetworkError:
+            self.close()
+            raise
         self._control.settimeout(None)
         self.netem: bool = bool(hello["netem"])
 
