@@ -278,10 +278,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         runner.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin deletes tmp_path dirs (tmp_path_retention_policy)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """In an xdist worker: hand what sandboxed tests went without to the controller, which prints
-    the run's one notice (workers print nothing)."""
+    """Give basetemp's files back to the user (rootless with subordinate ids, see
+    Runner.give_back_basetemp). In an xdist worker: hand what sandboxed tests went without to the
+    controller, which prints the run's one notice (workers print nothing)."""
     runner = session.config.stash.get(RUNNER_KEY, None)
+    if runner is not None:
+        runner.give_back_basetemp()
     workeroutput = getattr(session.config, "workeroutput", None)
     if runner is not None and isinstance(workeroutput, dict) and runner.preparer.defaults_off:
         workeroutput[DEFAULTS_OFF_KEY] = dict(runner.preparer.defaults_off)

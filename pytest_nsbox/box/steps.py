@@ -129,8 +129,15 @@ def write_id_maps(uid: int, gid: int) -> None:
         handle.write(f"0 {gid} 1")
 
 
-def enter_user_namespace(flags: int = 0) -> None:
-    """unshare a user namespace (plus *flags*) in which the caller is root, mapped to itself."""
+def enter_user_namespace(flags: int = 0, mapping: subids.IdMapping | None = None) -> None:
+    """unshare a user namespace (plus *flags*) in which the caller is root, mapped to itself (and,
+    with *mapping*, ids 1..MAPPED_IDS to its range, written from outside: see subids.Mapper)."""
+    if mapping is not None:
+        mapper = subids.Mapper(mapping)
+        mapper.start()
+        L.unshare(L.CLONE_NEWUSER | flags)
+        mapper.finish()
+        return
     uid, gid = os.getuid(), os.getgid()
     L.unshare(L.CLONE_NEWUSER | flags)
     write_id_maps(uid, gid)
@@ -139,10 +146,10 @@ def enter_user_namespace(flags: int = 0) -> None:
 def unshare_steps(config: SandboxConfig) -> list[Step]:
     """The steps that create the namespaces and map ids into the user namespace.
 
-    By default only the invoking uid/gid is mapped, by the process itself. With
-    ``config.id_mapping`` (recipes' run steps) a full map is written from outside by
-    newuidmap/newgidmap: a mapper forked before unshare maps the caller once it has unshared
-    (see subids.Mapper).
+    Without ``config.id_mapping`` only the invoking uid/gid is mapped, by the process itself. With
+    it (a test's sandbox where subids.sandbox_ids found a range, recipes' run steps) a full map
+    is written from outside, by newuidmap/newgidmap or, as root, directly: a mapper forked
+    before unshare maps the caller once it has unshared (see subids.Mapper).
     """
     unshare: Step = ("unshare_namespaces", lambda: L.unshare(config.clone_flags))
     if config.id_mapping is None:
