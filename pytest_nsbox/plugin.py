@@ -12,6 +12,7 @@ from typing import Final
 import pytest
 
 from . import kept, probe, reports, reruns, runtest, services, timers
+from .box import subids
 from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
 from .prepare import memory_available, memory_total
@@ -323,6 +324,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if runner.keeper is not None:
         settings = runner.keeper.settings
         header += f"; keep {settings.mode} (newest {settings.runs} runs, {format_size(settings.size)}: {runner.keeper.project})"
+    ids = subids.sandbox_ids()
+    if ids.mapping is None:  # what a test cannot do then: README, "What is different inside a sandbox"
+        header += "; " + ids.describe()
     return header
 
 

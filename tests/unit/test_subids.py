@@ -140,3 +140,43 @@ def test_root_maps_the_same_ids_itself() -> None:
     mapping = subids.root_mapping()
     assert mapping.direct
     assert (mapping.uid, mapping.gid, mapping.subuid.start, mapping.subuid.count) == (0, 0, 1, subids.MAPPED_IDS)
+
+
+def test_roots_sandboxes_map_a_high_range_no_user_group_or_subordinate_range_owns(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    group = tmp_path / "group"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+    group.write_text("root:x:0:\nalice:x:1000:\n")
+    files = _files(tmp_path, "alice:100000:65536\n", "alice:100000:65536\n")
+    mapping = subids.root_sandbox_mapping(passwd_file=passwd, group_file=group, **files)
+    assert mapping.direct  # written by root itself, no newuidmap
+    assert (mapping.uid, mapping.gid) == (os.getuid(), os.getgid())
+    assert mapping.subuid == mapping.subgid == subids.Range(subids.SANDBOX_FIRST_ID, subids.MAPPED_IDS)
+    assert subids.SANDBOX_FIRST_ID + 999 == 2_130_001_000  # a sandbox's uid 1000 on the host
+
+
+@pytest.mark.parametrize(
+    ("passwd", "group", "subuid", "taken"),
+    [
+        ("svc:x:2130001000:1::/:/bin/false\n", "", "", "passwd: svc (2130001000)"),
+        ("", "grp:x:2130065536:\n", "", "group: grp (2130065536)"),
+        ("", "", "bob:2129999000:2000\n", "subuid: bob:2129999000:2000"),
+    ],
+)
+def test_a_taken_high_range_is_refused_naming_what_takes_it(
+    tmp_path: Path, passwd: str, group: str, subuid: str, taken: str
+) -> None:
+    (tmp_path / "passwd").write_text(passwd)
+    (tmp_path / "group").write_text(group)
+    files = _files(tmp_path, subuid, "")
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.root_sandbox_mapping(passwd_file=tmp_path / "passwd", group_file=tmp_path / "group", **files)
+    assert "ids 2130000001-2130065536 (for a sandbox's ids 1-65536) are not free" in str(caught.value)
+    assert taken in str(caught.value)
+
+
+def test_the_builder_gets_the_mapping_as_arguments() -> None:
+    ranges = subids.Range(100000, 65536), subids.Range(200000, 65536)
+    mapping = subids.IdMapping(1001, 1001, *ranges, "/x/newuidmap", "/x/newgidmap")
+    assert subids.IdMapping.from_args(mapping.to_args()) == mapping
+    assert subids.IdMapping.from_args(subids.root_mapping().to_args()) == subids.root_mapping()
