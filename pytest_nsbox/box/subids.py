@@ -140,6 +140,8 @@ PASSWD_FILE: Final = Path("/etc/passwd")
 GROUP_FILE: Final = Path("/etc/group")
 RANGE_TAKEN: Final = "ids {first}-{last} (for a sandbox's ids 1-{count}) are not free: {taken}"
 ONE_ID: Final = "one id mapped (root inside = you): {reason}"
+NOT_MAPPED_HERE: Final = "ids {first}-{last} are not mapped in this process's own user namespace ({file})"
+TRIAL_FAILED: Final = "mapping the subordinate ids failed: {error}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +212,26 @@ def root_sandbox_mapping(
             pass
     if taken:
         raise SubordinateIdError([RANGE_TAKEN.format(first=first, last=last, count=MAPPED_IDS, taken="; ".join(taken))])
+    for name in ("uid_map", "gid_map"):  # root of a container's user namespace may have fewer ids
+        try:
+            covered = covers(Path(f"/proc/self/{name}").read_text(), first, last)
+        except OSError:
+            covered = True  # a kernel without user namespaces: no sandbox anyway
+        if not covered:
+            raise SubordinateIdError([NOT_MAPPED_HERE.format(first=first, last=last, file=f"/proc/self/{name}")])
     ids = Range(first, MAPPED_IDS)
     return IdMapping(os.getuid(), os.getgid(), ids, ids, "", "")
+
+
+def covers(id_map: str, first: int, last: int) -> bool:
+    """Whether one line of a uid_map/gid_map (inside, outside, count) maps all of first..last."""
+    for line in id_map.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            start, count = int(fields[0]), int(fields[2])
+            if start <= first and last < start + count:
+                return True
+    return False
 
 
 _sandbox_ids: tuple[int, SandboxIds] | None = None  # (pid, what sandbox_ids found for it)
@@ -224,11 +244,21 @@ def sandbox_ids() -> SandboxIds:
     global _sandbox_ids
     if _sandbox_ids is None or _sandbox_ids[0] != os.getpid():
         try:
-            found = SandboxIds(root_sandbox_mapping() if os.geteuid() == 0 else find_mapping())
+            found = SandboxIds(root_sandbox_mapping() if os.geteuid() == 0 else _tried(find_mapping()))
         except SubordinateIdError as exc:
             found = SandboxIds(None, "; ".join(exc.problems))
         _sandbox_ids = (os.getpid(), found)
     return _sandbox_ids[1]
+
+
+def _tried(mapping: IdMapping) -> IdMapping:
+    """*mapping*, once newuidmap/newgidmap have written it for a child: they refuse ranges the
+    files give but the parent namespace lacks (a container that maps fewer ids)."""
+    try:
+        run_mapped(mapping, lambda: None)
+    except RuntimeError as exc:
+        raise SubordinateIdError([TRIAL_FAILED.format(error=exc)]) from None
+    return mapping
 
 
 def free_start(*files: Path) -> int:

@@ -180,3 +180,11 @@ def test_the_builder_gets_the_mapping_as_arguments() -> None:
     mapping = subids.IdMapping(1001, 1001, *ranges, "/x/newuidmap", "/x/newgidmap")
     assert subids.IdMapping.from_args(mapping.to_args()) == mapping
     assert subids.IdMapping.from_args(subids.root_mapping().to_args()) == subids.root_mapping()
+
+
+def test_a_range_is_usable_only_where_one_line_of_the_own_map_covers_it() -> None:
+    assert subids.covers("         0          0 4294967295\n", subids.SANDBOX_FIRST_ID, subids.SANDBOX_FIRST_ID + 65535)
+    container = "0 100000 65536\n"  # root of a container with 65536 ids
+    assert not subids.covers(container, subids.SANDBOX_FIRST_ID, subids.SANDBOX_FIRST_ID + 65535)
+    assert subids.covers(container, 1, 65535)
+    assert not subids.covers("0 0 1\n1 100000 65536\n", 0, 10)  # two lines: the kernel needs one
