@@ -188,3 +188,12 @@ def test_a_range_is_usable_only_where_one_line_of_the_own_map_covers_it() -> Non
     assert not subids.covers(container, subids.SANDBOX_FIRST_ID, subids.SANDBOX_FIRST_ID + 65535)
     assert subids.covers(container, 1, 65535)
     assert not subids.covers("0 0 1\n1 100000 65536\n", 0, 10)  # two lines: the kernel needs one
+
+
+def test_doctor_warns_when_sandboxes_map_one_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_nsbox import probe
+
+    monkeypatch.setattr(subids, "_sandbox_ids", (os.getpid(), subids.SandboxIds(None, "no range for you")))
+    result = probe.sandbox_id_range()
+    assert not result.ok and result.reason == "sandboxes map one id: no range for you"
+    assert "/etc/subuid" in result.fix
