@@ -282,7 +282,7 @@ def _holding_scratch(step: Step, scratch: str, held: list[int]) -> Callable[[], 
 MAP_IDS = "map_ids"  # record kind: B' asks the worker to write the id maps of its new user namespace
 IDS_MAPPED = b"ok"
 # each line must lie within one line of the builder's map (0 -> the caller, 1.. -> the range)
-SANDBOX_MAP = f"0 0 1\n1 1 {subids.MAPPED_IDS}\n"
+SANDBOX_MAP = f"0 0 1\n1 1 {subids.MAPPED_IDS}\n".encode()
 
 
 def _ask_worker_for_id_maps(channel: Channel, pid: int) -> None:
@@ -301,9 +301,12 @@ def map_sandbox_ids(sock: socket.socket, record: dict[str, object]) -> None:
     answer = IDS_MAPPED
     for name in ("uid_map", "gid_map"):
         try:
-            with open(f"/proc/{pid}/{name}", "w") as handle:
-                handle.write(SANDBOX_MAP)
-        except (OSError, TypeError) as exc:
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)  # os-level: a third of open()'s time
+            try:
+                os.write(fd, SANDBOX_MAP)
+            finally:
+                os.close(fd)
+        except OSError as exc:
             answer = f"writing /proc/{pid}/{name}: {exc}".encode()
             break
     sock.send(answer)
