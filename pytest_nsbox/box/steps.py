@@ -143,19 +143,20 @@ def enter_user_namespace(flags: int = 0, mapping: subids.IdMapping | None = None
     write_id_maps(uid, gid)
 
 
-def unshare_steps(config: SandboxConfig) -> list[Step]:
+def unshare_steps(config: SandboxConfig, mapper: subids.ParentMapper | None = None) -> list[Step]:
     """The steps that create the namespaces and map ids into the user namespace.
 
     Without ``config.id_mapping`` only the invoking uid/gid is mapped, by the process itself. With
     it (a test's sandbox where subids.sandbox_ids found a range, recipes' run steps) a full map
-    is written from outside, by newuidmap/newgidmap or, as root, directly: a mapper forked
-    before unshare maps the caller once it has unshared (see subids.Mapper).
+    is written from outside by the parent, through *mapper* (see subids.ParentMapper):
+    directly as root, else by newuidmap/newgidmap.
     """
     unshare: Step = ("unshare_namespaces", lambda: L.unshare(config.clone_flags))
     if config.id_mapping is None:
         return [unshare, ("write_id_maps", lambda: write_id_maps(config.uid, config.gid))]
-    mapper = subids.Mapper(config.id_mapping)
-    return [("start_id_mapper", mapper.start), unshare, ("map_subordinate_ids", mapper.finish)]
+    if mapper is None:
+        raise ValueError("a full id mapping needs the parent's mapper (subids.ParentMapper)")
+    return [unshare, ("map_subordinate_ids", mapper.finish)]
 
 
 def kept_capability_mask(cap_last_cap: int) -> int:

@@ -412,6 +412,61 @@ class Mapper:
             raise SubordinateIdError([message or f"the id mapper exited with status {os.waitstatus_to_exitcode(status)}"])
 
 
+PARENT_WAIT: Final = 30.0  # seconds P waits for its child to unshare (a few steps, never blocking)
+IDS_MAPPED: Final = b"ok"
+
+
+class ParentMapper:
+    """Maps a child's new user namespace from its parent, with no process of its own (the forked
+    form: P maps A, saving the fork of a mapper per sandbox). Made before the fork; then the
+    parent calls map_child(pid), the child in_child(), keeps child_fds() and calls finish()
+    after unshare."""
+
+    def __init__(self, mapping: IdMapping) -> None:
+        self.mapping = mapping
+        self._ready_read, self._ready_write = os.pipe()
+        self._done_read, self._done_write = os.pipe()
+
+    def child_fds(self) -> set[int]:
+        return {self._ready_write, self._done_read}
+
+    def map_child(self, pid: int) -> None:
+        """In the parent, right after the fork: once the child has unshared, write its maps."""
+        os.close(self._ready_write)
+        os.close(self._done_read)
+        try:
+            import select  # imported by pytest already; the builder never gets here
+
+            if select.select([self._ready_read], [], [], PARENT_WAIT)[0] and os.read(self._ready_read, 1) == b"1":
+                problem = _write_maps(self.mapping, pid)
+                os.write(self._done_write, problem.encode() if problem else IDS_MAPPED)
+        finally:  # EOF for the child: it fails at map_subordinate_ids if nothing was written
+            os.close(self._ready_read)
+            os.close(self._done_write)
+
+    def close(self) -> None:
+        """The fork failed: close every end."""
+        for fd in (self._ready_read, self._ready_write, self._done_read, self._done_write):
+            os.close(fd)
+
+    def in_child(self) -> None:
+        """In the child, right after the fork: close the parent's ends."""
+        os.close(self._ready_read)
+        os.close(self._done_write)
+
+    def finish(self) -> None:
+        """In the child, after unshare(CLONE_NEWUSER): have the parent map it; raise what failed."""
+        os.write(self._ready_write, b"1")
+        os.close(self._ready_write)
+        chunks = []
+        while chunk := os.read(self._done_read, 4096):
+            chunks.append(chunk)
+        os.close(self._done_read)
+        answer = b"".join(chunks)
+        if answer != IDS_MAPPED:
+            raise SubordinateIdError([answer.decode(errors="replace") or "the parent process did not map the user namespace"])
+
+
 def _write_maps(mapping: IdMapping, pid: int) -> str:
     if mapping.direct:
         for name, own, sub in (("uid_map", mapping.uid, mapping.subuid), ("gid_map", mapping.gid, mapping.subgid)):

@@ -44,9 +44,9 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
     "mount_proc_for_pid_namespace": ("prebuilt",),
     "unshare_namespaces": BOTH,
     # prebuilt: B' writes its maps, or asks the builder's worker to (a full range); forked: A writes
-    # one id itself, or a mapper it forked writes a full range (as root, or with subordinate ids)
+    # one id itself, or P writes a full range for it (as root, or with subordinate ids)
     "write_id_maps": BOTH if FULL_IDS is None else ("prebuilt",),
-    **({} if FULL_IDS is None else {"start_id_mapper": ("forked",), "map_subordinate_ids": ("forked",)}),
+    **({} if FULL_IDS is None else {"map_subordinate_ids": ("forked",)}),
     # B / B': the mount plan (mounts.build_plan, for the host image and network="none")
     "B:set_parent_death_signal": ("forked",),
     "make_root_slave": BOTH,
@@ -91,14 +91,7 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
 
 # Steps no pytest run of a marked test takes here, and why.
 NOT_IN_A_TEST_RUN: dict[str, str] = {
-    **(
-        {
-            "start_id_mapper": "a full id range: not without subordinate ids (rootless)",
-            "map_subordinate_ids": "a full id range: not without subordinate ids (rootless)",
-        }
-        if FULL_IDS is None
-        else {}
-    ),
+    **({"map_subordinate_ids": "a full id range: not without subordinate ids (rootless)"} if FULL_IDS is None else {}),
     "mount_host_path_dir": "a throwaway host directory with mounts below it (none in the host image's plan here)",
     "make_links": "symlinks inside such a directory",
     **dict.fromkeys(HOST_SYS_MASK_STEPS, "the host's /sys bound read-only: network 'host' only"),

@@ -127,7 +127,13 @@ def test_a_sandbox_maps_subordinate_ids_from_outside_only_when_asked() -> None:
     assert [name for name, _ in unshare_steps(config)] == ["unshare_namespaces", "write_id_maps"]
     mapping = subids.IdMapping(1000, 1000, subids.Range(1, 65536), subids.Range(1, 65536), "newuidmap", "newgidmap")
     mapped = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40, id_mapping=mapping)
-    assert [name for name, _ in unshare_steps(mapped)] == ["start_id_mapper", "unshare_namespaces", "map_subordinate_ids"]
+    mapper = subids.ParentMapper(mapping)
+    try:
+        assert [name for name, _ in unshare_steps(mapped, mapper)] == ["unshare_namespaces", "map_subordinate_ids"]
+    finally:
+        mapper.close()
+    with pytest.raises(ValueError):
+        unshare_steps(mapped)  # a full map is never written by the process itself
 
 
 def test_the_suggested_range_starts_after_every_range_given_out(tmp_path: Path) -> None:
