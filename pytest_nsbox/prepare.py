@@ -20,7 +20,7 @@ from typing import Any, Final
 import pytest
 
 from . import compat, images, probe
-from .box import cgroups, mounts
+from .box import cgroups, mounts, subids
 from .box.config import SandboxConfig
 from .box.network import NETEM_FIX, NETEM_MISSING, LinkFaults, NetworkError, Plumbing
 from .errors import NsboxError
@@ -78,6 +78,7 @@ class Prepared:
             os.getcwd(),
             cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
             oom_first=self.cgroup is not None and self.spec.memory is not None,
+            id_mapping=subids.sandbox_ids().mapping,
             drop_env=self.spec.drop_env or (),
         )
 
