@@ -318,6 +318,7 @@ class _Server:
 
     def _make_bridge(self) -> None:
         inject("N", "make_private_network")
+        _no_ipv6_on_new_links()
         ipr = self.bridge
         ipr.link("set", index=_index(ipr, "lo"), state="up")
         try:
@@ -388,6 +389,7 @@ class _Server:
         L.setns(pidfd, L.CLONE_NEWNET)
         try:
             sandbox_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            _no_ipv6_on_new_links()
         finally:
             L.setns(self.netns.home, L.CLONE_NEWNET)
         try:
@@ -570,6 +572,17 @@ class _Server:
             os.close(pidfd)
 
         sandbox.connected.add_done_callback(close_pidfd)
+
+
+def _no_ipv6_on_new_links() -> None:
+    """In the calling thread's network namespace: links made from now on get no IPv6 (the private
+    network is IPv4; link-local addresses and their duplicate detection are per-test kernel work
+    for nothing). Loopback keeps its addresses."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as handle:
+            handle.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
 
 
 def _describe(exc: BaseException) -> str:
