@@ -577,7 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("image", nargs="?", help=IMAGE_HELP)
     shell.add_argument("--kept", metavar="NODEID", help="re-enter the kept sandbox of a test (pytest --nsbox-keep)")
     shell.add_argument("--run", help=argparse.SUPPRESS)
-    shell.add_argument("--network", choices=NETWORKS, default=None)
+    shell.add_argument(
+        "--network",
+        choices=[n for n in NETWORKS if n != "private"],  # a private network lives in a test run, with its services
+        default=None,
+        help="'none' (default: only lo) or 'host'",
+    )
     shell.add_argument("-e", "--env", action="append", metavar="KEY[=VALUE]", help="set a variable (KEY alone: yours)")
     shell.add_argument("-w", "--workdir", metavar="DIR", help="the working directory inside (default: the image's, or /)")
     for name, metavar, what in (

@@ -159,6 +159,13 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp()) if factory is not None else None
 
 
+def basetemp_if_made(config: pytest.Config) -> str | None:
+    """pytest's basetemp if it was made in this process (never makes one)."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    made = getattr(factory, "_basetemp", None)
+    return str(made) if made is not None else None
+
+
 def stdio_copies(config: pytest.Config) -> tuple[int, ...]:
     """The descriptors pytest holds of the user's stdin/stdout/stderr: the originals its global
     capture saved (fd method) and faulthandler's copy of stderr. The debugger, pytest-timeout's

@@ -14,7 +14,7 @@ tests SKIP (ERROR under ``--nsbox-require``) or error with the project's configu
 
 Everything else that is missing is a WARN: cgroups where none is configured (tests that *request*
 a limit are refused; sandboxes run without the default pids cap or the peak-memory report), the
-cpu controller, subordinate ids (image builds that need root). Nothing is left behind: cgroups are
+cpu controller, subordinate ids (image builds that need root; ids 0-65536 in sandboxes). Nothing is left behind: cgroups are
 checked without writing, then one test cgroup is created and removed where the check passes.
 """
 

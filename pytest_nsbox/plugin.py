@@ -12,6 +12,7 @@ from typing import Final
 import pytest
 
 from . import kept, probe, reports, reruns, runtest, services, timers
+from .box import subids
 from .budget import MemoryLedger, default_ledger_dir, promised
 from .errors import NsboxError
 from .prepare import memory_available, memory_total
@@ -294,10 +295,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         runner.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmpdir plugin deletes tmp_path dirs (tmp_path_retention_policy)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """In an xdist worker: hand what sandboxed tests went without to the controller, which prints
-    the run's one notice (workers print nothing)."""
+    """Give basetemp's files back to the user (rootless with subordinate ids, see
+    Runner.give_back_basetemp). In an xdist worker: hand what sandboxed tests went without to the
+    controller, which prints the run's one notice (workers print nothing)."""
     runner = session.config.stash.get(RUNNER_KEY, None)
+    if runner is not None:
+        runner.give_back_basetemp()
     workeroutput = getattr(session.config, "workeroutput", None)
     if runner is not None and isinstance(workeroutput, dict) and runner.preparer.defaults_off:
         workeroutput[DEFAULTS_OFF_KEY] = dict(runner.preparer.defaults_off)
@@ -335,6 +340,9 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if runner.keeper is not None:
         settings = runner.keeper.settings
         header += f"; keep {settings.mode} (newest {settings.runs} runs, {format_size(settings.size)}: {runner.keeper.project})"
+    ids = subids.sandbox_ids()
+    if ids.mapping is None:  # what a test cannot do then: README, "What is different inside a sandbox"
+        header += "; " + ids.describe()
     return header
 
 

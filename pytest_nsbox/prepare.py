@@ -21,7 +21,7 @@ from typing import Any, Final
 import pytest
 
 from . import compat, images, probe
-from .box import cgroups, diskscratch, mounts
+from .box import cgroups, diskscratch, mounts, subids
 from .box.config import SandboxConfig
 from .box.network import NETEM_FIX, NETEM_MISSING, LinkFaults, NetworkError, Plumbing
 from .errors import NsboxError
@@ -90,6 +90,7 @@ class Prepared:
             os.getcwd(),
             cgroup_files=self.cgroup.join_files if self.cgroup is not None else (),
             oom_first=self.cgroup is not None and self.spec.memory is not None,
+            id_mapping=subids.sandbox_ids().mapping,
             drop_env=self.spec.drop_env or (),
             scratch_dir=self.scratch_dir,
         )

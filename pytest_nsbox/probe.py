@@ -259,10 +259,27 @@ def netem() -> Probe:
     return Probe(ok, what, message, "" if ok else NETEM_FIX)
 
 
+def sandbox_id_range() -> Probe:
+    """Do test sandboxes map ids 0-65536 here, or only the caller's own id (subids.sandbox_ids)?"""
+    from .box import subids
+
+    what = "ids 0-65536 in test sandboxes"
+    ids = subids.sandbox_ids()
+    if ids.mapping is None:
+        return Probe(False, what, f"sandboxes map one id: {ids.reason}", SANDBOX_IDS_HINT)
+    return Probe(True, what, ids.describe())
+
+
+SANDBOX_IDS_HINT: Final = (
+    "subordinate ids: newuidmap and newgidmap (package uidmap) and a range of 65536 ids in /etc/subuid and /etc/subgid "
+    "(as image builds: see the line above)"
+)
+
+
 def all_probes() -> list[Probe]:
     return [linux(), userns(), overlay_userns(), cgroup_limits()]
 
 
 def optional_probes() -> list[Probe]:
     """What some features need but a sandbox does not."""
-    return [subordinate_ids(), network_link("veth"), network_link("bridge"), netem()]
+    return [subordinate_ids(), sandbox_id_range(), network_link("veth"), network_link("bridge"), netem()]

@@ -15,11 +15,13 @@ import sys
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
 from . import compat, kept, probe, reports, reruns, services, timers
+from .box import subids
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
 from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
@@ -41,6 +43,10 @@ CHILD_REPORTER: Final = "nsbox-child-reporter"
 USER_NOT_APPLIED: Final = (
     "nsbox: image {image!r} asks for User {user!r}; its sandboxed tests run as root inside (your uid outside): "
     "a test is pytest's own process (the User applies to 'nsbox shell' and recipe run steps)"
+)
+BASETEMP_NOT_GIVEN_BACK: Final = (
+    "nsbox: could not give the files sandboxed tests left in {basetemp} back to you ({error}); "
+    "files of subordinate ids there may resist deletion"
 )
 PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C are in the cgroup
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
@@ -208,10 +214,10 @@ class SandboxRunner:
         self.sandbox_all = sandbox_all
         self.require = require
         self.preparer = Preparer(config, defaults, cgroup_root=cgroup_root, cache_dir=cache_dir)
-        builder = Builder() if prebuild_ahead and probe.prebuild_supported() else None
+        builder = Builder(subids.sandbox_ids().mapping) if prebuild_ahead and probe.prebuild_supported() else None
         self.lookahead = Lookahead(self.preparer, builder)
         self.preparer.network = self._network
-        self.services = ServiceRegistry(self.preparer, lambda: self.lookahead.builder)
+        self.services = ServiceRegistry(self.preparer, lambda: self.lookahead.builder, budget)
         self.supervisor = Supervisor()
         self.carriers = Carriers(config)
         self.reporter = ChildReporter(config)
@@ -219,6 +225,7 @@ class SandboxRunner:
         self._start_costs: dict[int, int | None] = {}  # id(plan): peak memory of an empty sandbox
         self._warned_users: set[str] = set()  # images whose User a test does not take: warned once
         self._forked = False  # the current test's sandbox was built by forks of P (never kept)
+        self._sandboxed = False  # a sandboxed test ran (see give_back_basetemp)
 
     def wants(self, item: pytest.Item) -> bool:
         return self.sandbox_all or item.get_closest_marker(MARKER) is not None
@@ -237,6 +244,23 @@ class SandboxRunner:
         if self.keeper is not None:
             self.keeper.close()
 
+    def give_back_basetemp(self) -> None:
+        """Rootless with subordinate ids: give what sandboxed tests left in basetemp owned by
+        subordinate ids (a directory a test chowned, files a process started with ``user=``
+        created) back to the user, so that pytest's basetemp cleanup, and the user, can delete it.
+
+        One sandbox-like process, mapped as the tests' sandboxes are, chowns the tree to its
+        root (the user on disk); modes are kept. Root needs none of it: root can delete anything.
+        """
+        ids = subids.sandbox_ids()
+        basetemp = compat.basetemp_if_made(self.config)
+        if ids.mapping is None or not ids.subordinate or basetemp is None or not self._sandboxed:
+            return
+        try:
+            subids.run_mapped(ids.mapping, lambda: subids.chown_tree_to_root(Path(basetemp)))
+        except (RuntimeError, OSError) as exc:
+            warnings.warn(NsboxWarning(BASETEMP_NOT_GIVEN_BACK.format(basetemp=basetemp, error=exc)), stacklevel=1)
+
     def run_item(
         self,
         item: pytest.Item,
@@ -249,6 +273,7 @@ class SandboxRunner:
         again (pytest-rerunfailures): then the wider-scoped fixtures stay up for the rerun.
         """
         reruns.start_attempt(item)
+        self._sandboxed = True
         prepared, ticket = self.lookahead.take(item)
         too_big = self._beyond_budget(prepared)
         if too_big is not None:  # the user's value: an ERROR, and nothing of the test runs

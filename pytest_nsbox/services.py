@@ -30,12 +30,14 @@ from .box import wire
 from .box.config import EXIT_INTERNAL_ERROR
 from .box.network import LinkFaults, NetworkError, Plumbing
 from .box.prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
+from .budget import Admission, BudgetError
 from .errors import NsboxError
 from .prepare import Refused
 from .spec import Network, SandboxSpec, SpecError, network_mode, parse_field
 
 if TYPE_CHECKING:
     from .box.builder import Builder
+    from .budget import MemoryLedger
     from .prepare import Preparer
 
 READY_TIMEOUT: Final = 60.0
@@ -96,6 +98,7 @@ class Service:
         self.pid: int | None = None
         self._prebuilt: Prebuilt | None = None
         self._cgroup: Any = None
+        self._release: Callable[[], None] | None = None
         self.stopped = False
 
     def __repr__(self) -> str:
@@ -143,13 +146,16 @@ class Service:
             self._prebuilt.close()
         if self._cgroup is not None:
             self._cgroup.discard()
+        if self._release is not None:
+            self._release()  # its share of the memory budget
 
 
 class ServiceRegistry:
     """P's services of this session, by name."""
 
-    def __init__(self, preparer: Preparer, builder: Callable[[], Builder | None]) -> None:
+    def __init__(self, preparer: Preparer, builder: Callable[[], Builder | None], budget: MemoryLedger | None = None) -> None:
         self._preparer = preparer
+        self._budget = budget  # a service with a memory limit takes its share of the run's budget while it runs
         self._builder = builder  # the runner's (None once lost: the private network is gone with it)
         self.running: dict[str, Service] = {}
         self._switch = PidNamespaceSwitch()
@@ -194,6 +200,32 @@ class ServiceRegistry:
             raise ServiceError(f"nsbox_service {name!r}: command must be a non-empty list of strings, got {command!r}")
         pattern = re.compile(ready_log) if ready_log is not None else None
         spec = self._spec(name, image, limits)
+        admission = None
+        if self._budget is not None and spec.memory is not None:
+            try:
+                self._budget.check(spec.memory)
+                admission = self._budget.admit(spec.memory)  # waits, as a test does, while others hold the budget
+            except (BudgetError, OSError) as exc:
+                raise ServiceError(f"nsbox_service {name!r}: {exc}") from None
+        try:
+            return self._start(name, spec, command, log_dir, env, ready_port, pattern, ready_timeout, admission)
+        except BaseException:
+            if admission is not None and self._budget is not None:
+                self._budget.release(admission)
+            raise
+
+    def _start(
+        self,
+        name: str,
+        spec: SandboxSpec,
+        command: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str] | None,
+        ready_port: int | None,
+        pattern: re.Pattern[str] | None,
+        ready_timeout: float,
+        admission: Admission | None,
+    ) -> Service:
         preparer = self._preparer
         prepared = preparer.prepare_spec(spec, f"service {name!r}")
         if isinstance(prepared, Refused):
@@ -220,6 +252,9 @@ class ServiceRegistry:
         log_path = log_dir / f"{name}.log"
         service = Service(self, name, address, log_path)
         service._prebuilt, service._cgroup = built, prepared.cgroup
+        if admission is not None and self._budget is not None:
+            budget = self._budget
+            service._release = lambda: budget.release(admission)
         environment = {**prepared.environment(), **(env or {})}
         try:
             service.pid = self._spawn(config, built, command, log_path, environment, name)

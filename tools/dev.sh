@@ -134,7 +134,7 @@ run_wheel() {
   # pytest-nsbox as a user gets it: the sdist and the wheel built from the tracked files (a build
   # warning fails), the wheel (not an editable install) in a fresh venv outside the repository,
   # and a small project of its own under /tmp run against it: a shipped image by name, a memory
-  # limit a test hits, xdist.
+  # limit a test hits, a service on the private network, xdist.
   echo "== the wheel: built without warnings, installed outside the repository, run by a project of its own"
   local work python=${PYTHON:-python3}
   work=$(mktemp -d /tmp/nsbox-wheel-XXXXXX)
@@ -184,6 +184,9 @@ EOF
   cat > "$project/test_uses_nsbox.py" <<'EOF'
 import os
 import socket
+import sys
+
+import pytest
 
 from pytest_nsbox import nsbox
 
@@ -207,6 +210,19 @@ def test_memory_limit_is_hit():  # expected to FAIL: the test exceeds its memory
 
 def test_not_sandboxed():
     assert socket.gethostname() != "nsbox"
+
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):  # a service on the private network: the installed wheel's network process
+    server = "import socket\ns = socket.create_server(('0.0.0.0', 7000))\nwhile True:\n    c = s.accept()[0]\n    c.sendall(c.recv(10))\n    c.close()"
+    return nsbox_service("echo", command=[sys.executable, "-c", server], ready_port=7000)
+
+
+@nsbox(network="private")
+def test_private_network(echo):
+    with socket.create_connection(("echo", 7000), timeout=5) as c:
+        c.sendall(b"ping")
+        assert c.recv(10) == b"ping"
 EOF
   (cd "$project" && "$work/venv/bin/nsbox" images --cache-dir "$work/cache" build nope) 2> "$work/build-nope.err" && return 1
   grep -F "known: busybox, debian-bookworm, debian-bookworm-curl, debian-bookworm-redis" "$work/build-nope.err" \
@@ -215,13 +231,14 @@ EOF
   (cd "$project" && "$work/venv/bin/python" -m pytest -p no:cacheprovider -n 2 -rA --nsbox-require) > "$work/pytest.log" 2>&1 || status=$?
   cat "$work/pytest.log"
   local line
-  for line in "2 workers [4 items]" \
+  for line in "2 workers [5 items]" \
+      "PASSED test_uses_nsbox.py::test_private_network" \
       "PASSED test_uses_nsbox.py::test_shipped_image_by_name" \
       "PASSED test_uses_nsbox.py::test_busybox_under_a_pids_limit" \
       "PASSED test_uses_nsbox.py::test_not_sandboxed" \
       "FAILED test_uses_nsbox.py::test_memory_limit_is_hit" \
       "nsbox: test exceeded its memory limit of 64 MiB" \
-      "1 failed, 3 passed"; do
+      "1 failed, 4 passed"; do
     grep -qF -- "$line" "$work/pytest.log" || { echo "the project's run lacks: $line" >&2; return 1; }
   done
   [ "$status" -eq 1 ] || { echo "the project's run exited $status, expected 1 (one test fails on purpose)" >&2; return 1; }

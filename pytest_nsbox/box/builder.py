@@ -37,15 +37,16 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import subprocess
 
-    from .network import NetworkHost, Plumbing
+    from .network import NetworkError, NetworkHost, Plumbing
 
 from ..errors import NsboxError
 from . import _linux as L
 from . import wire
 from .config import SandboxConfig
 from .mounts import MountPlan
-from .prebuilt import Prebuilt, build_ahead
+from .prebuilt import MAP_IDS, Prebuilt, build_ahead, map_sandbox_ids
 from .steps import enter_user_namespace, fork_into_pid_namespace, open_own_pid_namespace
+from .subids import IdMapping
 
 MAX_MESSAGE: Final = 1 << 20
 _SERVE: Final = "import sys; sys.path.insert(0, sys.argv[1]); from pytest_nsbox.box.builder import serve; serve()"
@@ -84,7 +85,8 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
 class Builder:
     """P's handle on the builder process: submit sandbox configs, take the built sandboxes."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: IdMapping | None = None) -> None:
+        self._ids = ids  # the sandboxes' full id range (subids.sandbox_ids), or None: one id
         self._process: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._next_id = 0
@@ -92,6 +94,7 @@ class Builder:
         self._discarded: set[int] = set()
         self._plans_sent: dict[int, MountPlan] = {}  # id() -> plan, kept alive so ids stay unique
         self._network: NetworkHost | None = None
+        self._network_failed: NetworkError | None = None
         self._network_sent = False  # W has N's socket
 
     def _start(self) -> socket.socket:
@@ -103,7 +106,8 @@ class Builder:
         package_parent = str(Path(__file__).resolve().parents[2])
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _SERVE, package_parent, str(theirs.fileno()), str(os.getpid())],
+                [sys.executable, "-I", "-S", "-c", _SERVE, package_parent, str(theirs.fileno()), str(os.getpid())]
+                + (self._ids.to_args() if self._ids is not None else []),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),
@@ -122,12 +126,18 @@ class Builder:
 
     def network(self) -> NetworkHost:
         """The run's private network (its process N is started the first time; NetworkError)."""
+        if self._network_failed is not None:
+            raise self._network_failed  # once per run: every private test then says the same
         if self._network is None:
-            from .network import NetworkHost
+            from .network import NetworkError, NetworkHost
 
             self._start()
             assert self._process is not None
-            self._network = NetworkHost(self._process.pid)
+            try:
+                self._network = NetworkHost(self._process.pid)
+            except NetworkError as exc:
+                self._network_failed = exc
+                raise
         return self._network
 
     def submit(self, config: SandboxConfig, plumbing: Plumbing | None = None) -> int:
@@ -232,22 +242,24 @@ def serve() -> None:
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # P handles ^C
+    ids = IdMapping.from_args(sys.argv[4:]) if len(sys.argv) > 4 else None
     try:
-        # a user namespace of its own (root inside = the caller) and a PID namespace for W: W owns
-        # every PID namespace it creates for a sandbox and may switch back to its own
-        enter_user_namespace(L.CLONE_NEWPID)
+        # a user namespace of its own (root inside = the caller, with ids: 1..65536 to their range)
+        # and a PID namespace for W: W owns every PID namespace it creates for a sandbox and may
+        # switch back to its own
+        enter_user_namespace(L.CLONE_NEWPID, ids)
         worker = os.fork()
-    except OSError as exc:
+    except (OSError, NsboxError) as exc:
         sock.send(wire.encode({"kind": "builder_failed", "message": f"cannot set up the sandbox builder: {exc}"}))
         return
     if worker == 0:
-        _work(sock)
+        _work(sock, ids)
         os._exit(0)
     sock.close()
     os.waitpid(worker, 0)
 
 
-def _work(sock: socket.socket) -> None:
+def _work(sock: socket.socket, ids: IdMapping | None) -> None:
     """Main of W, PID 1 of the builder's PID namespace: build each requested sandbox, answer with
     its pidfd or its setup error, reap the sandboxes' B' processes P killed."""
     L.prctl(L.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -270,7 +282,9 @@ def _work(sock: socket.socket) -> None:
         ticket, plan_id, plan, network_mode, cgroup_files, cap_last_cap, plumbing, scratch_dir = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        config = SandboxConfig(plans[plan_id], network_mode, 0, 0, {}, "/", cap_last_cap, cgroup_files, scratch_dir=scratch_dir)
+        config = SandboxConfig(
+            plans[plan_id], network_mode, 0, 0, {}, "/", cap_last_cap, cgroup_files, id_mapping=ids, scratch_dir=scratch_dir
+        )
         keep_out = (sock.fileno(), *((network.fileno(),) if network is not None else ()))
         answer, fds = _build(config, keep_out, own_pid_namespace)
         if plumbing is not None and answer.get("kind") == "ready" and fds:
@@ -322,6 +336,9 @@ def _build(config: SandboxConfig, keep_out: tuple[int, ...], own_pid_namespace: 
     with ours:
         try:
             record, fds = _receive(ours)
+            if record is not None and record["kind"] == MAP_IDS:  # B' has unshared: W writes its id maps
+                map_sandbox_ids(ours, record)
+                record, fds = _receive(ours)
         except (OSError, wire.WireError) as exc:
             record, fds = {"kind": "setup_error", "process": "B", "step": "build", "message": str(exc)}, []
     if record is None:

@@ -62,7 +62,7 @@ class SandboxConfig:
     stack_fd: int | None = None  # the test's faulthandler dumps its stack here on SIGUSR1 (timeouts)
     crash_fd: int | None = None  # ... and here on a fatal signal, if faulthandler is enabled (pytest enables it)
     oom_first: bool = False  # the test and its children are the OOM killer's first choice, not PID 1
-    id_mapping: subids.IdMapping | None = None  # recipes' run steps: map subordinate ids too (see steps.unshare_steps)
+    id_mapping: subids.IdMapping | None = None  # a full id range (sandbox_ids, run steps; see steps.unshare_steps)
     root_dev: int | None = None  # st_dev of the sandbox's "/", read by its PID 1 after pivot_root; the test checks it
     # P's copies of the user's stdin/stdout/stderr (pytest's capture saves them, faulthandler writes to
     # one): kept like fds 0-2, whatever they are (a pipe too), so the debugger reaches the user's terminal

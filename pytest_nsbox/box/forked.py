@@ -5,7 +5,8 @@ before 5.8, and after the builder died:
 
     P  pytest            forks A, reads the result pipe, reaps A (see supervise)
     A  unsharer          closes inherited descriptors, joins the cgroup,
-                         unshare(USER|NS|PID|NET|UTS|IPC|CGROUP), writes its id maps, forks B
+                         unshare(USER|NS|PID|NET|UTS|IPC|CGROUP), writes its id maps (a full
+                         range: P writes them, see subids.ParentMapper), forks B
     B  PID 1             runs the mount plan (pivot_root, hostname, loopback); forks C; gives up
                          its capabilities; reaps every orphan until C exits; kills what is left,
                          sends C's status
@@ -19,7 +20,7 @@ import signal
 from dataclasses import replace
 from typing import NoReturn
 
-from . import cgroups, faults
+from . import cgroups, faults, subids
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
 from .mounts import with_scratch_source
 from .steps import (
@@ -48,16 +49,32 @@ class ForkedSpawn:
 
     process = "A"
 
+    def __init__(self, id_mapping: subids.IdMapping | None = None) -> None:
+        self.id_mapping = id_mapping  # a full range: P writes A's maps once A has unshared
+        self.mapper: subids.ParentMapper | None = None
+
     def keep(self) -> set[int]:
         return set()  # A sorts the descriptors itself (this form is the fallback: no need to save the copy)
 
     def fork(self) -> int:
-        return os.fork()
+        if self.id_mapping is not None:
+            self.mapper = subids.ParentMapper(self.id_mapping)
+        try:
+            pid = os.fork()
+        except OSError:
+            if self.mapper is not None:
+                self.mapper.close()
+            raise
+        if pid and self.mapper is not None:
+            self.mapper.map_child(pid)  # waits for A to unshare: a few steps of A, no fork of a mapper
+        return pid
 
     def child(self, config: SandboxConfig, write_fd: int, kept: set[int], p_pid: int, target: Target) -> NoReturn:
         """Body of A; never returns into the caller's (pytest's) code."""
         try:
-            _process_a(config, Channel(write_fd), p_pid, target)
+            if self.mapper is not None:
+                self.mapper.in_child()
+            _process_a(config, Channel(write_fd), p_pid, target, self.mapper)
         finally:
             os._exit(EXIT_INTERNAL_ERROR)
 
@@ -82,14 +99,17 @@ class ForkedSpawn:
         pass
 
 
-def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Target) -> None:
+def _process_a(
+    config: SandboxConfig, channel: Channel, p_pid: int, target: Target, mapper: subids.ParentMapper | None
+) -> None:
     guard_parent(channel, "A", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
     keep = {0, 1, 2, channel.fd, *config.stdio_copies} | {fd for fd in (config.stack_fd, config.crash_fd) if fd is not None}
+    keep |= mapper.child_fds() if mapper is not None else set()
     steps: list[Step] = [
         ("close_inherited_fds", lambda: close_inherited_fds(keep, cgroups.control_devices())),
         ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
-        *unshare_steps(config),
+        *unshare_steps(config, mapper),
     ]
     run_steps(channel, "A", steps)
     a_pid = os.getpid()

@@ -36,7 +36,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # N only: P and W never import it
 
 from ..errors import NsboxError
 from . import _linux as L
@@ -128,11 +131,11 @@ class NetworkHost:
     """P's handle on N: started once per pytest process, with the builder whose namespace it joins."""
 
     def __init__(self, builder_pid: int) -> None:
+        import importlib.util
         import subprocess
 
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._for_builder, builder_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        import importlib.util
 
         # a plain -I -S interpreter: this package's and pyroute2's parents (found, not imported: P never imports it)
         found = importlib.util.find_spec("pyroute2")
@@ -166,7 +169,11 @@ class NetworkHost:
             theirs.close()
             builder_theirs.close()
         self._control.settimeout(START_TIMEOUT)
-        hello = call(self._control, {"kind": "hello"})
+        try:
+            hello = call(self._control, {"kind": "hello"})
+        except NetworkError:
+            self.close()
+            raise
         self._control.settimeout(None)
         self.netem: bool = bool(hello["netem"])
 
@@ -255,6 +262,10 @@ class _Netns:
     def run(self, action: Callable[[], T]) -> T:
         return self._executor.submit(action).result()
 
+    def submit(self, action: Callable[[], T]) -> Future[T]:
+        """Run *action* on the worker thread, after what is queued; its future."""
+        return self._executor.submit(action)
+
     @staticmethod
     def _enter() -> int:
         L.unshare(L.CLONE_NEWNET)
@@ -278,7 +289,8 @@ class _Sandbox:
     pidfd: int
     address: str
     host_link: str
-    generation: int
+    generation: int  # how many of the exposed host ports it has listeners for
+    connected: Future[None]  # its veth, on the worker thread: P's claim waits for it (only)
     listeners: list[socket.socket] = field(default_factory=list)
 
 
@@ -306,6 +318,7 @@ class _Server:
 
     def _make_bridge(self) -> None:
         inject("N", "make_private_network")
+        _no_ipv6_on_new_links()
         ipr = self.bridge
         ipr.link("set", index=_index(ipr, "lo"), state="up")
         try:
@@ -354,14 +367,15 @@ class _Server:
             if faults.needs_netem and not self.netem:
                 raise NetworkError(NETEM_MISSING)
             address = self._allocate()
-            self._next_link += 1
-            host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
-            self.netns.run(lambda: self._connect(pidfd, host_link, address, faults))
         except Exception as exc:
             os.close(pidfd)
-            self.claims[ticket] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NetworkError | OSError) else str(exc)
+            self.claims[ticket] = _describe(exc)
             return
-        sandbox = _Sandbox(pidfd, address, host_link, 0)
+        self._next_link += 1
+        host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
+        # on the worker thread, while this one answers P: a claim waits for its own sandbox only
+        connected = self.netns.submit(lambda: self._connect(pidfd, host_link, address, faults))
+        sandbox = _Sandbox(pidfd, address, host_link, 0, connected)
         self.sandboxes[pidfd] = sandbox
         self.claims[ticket] = sandbox
         self.selector.register(pidfd, selectors.EVENT_READ, (GONE, sandbox))
@@ -375,6 +389,7 @@ class _Server:
         L.setns(pidfd, L.CLONE_NEWNET)
         try:
             sandbox_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            _no_ipv6_on_new_links()
         finally:
             L.setns(self.netns.home, L.CLONE_NEWNET)
         try:
@@ -406,6 +421,10 @@ class _Server:
             raise NetworkError(f"the sandbox (ticket {ticket}) was never put on the private network")
         if isinstance(result, str):
             raise NetworkError(result)
+        try:
+            result.connected.result()
+        except Exception as exc:
+            raise NetworkError(_describe(exc)) from None
         self.attach(result)
         return result
 
@@ -545,7 +564,29 @@ class _Server:
         del self.sandboxes[sandbox.pidfd]
         for ticket in [t for t, claimed in self.claims.items() if claimed is sandbox]:
             del self.claims[ticket]  # discarded before its test ran
-        os.close(sandbox.pidfd)
+        sandbox.connected.cancel()
+        # closed once the worker thread is done with it (at once if it is, or never started)
+        pidfd = sandbox.pidfd
+
+        def close_pidfd(_: Future[None]) -> None:
+            os.close(pidfd)
+
+        sandbox.connected.add_done_callback(close_pidfd)
+
+
+def _no_ipv6_on_new_links() -> None:
+    """In the calling thread's network namespace: links made from now on get no IPv6 (the private
+    network is IPv4; link-local addresses and their duplicate detection are per-test kernel work
+    for nothing). Loopback keeps its addresses."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as handle:
+            handle.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, NetworkError | OSError) else f"{type(exc).__name__}: {exc}"
 
 
 def _index(ipr: Any, name: str) -> int:

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import NoReturn
 
 from . import _linux as L
-from . import cgroups, wire
+from . import cgroups, subids, wire
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
 from .mounts import SCRATCH_STEPS, BindProc, MountFs, MountPlan, Step, with_scratch_source
 from .steps import Step as NamedStep
@@ -237,6 +237,10 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
         channel = Channel(fd)
         guard_parent(channel, "B", lambda: os.getppid() == 0)  # the worker is outside this PID namespace
         scratch: list[int] = []
+        write_maps: Callable[[], None] = lambda: write_id_maps(0, 0)  # noqa: E731
+        if config.id_mapping is not None:
+            pid = int(os.readlink("/proc/self"))  # in the worker's /proc (B' mounts its own below)
+            write_maps = lambda: _ask_worker_for_id_maps(channel, pid)  # noqa: E731
         steps: list[NamedStep] = [
             ("close_inherited_fds", lambda: _keep_only(fd)),
             ("clear_environment", clear_environment),  # /proc/1/environ: nothing of the builder's (pytest's)
@@ -244,7 +248,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
             ("enter_cgroup", lambda: cgroups.join(config.cgroup_files)),
             ("mount_proc_for_pid_namespace", _mount_own_proc),
             ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),
-            ("write_id_maps", lambda: write_id_maps(0, 0)),
+            ("write_id_maps", write_maps),
             *(
                 (step.name, _holding_scratch(step, config.plan.scratch, scratch))
                 for step in prebuilt_plan_steps(config.plan, config.scratch_dir)
@@ -276,6 +280,39 @@ def _holding_scratch(step: Step, scratch: str, held: list[int]) -> Callable[[], 
         held.append(os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
 
     return run_and_hold
+
+
+MAP_IDS = "map_ids"  # record kind: B' asks the worker to write the id maps of its new user namespace
+IDS_MAPPED = b"ok"
+# each line must lie within one line of the builder's map (0 -> the caller, 1.. -> the range)
+SANDBOX_MAP = f"0 0 1\n1 1 {subids.MAPPED_IDS}\n".encode()
+
+
+def _ask_worker_for_id_maps(channel: Channel, pid: int) -> None:
+    """With a full range in the builder's user namespace, the sandbox's maps it too, 0..MAPPED_IDS
+    to the same ids there. Only a process with CAP_SETUID in the builder's namespace may write
+    that (B' has none there once it has unshared): the worker, root of it, does, without an exec."""
+    channel.send(MAP_IDS, pid=pid)
+    answer = os.read(channel.fd, 4096)
+    if answer != IDS_MAPPED:
+        raise OSError(errno.EPERM, answer.decode(errors="replace") or "the builder's worker did not answer")
+
+
+def map_sandbox_ids(sock: socket.socket, record: dict[str, object]) -> None:
+    """In the builder's worker: answer B''s MAP_IDS record (see _ask_worker_for_id_maps)."""
+    pid = record.get("pid")
+    answer = IDS_MAPPED
+    for name in ("uid_map", "gid_map"):
+        try:
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)  # os-level: a third of open()'s time
+            try:
+                os.write(fd, SANDBOX_MAP)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            answer = f"writing /proc/{pid}/{name}: {exc}".encode()
+            break
+    sock.send(answer)
 
 
 def _keep_only(fd: int) -> None:

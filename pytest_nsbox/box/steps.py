@@ -129,26 +129,34 @@ def write_id_maps(uid: int, gid: int) -> None:
         handle.write(f"0 {gid} 1")
 
 
-def enter_user_namespace(flags: int = 0) -> None:
-    """unshare a user namespace (plus *flags*) in which the caller is root, mapped to itself."""
+def enter_user_namespace(flags: int = 0, mapping: subids.IdMapping | None = None) -> None:
+    """unshare a user namespace (plus *flags*) in which the caller is root, mapped to itself (and,
+    with *mapping*, ids 1..MAPPED_IDS to its range, written from outside: see subids.Mapper)."""
+    if mapping is not None:
+        mapper = subids.Mapper(mapping)
+        mapper.start()
+        L.unshare(L.CLONE_NEWUSER | flags)
+        mapper.finish()
+        return
     uid, gid = os.getuid(), os.getgid()
     L.unshare(L.CLONE_NEWUSER | flags)
     write_id_maps(uid, gid)
 
 
-def unshare_steps(config: SandboxConfig) -> list[Step]:
+def unshare_steps(config: SandboxConfig, mapper: subids.ParentMapper | None = None) -> list[Step]:
     """The steps that create the namespaces and map ids into the user namespace.
 
-    By default only the invoking uid/gid is mapped, by the process itself. With
-    ``config.id_mapping`` (recipes' run steps) a full map is written from outside by
-    newuidmap/newgidmap: a mapper forked before unshare maps the caller once it has unshared
-    (see subids.Mapper).
+    Without ``config.id_mapping`` only the invoking uid/gid is mapped, by the process itself. With
+    it (a test's sandbox where subids.sandbox_ids found a range, recipes' run steps) a full map
+    is written from outside by the parent, through *mapper* (see subids.ParentMapper):
+    directly as root, else by newuidmap/newgidmap.
     """
     unshare: Step = ("unshare_namespaces", lambda: L.unshare(config.clone_flags))
     if config.id_mapping is None:
         return [unshare, ("write_id_maps", lambda: write_id_maps(config.uid, config.gid))]
-    mapper = subids.Mapper(config.id_mapping)
-    return [("start_id_mapper", mapper.start), unshare, ("map_subordinate_ids", mapper.finish)]
+    if mapper is None:
+        raise ValueError("a full id mapping needs the parent's mapper (subids.ParentMapper)")
+    return [unshare, ("map_subordinate_ids", mapper.finish)]
 
 
 def kept_capability_mask(cap_last_cap: int) -> int:

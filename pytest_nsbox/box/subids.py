@@ -114,11 +114,151 @@ class IdMapping:
         """Root writes the maps itself (newuidmap would look for root's own subordinate ids)."""
         return not self.newuidmap
 
+    def to_args(self) -> list[str]:
+        """The mapping as command-line arguments (for the builder; see from_args)."""
+        return [str(v) for v in (self.uid, self.gid, self.subuid.start, self.subgid.start, self.newuidmap, self.newgidmap)]
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> IdMapping:
+        uid, gid, subuid, subgid, newuidmap, newgidmap = args
+        return cls(int(uid), int(gid), Range(int(subuid), MAPPED_IDS), Range(int(subgid), MAPPED_IDS), newuidmap, newgidmap)
+
 
 def root_mapping() -> IdMapping:
     """Root's build sandboxes: ids 0..MAPPED_IDS inside are the same ids outside."""
     identity = Range(1, MAPPED_IDS)
     return IdMapping(0, 0, identity, identity, "", "")
+
+
+# --- the ids of a test's sandbox ---------------------------------------------------------------
+
+SANDBOX_FIRST_ID: Final = 2_130_000_001
+"""As root, ids 1..MAPPED_IDS inside a test's sandbox are 2130000000 + id outside: a range no host user
+or group owns (checked), above systemd's container range (524288..1879048191) and below its
+foreign range (2147352576..), so a file a test gives to uid 1000 in basetemp is nobody's on the host."""
+PASSWD_FILE: Final = Path("/etc/passwd")
+GROUP_FILE: Final = Path("/etc/group")
+RANGE_TAKEN: Final = "ids {first}-{last} (for a sandbox's ids 1-{count}) are not free: {taken}"
+ONE_ID: Final = "one id mapped (root inside = you): {reason}"
+NOT_MAPPED_HERE: Final = "ids {first}-{last} are not mapped in this process's own user namespace ({file})"
+TRIAL_FAILED: Final = "mapping the subordinate ids failed: {error}"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxIds:
+    """How a test's sandbox maps ids: *mapping* (root inside = the caller, ids 1..MAPPED_IDS to a
+    range of their own), or None with *reason*: only the caller's own id."""
+
+    mapping: IdMapping | None
+    reason: str = ""
+
+    @property
+    def subordinate(self) -> bool:
+        """Mapped through the caller's subordinate ids (rootless): ids the caller cannot change on disk."""
+        return self.mapping is not None and not self.mapping.direct
+
+    def describe(self) -> str:
+        if self.mapping is None:
+            return ONE_ID.format(reason=self.reason)
+        sub = self.mapping.subuid
+        return f"ids 0-{MAPPED_IDS} mapped (1-{MAPPED_IDS} to {sub.start}-{sub.start + sub.count - 1})"
+
+
+def _taken_ids(text: str, column: int, first: int, last: int) -> list[str]:
+    """Names of passwd/group entries (id in *column*) whose id lies in first..last."""
+    taken = []
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) > column and fields[column].isdigit() and first <= int(fields[column]) <= last:
+            taken.append(f"{fields[0]} ({fields[column]})")
+    return taken
+
+
+def _overlapping_ranges(text: str, first: int, last: int) -> list[str]:
+    taken = []
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            start, count = int(fields[1]), int(fields[2])
+            if start <= last and first < start + count:
+                taken.append(f"{fields[0]}:{start}:{count}")
+    return taken
+
+
+def root_sandbox_mapping(
+    *,
+    first: int = SANDBOX_FIRST_ID,
+    passwd_file: Path = PASSWD_FILE,
+    group_file: Path = GROUP_FILE,
+    subuid_file: Path = SUBUID_FILE,
+    subgid_file: Path = SUBGID_FILE,
+) -> IdMapping:
+    """Root's test sandboxes: root inside is root, ids 1..MAPPED_IDS are first.. outside, once
+    checked free (no user or group has such an id, no subordinate range overlaps it).
+
+    Raises SubordinateIdError naming what takes the range.
+    """
+    last = first + MAPPED_IDS - 1
+    taken: list[str] = []
+    for file, column in ((passwd_file, 2), (group_file, 2)):
+        try:
+            taken += [f"{file}: {entry}" for entry in _taken_ids(file.read_text(), column, first, last)]
+        except OSError:
+            pass
+    for file in (subuid_file, subgid_file):
+        try:
+            taken += [f"{file}: {entry}" for entry in _overlapping_ranges(file.read_text(), first, last)]
+        except OSError:
+            pass
+    if taken:
+        raise SubordinateIdError([RANGE_TAKEN.format(first=first, last=last, count=MAPPED_IDS, taken="; ".join(taken))])
+    for name in ("uid_map", "gid_map"):  # root of a container's user namespace may have fewer ids
+        try:
+            covered = covers(Path(f"/proc/self/{name}").read_text(), first, last)
+        except OSError:
+            covered = True  # a kernel without user namespaces: no sandbox anyway
+        if not covered:
+            raise SubordinateIdError([NOT_MAPPED_HERE.format(first=first, last=last, file=f"/proc/self/{name}")])
+    ids = Range(first, MAPPED_IDS)
+    return IdMapping(os.getuid(), os.getgid(), ids, ids, "", "")
+
+
+def covers(id_map: str, first: int, last: int) -> bool:
+    """Whether one line of a uid_map/gid_map (inside, outside, count) maps all of first..last."""
+    for line in id_map.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            start, count = int(fields[0]), int(fields[2])
+            if start <= first and last < start + count:
+                return True
+    return False
+
+
+_sandbox_ids: tuple[int, SandboxIds] | None = None  # (pid, what sandbox_ids found for it)
+
+
+def sandbox_ids() -> SandboxIds:
+    """The ids of this process's test sandboxes: as root a free high range (root_sandbox_mapping),
+    rootless the user's subordinate ids (find_mapping); else only the caller's own id. Read once
+    per process."""
+    global _sandbox_ids
+    if _sandbox_ids is None or _sandbox_ids[0] != os.getpid():
+        try:
+            found = SandboxIds(root_sandbox_mapping() if os.geteuid() == 0 else _tried(find_mapping()))
+        except SubordinateIdError as exc:
+            found = SandboxIds(None, "; ".join(exc.problems))
+        _sandbox_ids = (os.getpid(), found)
+    return _sandbox_ids[1]
+
+
+def _tried(mapping: IdMapping) -> IdMapping:
+    """*mapping*, once newuidmap/newgidmap have written it for a child: they refuse ranges the
+    files give but the parent namespace lacks (a container that maps fewer ids)."""
+    try:
+        run_mapped(mapping, lambda: None)
+    except RuntimeError as exc:
+        raise SubordinateIdError([TRIAL_FAILED.format(error=exc)]) from None
+    return mapping
 
 
 def free_start(*files: Path) -> int:
@@ -272,12 +412,67 @@ class Mapper:
             raise SubordinateIdError([message or f"the id mapper exited with status {os.waitstatus_to_exitcode(status)}"])
 
 
+PARENT_WAIT: Final = 30.0  # seconds P waits for its child to unshare (a few steps, never blocking)
+IDS_MAPPED: Final = b"ok"
+
+
+class ParentMapper:
+    """Maps a child's new user namespace from its parent, with no process of its own (the forked
+    form: P maps A, saving the fork of a mapper per sandbox). Made before the fork; then the
+    parent calls map_child(pid), the child in_child(), keeps child_fds() and calls finish()
+    after unshare."""
+
+    def __init__(self, mapping: IdMapping) -> None:
+        self.mapping = mapping
+        self._ready_read, self._ready_write = os.pipe()
+        self._done_read, self._done_write = os.pipe()
+
+    def child_fds(self) -> set[int]:
+        return {self._ready_write, self._done_read}
+
+    def map_child(self, pid: int) -> None:
+        """In the parent, right after the fork: once the child has unshared, write its maps."""
+        os.close(self._ready_write)
+        os.close(self._done_read)
+        try:
+            import select  # imported by pytest already; the builder never gets here
+
+            if select.select([self._ready_read], [], [], PARENT_WAIT)[0] and os.read(self._ready_read, 1) == b"1":
+                problem = _write_maps(self.mapping, pid)
+                os.write(self._done_write, problem.encode() if problem else IDS_MAPPED)
+        finally:  # EOF for the child: it fails at map_subordinate_ids if nothing was written
+            os.close(self._ready_read)
+            os.close(self._done_write)
+
+    def close(self) -> None:
+        """The fork failed: close every end."""
+        for fd in (self._ready_read, self._ready_write, self._done_read, self._done_write):
+            os.close(fd)
+
+    def in_child(self) -> None:
+        """In the child, right after the fork: close the parent's ends."""
+        os.close(self._ready_read)
+        os.close(self._done_write)
+
+    def finish(self) -> None:
+        """In the child, after unshare(CLONE_NEWUSER): have the parent map it; raise what failed."""
+        os.write(self._ready_write, b"1")
+        os.close(self._ready_write)
+        chunks = []
+        while chunk := os.read(self._done_read, 4096):
+            chunks.append(chunk)
+        os.close(self._done_read)
+        answer = b"".join(chunks)
+        if answer != IDS_MAPPED:
+            raise SubordinateIdError([answer.decode(errors="replace") or "the parent process did not map the user namespace"])
+
+
 def _write_maps(mapping: IdMapping, pid: int) -> str:
     if mapping.direct:
         for name, own, sub in (("uid_map", mapping.uid, mapping.subuid), ("gid_map", mapping.gid, mapping.subgid)):
             try:
                 with open(f"/proc/{pid}/{name}", "w") as handle:
-                    handle.write(f"0 {own} 1\n{sub.start} {sub.start} {sub.count}\n")
+                    handle.write(f"0 {own} 1\n1 {sub.start} {sub.count}\n")
             except OSError as exc:
                 return f"writing /proc/{pid}/{name} failed: {exc}"
         return ""

@@ -260,7 +260,7 @@ class Supervisor:
         if self._prepared_capabilities != config.cap_last_cap:
             prepare_capability_drop(config.cap_last_cap)
             self._prepared_capabilities = config.cap_last_cap
-        spawn: Spawn = ForkedSpawn() if prebuilt is None else PrebuiltSpawn(prebuilt, self._switch)
+        spawn: Spawn = ForkedSpawn(config.id_mapping) if prebuilt is None else PrebuiltSpawn(prebuilt, self._switch)
         p_pid = os.getpid()
         pipes: set[int] = set()
         try:

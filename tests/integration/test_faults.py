@@ -13,13 +13,14 @@ import pytest
 from helpers import PID_FILE_CONFTEST, builders_of, cgroups_of, processes_with
 
 from pytest_nsbox import reports
-from pytest_nsbox.box import faults, mounts
+from pytest_nsbox.box import faults, mounts, subids
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns]
 
 BOX = Path(reports.__file__).resolve().parent / "box"
 BOTH = ("prebuilt", "forked")
 JOINER = "C" if os.geteuid() == 0 else "J"  # P's child that joins a prebuilt sandbox (see prebuilt.py)
+FULL_IDS = subids.sandbox_ids().mapping  # None: one id mapped (rootless without subordinate ids)
 
 # The kernel interface steps (mounts.kernel_interface_steps): their names are made from the paths.
 MASK_STEPS: tuple[str, ...] = (
@@ -42,7 +43,10 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
     "enter_cgroup": BOTH,
     "mount_proc_for_pid_namespace": ("prebuilt",),
     "unshare_namespaces": BOTH,
-    "write_id_maps": BOTH,
+    # prebuilt: B' writes its maps, or asks the builder's worker to (a full range); forked: A writes
+    # one id itself, or P writes a full range for it (as root, or with subordinate ids)
+    "write_id_maps": BOTH if FULL_IDS is None else ("prebuilt",),
+    **({} if FULL_IDS is None else {"map_subordinate_ids": ("forked",)}),
     # B / B': the mount plan (mounts.build_plan, for the host image and network="none")
     "B:set_parent_death_signal": ("forked",),
     "make_root_slave": BOTH,
@@ -87,8 +91,7 @@ STEP_FAULTS: dict[str, tuple[str, ...]] = {
 
 # Steps no pytest run of a marked test takes here, and why.
 NOT_IN_A_TEST_RUN: dict[str, str] = {
-    "start_id_mapper": "full subordinate id maps: recipes' run steps only",
-    "map_subordinate_ids": "full subordinate id maps: recipes' run steps only",
+    **({"map_subordinate_ids": "a full id range: not without subordinate ids (rootless)"} if FULL_IDS is None else {}),
     "mount_host_path_dir": "a throwaway host directory with mounts below it (none in the host image's plan here)",
     "make_links": "symlinks inside such a directory",
     **dict.fromkeys(HOST_SYS_MASK_STEPS, "the host's /sys bound read-only: network 'host' only"),

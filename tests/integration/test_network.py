@@ -14,20 +14,30 @@ from pytest_nsbox import probe
 
 pytestmark = [pytest.mark.needs_userns, pytest.mark.needs_overlay_userns, pytest.mark.needs_private_network]
 
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # the short summary lines whole
+
+
 # An echo server as a service command: answers each connection with "echo:" + what it got.
 ECHO_SERVER = '''
 import sys
 ECHO = [sys.executable, "-c", """
-import socket, sys
+import socket, sys, threading
 port = int(sys.argv[1]) if len(sys.argv) > 1 else 7000
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", port)); s.listen()
 print("listening on", port, flush=True)
+
+def serve(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with c:
+        while data := c.recv(65536):
+            c.sendall(b"echo:" + data)
+
 while True:
-    c, _ = s.accept()
-    data = c.recv(65536)
-    c.sendall(b"echo:" + data)
-    c.close()
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
 """]
 
 def ask(host, port, data=b"hi", timeout=5):
@@ -311,32 +321,50 @@ def test_not_on_a_private_network(nsbox_network):
 
 def test_a_rate_limit_slows_what_the_test_receives(run_inner) -> None:
     result = run_inner(
-        ECHO_SERVER
-        + """
-import time
+        '''
+import socket, sys, time
 import pytest
 from pytest_nsbox import Network, nsbox
 
-@pytest.fixture(scope="module")
-def echo(nsbox_service):
-    return nsbox_service("echo", command=ECHO, ready_port=7000)
+# a service that sends 60 kB to each connection, then closes it
+SOURCE = [sys.executable, "-c", """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7001)); s.listen()
+while True:
+    c, _ = s.accept()
+    with c:
+        try:
+            c.sendall(b"x" * 60000)
+        except OSError:  # the readiness probe connects and closes at once
+            pass
+"""]
 
-PAYLOAD = b"x" * 60000
+@pytest.fixture(scope="module")
+def source(nsbox_service):
+    return nsbox_service("source", command=SOURCE, ready_port=7001)
+
+def download():
+    start = time.monotonic()
+    with socket.create_connection(("source", 7001), timeout=30) as c:
+        received = 0
+        while chunk := c.recv(65536):
+            received += len(chunk)
+    assert received == 60000
+    return time.monotonic() - start
 
 @nsbox(network=Network(rate="200kbit"))
-def test_limited(echo):
-    start = time.monotonic()
-    assert len(ask("echo", 7000, PAYLOAD, timeout=30)) == len(PAYLOAD) + 5
-    elapsed = time.monotonic() - start
+def test_limited(source):
+    elapsed = download()
     print("limited", elapsed)
     assert elapsed >= 1.5  # 60 kB at 25 kB/s: 2.4 s on the wire, minus the bucket's burst
 
 @nsbox(network="private")
-def test_unlimited(echo):
-    start = time.monotonic()
-    assert len(ask("echo", 7000, PAYLOAD)) == len(PAYLOAD) + 5
-    print("unlimited", time.monotonic() - start)
-""",
+def test_unlimited(source):
+    elapsed = download()
+    print("unlimited", elapsed)
+    assert elapsed < 1.5
+''',
         "-s",
     )
     result.assert_outcomes(passed=2)
@@ -347,7 +375,7 @@ def test_delay_loss_and_faults_mid_test(run_inner) -> None:
     result = run_inner(
         ECHO_SERVER
         + """
-import time
+import socket, time
 import pytest
 from pytest_nsbox import Network, nsbox
 
@@ -355,19 +383,33 @@ from pytest_nsbox import Network, nsbox
 def echo(nsbox_service):
     return nsbox_service("echo", command=ECHO, ready_port=7000)
 
-def round_trip():
+def round_trip(connection):
     start = time.monotonic()
-    assert ask("echo", 7000) == b"echo:hi"
+    connection.sendall(b"x")
+    assert connection.recv(100) == b"echo:x"
     return time.monotonic() - start
+
+def connect():
+    connection = socket.create_connection(("echo", 7000), timeout=5)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection
 
 @nsbox(network=Network(delay="100ms"))
 def test_delay(echo):
-    round_trip()  # the first one resolves, learns the neighbour (ARP): once
-    elapsed = min(round_trip() for _ in range(3))
-    print("delayed round trip", elapsed)
-    # a connection is several packets to the test (SYN-ACK, data, FIN), each delayed 100 ms,
-    # but they travel in parallel only partly: at least one delay, at most a handful
-    assert 0.1 <= elapsed <= 0.1 * 4 + 0.2
+    with connect() as connection:
+        round_trip(connection)  # the first one learns the neighbour (ARP): once
+        times = [round_trip(connection) for _ in range(5)]
+    print("delayed round trips", " ".join(f"{t * 1000:.1f}ms" for t in times))
+    # the reply is delayed on its way to the test: one delay per round trip, and little else
+    assert all(0.1 <= t <= 0.1 + 0.05 for t in times)
+
+@nsbox(network="private")
+def test_no_delay(echo):
+    with connect() as connection:
+        round_trip(connection)
+        times = [round_trip(connection) for _ in range(5)]
+    print("plain round trips", " ".join(f"{t * 1000:.1f}ms" for t in times))
+    assert all(t < 0.05 for t in times)
 
 @nsbox(network=Network(loss="100%"))
 def test_total_loss(echo):
@@ -376,7 +418,10 @@ def test_total_loss(echo):
 
 @nsbox(network="private")
 def test_faults_mid_test_then_heal(echo, nsbox_network):
-    assert round_trip() < 0.1 + 0.2
+    nsbox_network.set_faults("echo", delay="100ms")
+    with connect() as connection:  # what the service receives is delayed: the request
+        round_trip(connection)
+        assert 0.1 <= round_trip(connection) <= 0.1 + 0.05
     nsbox_network.set_faults("echo", loss="100%")
     with pytest.raises(OSError):
         ask("echo", 7000, timeout=1.5)
@@ -385,8 +430,8 @@ def test_faults_mid_test_then_heal(echo, nsbox_network):
 """,
         "-s",
     )
-    result.assert_outcomes(passed=3)
-    print(*(line for line in result.outlines if "delayed round trip" in line))
+    result.assert_outcomes(passed=4)
+    print(*(line for line in result.outlines if "round trips" in line), sep="\n")
 
 
 def test_faults_where_netem_is_missing_are_skipped_naming_it(run_inner) -> None:
@@ -601,3 +646,38 @@ def test_private(echo, n):
     )
     assert "20 passed" in again.stdout, again.stdout[-3000:]
     assert _wait_until_gone(workers(), token) == []
+
+
+@pytest.mark.needs_cgroup_limits
+def test_a_services_memory_limit_takes_its_share_of_the_budget(
+    run_inner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # a ledger of its own: other runs' sandboxes do not count
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import pytest
+from pytest_nsbox import nsbox
+from pytest_nsbox.services import ServiceError
+
+def test_too_big_for_the_budget(nsbox_service):
+    with pytest.raises(ServiceError, match="nsbox_service 'big': .*memory limit of 1 GiB .*budget of 512 MiB"):
+        nsbox_service("big", command=ECHO, ready_port=7000, memory="1G")
+
+def test_held_while_it_runs(nsbox_service, request):
+    ledger = request.config.stash[__import__("pytest_nsbox.plugin").plugin.RUNNER_KEY].budget
+    before = ledger.in_use()
+    service = nsbox_service("small", command=ECHO, ready_port=7000, memory="300M")
+    assert ledger.in_use() == before + 300 * 2**20
+    service.stop()
+    assert ledger.in_use() == before
+
+@nsbox(memory="300M")
+def test_a_test_still_fits_after_it(nsbox_service):
+    pass
+""",
+        "--nsbox-memory-budget=512M",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=3)

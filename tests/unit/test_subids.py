@@ -127,7 +127,13 @@ def test_a_sandbox_maps_subordinate_ids_from_outside_only_when_asked() -> None:
     assert [name for name, _ in unshare_steps(config)] == ["unshare_namespaces", "write_id_maps"]
     mapping = subids.IdMapping(1000, 1000, subids.Range(1, 65536), subids.Range(1, 65536), "newuidmap", "newgidmap")
     mapped = SandboxConfig(plan, "none", 1000, 1000, {}, "/", 40, id_mapping=mapping)
-    assert [name for name, _ in unshare_steps(mapped)] == ["start_id_mapper", "unshare_namespaces", "map_subordinate_ids"]
+    mapper = subids.ParentMapper(mapping)
+    try:
+        assert [name for name, _ in unshare_steps(mapped, mapper)] == ["unshare_namespaces", "map_subordinate_ids"]
+    finally:
+        mapper.close()
+    with pytest.raises(ValueError):
+        unshare_steps(mapped)  # a full map is never written by the process itself
 
 
 def test_the_suggested_range_starts_after_every_range_given_out(tmp_path: Path) -> None:
@@ -140,3 +146,60 @@ def test_root_maps_the_same_ids_itself() -> None:
     mapping = subids.root_mapping()
     assert mapping.direct
     assert (mapping.uid, mapping.gid, mapping.subuid.start, mapping.subuid.count) == (0, 0, 1, subids.MAPPED_IDS)
+
+
+def test_roots_sandboxes_map_a_high_range_no_user_group_or_subordinate_range_owns(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    group = tmp_path / "group"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+    group.write_text("root:x:0:\nalice:x:1000:\n")
+    files = _files(tmp_path, "alice:100000:65536\n", "alice:100000:65536\n")
+    mapping = subids.root_sandbox_mapping(passwd_file=passwd, group_file=group, **files)
+    assert mapping.direct  # written by root itself, no newuidmap
+    assert (mapping.uid, mapping.gid) == (os.getuid(), os.getgid())
+    assert mapping.subuid == mapping.subgid == subids.Range(subids.SANDBOX_FIRST_ID, subids.MAPPED_IDS)
+    assert subids.SANDBOX_FIRST_ID + 999 == 2_130_001_000  # a sandbox's uid 1000 on the host
+
+
+@pytest.mark.parametrize(
+    ("passwd", "group", "subuid", "taken"),
+    [
+        ("svc:x:2130001000:1::/:/bin/false\n", "", "", "passwd: svc (2130001000)"),
+        ("", "grp:x:2130065536:\n", "", "group: grp (2130065536)"),
+        ("", "", "bob:2129999000:2000\n", "subuid: bob:2129999000:2000"),
+    ],
+)
+def test_a_taken_high_range_is_refused_naming_what_takes_it(
+    tmp_path: Path, passwd: str, group: str, subuid: str, taken: str
+) -> None:
+    (tmp_path / "passwd").write_text(passwd)
+    (tmp_path / "group").write_text(group)
+    files = _files(tmp_path, subuid, "")
+    with pytest.raises(subids.SubordinateIdError) as caught:
+        subids.root_sandbox_mapping(passwd_file=tmp_path / "passwd", group_file=tmp_path / "group", **files)
+    assert "ids 2130000001-2130065536 (for a sandbox's ids 1-65536) are not free" in str(caught.value)
+    assert taken in str(caught.value)
+
+
+def test_the_builder_gets_the_mapping_as_arguments() -> None:
+    ranges = subids.Range(100000, 65536), subids.Range(200000, 65536)
+    mapping = subids.IdMapping(1001, 1001, *ranges, "/x/newuidmap", "/x/newgidmap")
+    assert subids.IdMapping.from_args(mapping.to_args()) == mapping
+    assert subids.IdMapping.from_args(subids.root_mapping().to_args()) == subids.root_mapping()
+
+
+def test_a_range_is_usable_only_where_one_line_of_the_own_map_covers_it() -> None:
+    assert subids.covers("         0          0 4294967295\n", subids.SANDBOX_FIRST_ID, subids.SANDBOX_FIRST_ID + 65535)
+    container = "0 100000 65536\n"  # root of a container with 65536 ids
+    assert not subids.covers(container, subids.SANDBOX_FIRST_ID, subids.SANDBOX_FIRST_ID + 65535)
+    assert subids.covers(container, 1, 65535)
+    assert not subids.covers("0 0 1\n1 100000 65536\n", 0, 10)  # two lines: the kernel needs one
+
+
+def test_doctor_warns_when_sandboxes_map_one_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_nsbox import probe
+
+    monkeypatch.setattr(subids, "_sandbox_ids", (os.getpid(), subids.SandboxIds(None, "no range for you")))
+    result = probe.sandbox_id_range()
+    assert not result.ok and result.reason == "sandboxes map one id: no range for you"
+    assert "/etc/subuid" in result.fix
