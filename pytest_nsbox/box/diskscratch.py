@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from . import subids
+
 USER_DIR_PREFIX: Final = "pytest-nsbox-disk-"  # + uid (not a mounts.SCRATCH_PREFIX name: no pid follows)
 RUN_PREFIX: Final = "run-"
 DEFAULT_BASE: Final = "/var/tmp"  # on disk where /tmp is a tmpfs (FHS: for larger temporary files)
@@ -174,9 +176,7 @@ def remove_tree(path: str) -> None:
     except PermissionError:
         if os.getuid() == 0:
             raise
-        from . import subids
-
-        subids.run_mapped(subids.find_mapping(), lambda: _remove(path))
+        subids.run_mapped(subids.sandbox_ids().mapping or subids.find_mapping(), lambda: _remove(path))
 
 
 def _remove(path: str) -> None:
@@ -226,14 +226,16 @@ class ScratchHelper:
     directory a sandbox made, whatever its mode; ``remove()`` deletes a scratch while P goes on.
 
     The helper is a child of P, forked on first use. Rootless it is root of a user namespace of
-    its own (P's uid outside): a directory the test made mode 000 (root inside may still write
-    into it) would hide what it holds from P, but not from the helper's CAP_DAC_READ_SEARCH over
-    P's own files. It ends when P closes its socket (after the removals asked for) or dies.
+    its own, with the sandboxes' ids (*mapping*: P's uid and its subordinate ids, or P's uid
+    alone): a directory the test made mode 000, or gave to another id (root inside may still
+    write into it), would hide what it holds from P, but not from the helper's
+    CAP_DAC_READ_SEARCH over the ids it maps. It ends when P closes its socket (after the removals asked for) or dies.
     Without it (it could not start), P does both itself. P uses one helper to measure (rootless
     only: root reads everything) and another to remove, so that a look never waits for removals.
     """
 
-    def __init__(self, *, in_process: bool = False) -> None:
+    def __init__(self, mapping: Callable[[], subids.IdMapping | None], *, in_process: bool = False) -> None:
+        self._mapping = mapping
         self._sock: socket.socket | None = None
         self._pid: int | None = None
         self._failed = in_process
@@ -262,10 +264,11 @@ class ScratchHelper:
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent, uid, gid = os.getpid(), os.getuid(), os.getgid()
+        mapping = self._mapping() if uid != 0 else None
         pid = os.fork()
         if pid == 0:
             try:
-                _serve(theirs, parent, uid, gid)
+                _serve(theirs, parent, uid, gid, mapping)
             finally:
                 os._exit(1)
         theirs.close()
@@ -283,9 +286,9 @@ class ScratchHelper:
             self._pid = None
 
 
-def _serve(sock: socket.socket, parent: int, uid: int, gid: int) -> None:
-    """The helper: rootless, root of a user namespace of its own; answers "u" + path with the
-    usage of the tree there, and removes the tree on "r" + path (no answer)."""
+def _serve(sock: socket.socket, parent: int, uid: int, gid: int, mapping: subids.IdMapping | None) -> None:
+    """The helper: rootless, root of a user namespace of its own (with *mapping*); answers "u" +
+    path with the usage of the tree there, and removes the tree on "r" + path (no answer)."""
     import gc
     import signal
 
@@ -298,7 +301,12 @@ def _serve(sock: socket.socket, parent: int, uid: int, gid: int) -> None:
     if os.getppid() != parent:
         return
     close_all_but({sock.fileno()})
-    if uid != 0:  # root reads and removes anything as it is; in a user namespace it would not
+    if uid != 0 and mapping is not None:  # root reads and removes anything as it is; in a user namespace it would not
+        mapper = subids.Mapper(mapping)
+        mapper.start()
+        L.unshare(L.CLONE_NEWUSER)
+        mapper.finish()
+    elif uid != 0:
         L.unshare(L.CLONE_NEWUSER)
         write_id_maps(uid, gid)
     while True:

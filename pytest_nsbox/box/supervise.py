@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
-from . import wire
+from . import subids, wire
 from .cgroups import Cgroup, control_devices
 from .config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult, Target
 from .diskscratch import DiskWatch, ScratchHelper, remove_tree
@@ -228,8 +228,9 @@ class Supervisor:
         control_devices()  # read once in P, before any fork
         self._prepared_capabilities: int | None = None
         # disk scratches: what they hold, and their removal (each a process of its own, on first use)
-        self._measurer = ScratchHelper(in_process=os.getuid() == 0)
-        self._remover = ScratchHelper()
+        ids = lambda: subids.sandbox_ids().mapping  # noqa: E731 - the sandboxes' ids, read when a helper starts
+        self._measurer = ScratchHelper(ids, in_process=os.getuid() == 0)
+        self._remover = ScratchHelper(ids)
 
     def run(
         self,
