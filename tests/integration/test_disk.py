@@ -538,6 +538,50 @@ def test_keep_copies_a_disk_scratch_out(
 
 
 @pytest.mark.both_build_modes
+def test_files_given_to_other_ids_are_measured_and_removed(run_inner, disk_base: Path) -> None:
+    """Where sandboxes map a range of ids (as root, or rootless with subordinate ids), a test may
+    give its files to another id and close them (mode 000): the bound still sees what they hold,
+    and the scratch is still removed."""
+    result = run_inner(
+        """
+        import os, time
+        from pytest_nsbox import nsbox
+
+        @nsbox(scratch="disk", disk="8M")
+        def test_hides_as_another_id():
+            try:
+                os.mkdir("/tmp/theirs")
+                os.chown("/tmp/theirs", 1000, 1000)
+            except OSError as exc:
+                print("ONE ID", exc)  # a sandbox that maps only root: nothing to give away
+            os.chmod("/tmp/theirs", 0)
+            with open("/tmp/theirs/f", "wb") as handle:
+                for _ in range(4096):
+                    handle.write(b"x" * 2**20)
+                    handle.flush()
+                    time.sleep(0.001)
+
+        @nsbox(scratch="disk")
+        def test_leaves_files_of_another_id():
+            os.makedirs("/tmp/a/b")
+            open("/tmp/a/b/f", "w").write("x")
+            for path in ("/tmp/a/b/f", "/tmp/a/b", "/tmp/a"):
+                try:
+                    os.chown(path, 1000, 1000)
+                except OSError:
+                    pass
+            os.chmod("/tmp/a/b", 0o700)
+            os.chmod("/tmp/a", 0o700)
+        """
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"FAILED test_inner.py::test_hides_as_another_id - *{DISK_REACHED}*"])
+    assert run_dirs(disk_base) == []
+    user_dir = disk_base / f"{diskscratch.USER_DIR_PREFIX}{os.getuid()}"
+    assert [p for p in user_dir.rglob("*")] == []
+
+
+@pytest.mark.both_build_modes
 def test_a_failed_disk_scratch_step_leaves_the_test_unrun_and_nothing_behind(
     run_inner, pytester: pytest.Pytester, disk_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
