@@ -29,6 +29,11 @@ from .errors import NsboxError
 LOCK_FILE: Final = "ledger.lock"
 ENTRY_SUFFIX: Final = ".limit"
 POLL_SECONDS: Final = 0.05  # how often a waiting test looks again
+BESIDE_SERVICES: Final = (
+    "nsbox: memory limit of {limit} does not fit in the memory budget of {budget} ({source}) beside the "
+    "services this run holds ({services}): it would wait for them forever; lower the limit, stop a service "
+    "sooner, or raise the budget with --nsbox-memory-budget"
+)
 TOO_BIG: Final = (
     "nsbox: memory limit of {limit} is bigger than the whole memory budget of {budget} ({source}); "
     "lower the limit, or raise the budget with --nsbox-memory-budget"
@@ -111,12 +116,20 @@ class MemoryLedger:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def check(self, limit: int) -> None:
-        """BudgetError if *limit* can never fit, or the ledger cannot be used."""
-        if limit > self.budget:
-            from .spec import format_size
+    def check(self, limit: int, held: dict[str, int] | None = None) -> None:
+        """BudgetError if *limit* can never fit (also beside what this process *held*: its
+        services' limits by name, which stay while it waits), or the ledger cannot be used."""
+        from .spec import format_size
 
+        if limit > self.budget:
             raise BudgetError(TOO_BIG.format(limit=format_size(limit), budget=format_size(self.budget), source=self.source))
+        if held and limit + sum(held.values()) > self.budget:
+            services = ", ".join(f"{name}: {format_size(size)}" for name, size in held.items())
+            raise BudgetError(
+                BESIDE_SERVICES.format(
+                    limit=format_size(limit), budget=format_size(self.budget), source=self.source, services=services
+                )
+            )
         try:
             self._ensure_dir()
         except OSError as exc:

@@ -453,7 +453,7 @@ def nsbox_host_ports(request: pytest.FixtureRequest) -> services.HostPorts:
 def nsbox_network(request: pytest.FixtureRequest) -> services.TestNetwork:
     """The private network of the current test: ``.partition(name)``, ``.heal()``,
     ``.set_faults(name, delay=..., loss=...)``, ``.services``."""
-    return services.test_network(request.node.nodeid)
+    return services.network_for_test(request.node.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -464,6 +464,7 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed:
         runner = item.config.stash.get(RUNNER_KEY, None)
-        for name, path in services.logs_for_report(runner.services if runner is not None else None):
+        registry = runner.services if runner is not None else None
+        for name, path in services.logs_for_report(registry, getattr(item, "fixturenames", ())):
             report.sections.append((f"nsbox: service {name} log", services.log_tail(path, 200)))
     return report

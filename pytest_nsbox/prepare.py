@@ -95,14 +95,11 @@ class Prepared:
             scratch_dir=self.scratch_dir,
         )
 
-    def plumbing(self, name: str = mounts.HOSTNAME) -> Plumbing | None:
+    def plumbing(self) -> Plumbing | None:
         """What the private network's process does for the sandbox (None: not on it)."""
-        network = self.spec.network
-        if network_mode(network) != "private":
+        if network_mode(self.spec.network) != "private":
             return None
-        if isinstance(network, Network):
-            return Plumbing(name, LinkFaults(network.delay_us, network.jitter_us, network.loss_percent, network.rate_bits))
-        return Plumbing(name)
+        return Plumbing(link_faults(self.spec.network))
 
     def discard(self) -> None:
         """The sandbox will not run: empty and release its cgroup."""
@@ -122,6 +119,13 @@ class Refused:
 
     message: str
     unavailable: bool
+
+
+def link_faults(network: object) -> LinkFaults:
+    """The faults a spec's network asks for on its link (none but for a Network(...))."""
+    if isinstance(network, Network):
+        return LinkFaults(network.delay_us, network.jitter_us, network.loss_percent, network.rate_bits)
+    return LinkFaults()
 
 
 class _NoRoom(Exception):

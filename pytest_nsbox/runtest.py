@@ -24,7 +24,7 @@ from . import compat, kept, probe, reports, reruns, services, timers
 from .box import subids
 from .box.builder import Builder, BuilderError, Failed
 from .box.cgroups import Usage
-from .box.config import INTERACTIVE, KILL_GRACE, SandboxResult
+from .box.config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult
 from .box.mounts import HOSTNAME
 from .box.network import NetworkError, NetworkHost
 from .box.prebuilt import Prebuilt
@@ -52,7 +52,8 @@ PIDS_TO_START: Final = 3  # forked form: the unsharer A, PID 1 B and the test C 
 START_MEMORY_MARGIN: Final = 2  # the test's own start (pytest's runtest protocol) copies more of P
 MIN_START_MEMORY: Final = 16 * 2**20  # when an empty sandbox cannot be measured
 BUDGET_WAIT_PROPERTY: Final = "nsbox_budget_wait"  # user_properties: seconds the test waited for the memory budget
-NEEDS_BUILDER: Final = "the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)"
+NEEDS_BUILDER: Final = services.NO_BUILDER
+BUILDER_LOST_NETWORK: Final = "the sandbox builder was lost ({detail}): the private network and its services went with it"
 DISK_PROBE: Final = "/dev/shm"  # a directory of the scratch tmpfs in every sandbox (see box.mounts)
 
 
@@ -84,6 +85,7 @@ class Lookahead:
         self._next: tuple[pytest.Item, Prepared | Refused, int | None] | None = None
         self._spare: tuple[Prepared, int | None] | None = None
         self._current: Prepared | Refused | None = None  # what the running item got
+        self.lost: BuilderError | None = None  # why the builder is gone, if it is
 
     def take(self, item: pytest.Item) -> tuple[Prepared | Refused, int | None]:
         """The item's preparation and the builder's ticket for its sandbox (None: none asked)."""
@@ -180,6 +182,7 @@ class Lookahead:
     def _lost(self, exc: BuilderError) -> None:
         """Go on without the builder: each sandbox is then built by a fork of pytest (slower)."""
         warnings.warn(NsboxWarning(reports.BUILDER_LOST.format(detail=exc)), stacklevel=1)
+        self.lost = exc
         builder, self.builder = self.builder, None
         if builder is not None:
             builder.close()
@@ -233,8 +236,30 @@ class SandboxRunner:
     def _network(self) -> NetworkHost:
         builder = self.lookahead.builder
         if builder is None:
-            raise NetworkError(NEEDS_BUILDER)
+            lost = self.lookahead.lost
+            raise NetworkError(NEEDS_BUILDER if lost is None else BUILDER_LOST_NETWORK.format(detail=lost))
         return builder.network()
+
+    def _join_private_network(
+        self, item: pytest.Item, built: Prebuilt | Failed | None, ticket: int | None
+    ) -> tuple[Prebuilt | Failed | None, socket.socket | None]:
+        """The sandbox claimed from the private network (and a control connection if the test uses
+        nsbox_network), or the setup error the test fails closed with."""
+        if isinstance(built, Failed):
+            return built, None
+        try:
+            network = self._network()
+            if built is None or ticket is None:  # built by a fork of pytest: no way onto the network
+                raise NetworkError(
+                    NEEDS_BUILDER if self.lookahead.lost is None else BUILDER_LOST_NETWORK.format(detail=self.lookahead.lost)
+                )
+            _, control = network.claim(ticket, control="nsbox_network" in getattr(item, "fixturenames", ()))
+        except NetworkError as exc:
+            if built is not None:
+                built.kill()
+                built.close()
+            return _network_failed(str(exc)), None
+        return built, control
 
     def close(self) -> None:
         self.services.close()
@@ -343,6 +368,10 @@ class SandboxRunner:
         or why it cannot be (the ledger failed: the test is an ERROR, the session goes on)."""
         if self.budget is None or prepared.spec.memory is None:
             return None, None
+        try:  # the services the wider fixtures just started hold their share until their scope ends
+            self.budget.check(prepared.spec.memory, self.services.held_memory())
+        except BudgetError as exc:
+            return None, str(exc)
         try:
             return self.budget.admit(prepared.spec.memory), None
         except (BudgetError, OSError) as exc:
@@ -353,7 +382,7 @@ class SandboxRunner:
         if self.budget is None or not isinstance(prepared, Prepared) or prepared.spec.memory is None:
             return None
         try:
-            self.budget.check(prepared.spec.memory)
+            self.budget.check(prepared.spec.memory, self.services.held_memory())
         except BudgetError as exc:
             return str(exc)
         return None
@@ -371,27 +400,29 @@ class SandboxRunner:
         config = replace(prepared.config(), stdio_copies=compat.stdio_copies(item.config))
         environment = prepared.environment()
         built = self.lookahead.built(ticket)
-        private = network_mode(prepared.spec.network) == "private"
         control: socket.socket | None = None
-        if private:
-            if not isinstance(built, Prebuilt) or ticket is None:
-                if isinstance(built, Prebuilt):
-                    built.kill()
-                    built.close()
-                if not isinstance(built, Failed):
-                    built = _network_failed(NEEDS_BUILDER)
-            else:
-                try:
-                    _, control = self._network().claim(ticket, control="nsbox_network" in getattr(item, "fixturenames", ()))
-                except NetworkError as exc:
-                    built.kill()
-                    built.close()
-                    built = _network_failed(str(exc))
+        if network_mode(prepared.spec.network) == "private":
+            built, control = self._join_private_network(item, built, ticket)
             config = replace(
                 config,
                 extra_hosts=self.services.hosts(),
                 network_control_fd=control.fileno() if control is not None else None,
             )
+        try:
+            return self._start_test(item, nextitem, prepared, built, config, environment)
+        finally:
+            if control is not None:
+                control.close()  # N undoes what the test changed when the test's copy is gone too
+
+    def _start_test(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        prepared: Prepared,
+        built: Prebuilt | Failed | None,
+        config: SandboxConfig,
+        environment: dict[str, str],
+    ) -> SandboxResult:
         self._forked = built is None
         if isinstance(built, Failed):
             usage = prepared.cgroup.usage() if prepared.cgroup is not None else Usage()  # was it a limit?
@@ -409,20 +440,16 @@ class SandboxRunner:
         before_kill = None
         if self.keeper is not None and isinstance(built, Prebuilt):
             before_kill = self._snapshot_later(item, prepared, built, config, environment)
-        try:
-            return self.supervisor.run(
-                config,
-                target,
-                prebuilt=built,
-                timeout=prepared.spec.timeout,
-                cgroup=prepared.cgroup,
-                while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
-                before_kill=before_kill,
-                disk_bound=prepared.spec.disk,
-            )
-        finally:
-            if control is not None:
-                control.close()  # N undoes what the test changed when its copy closes too
+        return self.supervisor.run(
+            config,
+            target,
+            prebuilt=built,
+            timeout=prepared.spec.timeout,
+            cgroup=prepared.cgroup,
+            while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
+            before_kill=before_kill,
+            disk_bound=prepared.spec.disk,
+        )
 
     def _snapshot_later(
         self, item: pytest.Item, prepared: Prepared, built: Prebuilt, config: Any, environment: dict[str, str]

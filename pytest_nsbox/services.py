@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .box import wire
 from .box.config import EXIT_INTERNAL_ERROR
-from .box.network import LinkFaults, NetworkError, Plumbing
+from .box.mounts import HOSTNAME
+from .box.network import NetworkError, NetworkHost, Plumbing
 from .box.prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .budget import Admission, BudgetError
 from .errors import NsboxError
-from .prepare import Refused
+from .prepare import Refused, link_faults
 from .spec import Network, SandboxSpec, SpecError, network_mode, parse_field
 
 if TYPE_CHECKING:
@@ -53,6 +54,18 @@ NOT_IN_SANDBOX: Final = (
 NO_PRIVATE_NETWORK: Final = (
     "nsbox_network: {nodeid} is not on a private network: mark it with network='private' or network=Network(...)"
 )
+
+
+RESERVED_NAMES: Final = frozenset({"localhost", HOSTNAME})
+NO_BUILDER: Final = "the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)"
+PASSED_ENVIRONMENT: Final = ("PATH", "LANG", "LC_ALL", "TZ")  # of pytest's: what a command needs to start
+
+
+def service_environment(image_env: dict[str, str], given: dict[str, str]) -> dict[str, str]:
+    """A service's environment, as ``docker run`` gives one: none of pytest's variables (its
+    secrets stay out) but PATH and the locale, then the image's Env, then *given*."""
+    base = {key: os.environ[key] for key in PASSED_ENVIRONMENT if key in os.environ}
+    return {"HOME": "/root", **base, **image_env, **given}
 
 
 class ServiceError(NsboxError):
@@ -99,6 +112,8 @@ class Service:
         self._prebuilt: Prebuilt | None = None
         self._cgroup: Any = None
         self._release: Callable[[], None] | None = None
+        self._status: int | None = None  # its process's wait status, once reaped
+        self.memory: int | None = None  # its memory limit
         self.stopped = False
 
     def __repr__(self) -> str:
@@ -121,12 +136,16 @@ class Service:
         return self._forwards[port]
 
     def running(self) -> bool:
-        if self.stopped or self.pid is None:
+        if self.stopped or self.pid is None or self._status is not None:
             return False
         try:
-            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            return False
+            pid, status = self.pid, 0
+        if pid == 0:
+            return True
+        self._status = status  # reaped: its pid is nobody's to wait for any more
+        return False
 
     def stop(self) -> None:
         """Kill the service's sandbox (its writable layer goes with it) and release its cgroup."""
@@ -136,9 +155,9 @@ class Service:
         self._registry.forget(self)
         if self._prebuilt is not None:
             self._prebuilt.kill()
-        if self.pid is not None:
+        if self.pid is not None and self._status is None:
             try:
-                os.waitpid(self.pid, 0)
+                self._status = os.waitpid(self.pid, 0)[1]
             except ChildProcessError:
                 pass
         if self._prebuilt is not None:
@@ -160,11 +179,15 @@ class ServiceRegistry:
         self.running: dict[str, Service] = {}
         self._switch = PidNamespaceSwitch()
 
-    def network(self) -> Any:
+    def network(self) -> NetworkHost:
         builder = self._builder()
         if builder is None:
-            raise NetworkError("the private network needs prebuilt sandboxes (ini nsbox_prebuild = true, Linux >= 5.8)")
+            raise NetworkError(NO_BUILDER)
         return builder.network()
+
+    def held_memory(self) -> dict[str, int]:
+        """The memory limits the running services hold in the budget, by name."""
+        return {name: s.memory for name, s in self.running.items() if s.memory is not None and s._release is not None}
 
     def hosts(self) -> tuple[tuple[str, str], ...]:
         return tuple((service.ip, name) for name, service in self.running.items())
@@ -196,14 +219,31 @@ class ServiceRegistry:
             raise ServiceError(f"nsbox_service: invalid name {name!r} (lowercase letters, digits and '-', as a host name)")
         if name in self.running:
             raise ServiceError(f"nsbox_service: a service named {name!r} is running already")
+        if name in RESERVED_NAMES:
+            raise ServiceError(f"nsbox_service: {name!r} names the sandbox itself; choose another name")
         if isinstance(command, str) or not command or not all(isinstance(arg, str) for arg in command):
             raise ServiceError(f"nsbox_service {name!r}: command must be a non-empty list of strings, got {command!r}")
-        pattern = re.compile(ready_log) if ready_log is not None else None
+        if env is not None and not (
+            isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise ServiceError(f"nsbox_service {name!r}: env must map strings to strings, got {env!r}")
+        if ready_port is not None and (
+            isinstance(ready_port, bool) or not isinstance(ready_port, int) or not 0 < ready_port < 65536
+        ):
+            raise ServiceError(f"nsbox_service {name!r}: ready_port must be a port number, got {ready_port!r}")
+        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, int | float) or not ready_timeout > 0:
+            raise ServiceError(
+                f"nsbox_service {name!r}: ready_timeout must be a positive number of seconds, got {ready_timeout!r}"
+            )
+        try:
+            pattern = re.compile(ready_log) if ready_log is not None else None
+        except (re.error, TypeError) as exc:
+            raise ServiceError(f"nsbox_service {name!r}: ready_log {ready_log!r} is not a regular expression ({exc})") from None
         spec = self._spec(name, image, limits)
         admission = None
         if self._budget is not None and spec.memory is not None:
             try:
-                self._budget.check(spec.memory)
+                self._budget.check(spec.memory, self.held_memory())
                 admission = self._budget.admit(spec.memory)  # waits, as a test does, while others hold the budget
             except (BudgetError, OSError) as exc:
                 raise ServiceError(f"nsbox_service {name!r}: {exc}") from None
@@ -226,36 +266,39 @@ class ServiceRegistry:
         ready_timeout: float,
         admission: Admission | None,
     ) -> Service:
-        preparer = self._preparer
-        prepared = preparer.prepare_spec(spec, f"service {name!r}")
+        prepared = self._preparer.prepare_spec(spec, f"service {name!r}")
         if isinstance(prepared, Refused):
             raise ServiceError(f"nsbox_service {name!r}: {prepared.message}")
-        network = self.network()
-        builder = self._builder()
-        assert builder is not None
-        config = replace(prepared.config(), cwd="/", extra_hosts=self.hosts())
-        faults = _faults(spec.network)
-        ticket = builder.submit(config, Plumbing(name, faults))
-        built = builder.take(ticket)
-        if not isinstance(built, Prebuilt):
-            prepared.discard()
-            step, message = built.record.get("step"), built.record.get("message")
-            raise ServiceError(f"nsbox_service {name!r}: its sandbox could not be built: step {step}: {message}")
+        built: Prebuilt | None = None
         try:
+            network = self.network()
+            builder = self._builder()
+            if builder is None:
+                raise NetworkError(NO_BUILDER)
+            config = replace(prepared.config(), cwd="/", extra_hosts=self.hosts())
+            ticket = builder.submit(config, Plumbing(link_faults(spec.network)))
+            answer = builder.take(ticket)
+            if not isinstance(answer, Prebuilt):
+                step, message = answer.record.get("step"), answer.record.get("message")
+                raise ServiceError(f"nsbox_service {name!r}: its sandbox could not be built: step {step}: {message}")
+            built = answer
             address, _ = network.claim(ticket)
-        except NetworkError:
-            built.kill()
-            built.close()
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException as exc:
+            if built is not None:
+                built.kill()
+                built.close()
             prepared.discard()
+            if isinstance(exc, NsboxError | OSError) and not isinstance(exc, ServiceError):
+                raise ServiceError(f"nsbox_service {name!r}: {exc}") from None
             raise
-        log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
         service = Service(self, name, address, log_path)
-        service._prebuilt, service._cgroup = built, prepared.cgroup
+        service._prebuilt, service._cgroup, service.memory = built, prepared.cgroup, spec.memory
         if admission is not None and self._budget is not None:
             budget = self._budget
             service._release = lambda: budget.release(admission)
-        environment = {**prepared.environment(), **(env or {})}
+        environment = service_environment(prepared.environment(), env or {})
         try:
             service.pid = self._spawn(config, built, command, log_path, environment, name)
             self.running[name] = service
@@ -286,7 +329,7 @@ class ServiceRegistry:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         kept = spawn.keep() - {read_fd} | {write_fd, log_fd}
         argv = list(command)
-        child_env = {**os.environ, **env}
+        child_env = env
 
         def target(channel: Any) -> None:
             null = os.open("/dev/null", os.O_RDONLY)
@@ -368,17 +411,12 @@ class ServiceRegistry:
         self._switch.close()
 
 
-def logs_for_report(registry: ServiceRegistry | None) -> list[tuple[str, Path]]:
-    """The services running now (in C: when the test started), with their logs."""
-    if registry is None:
+def logs_for_report(registry: ServiceRegistry | None, fixturenames: Sequence[str]) -> list[tuple[str, Path]]:
+    """For a test that uses services (through any fixture): those running now (in C: when the
+    test started), with their logs."""
+    if registry is None or "nsbox_service" not in fixturenames:
         return []
     return [(name, service.log_path) for name, service in registry.running.items()]
-
-
-def _faults(network: object) -> LinkFaults:
-    if isinstance(network, Network):
-        return LinkFaults(network.delay_us, network.jitter_us, network.loss_percent, network.rate_bits)
-    return LinkFaults()
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -450,11 +488,26 @@ class HostPorts:
         self._registry = registry
 
     def expose(self, port: int) -> None:
+        """Until the end of the scope of the fixture that calls it (called from a test: of the session)."""
         if _in_sandbox:
             raise ServiceError("nsbox_host_ports.expose: call it from a fixture that runs in pytest's own process")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ServiceError(f"nsbox_host_ports.expose: expected a port number, got {port!r}")
-        self._registry().network().expose_host_port(port)
+        network = self._registry().network()
+        try:
+            network.expose_host_port(port)
+        except NetworkError as exc:
+            raise ServiceError(f"nsbox_host_ports.expose({port}): {exc}") from None
+        request = _requesting_fixture()
+        if request is not None:  # its server stops with that fixture: another process may take the port then
+
+            def unexpose() -> None:
+                try:
+                    network.unexpose_host_port(port)
+                except NetworkError:
+                    pass  # N is gone: so are the sandboxes
+
+            request.addfinalizer(unexpose)
 
 
 class TestNetwork:
@@ -490,14 +543,14 @@ class TestNetwork:
     ) -> None:
         """What service *name* receives is delayed, lost or rate-limited (netem) until heal()."""
         network = Network(delay=delay, jitter=jitter, loss=loss, rate=rate)
-        self._call("set_faults", name=name, faults=_faults(network))
+        self._call("set_faults", name=name, faults=link_faults(network).to_wire())
 
     def heal(self) -> None:
         """Undo every partition and fault this test made (done at its end anyway)."""
         self._call("heal")
 
 
-def test_network(nodeid: str) -> TestNetwork:
+def network_for_test(nodeid: str) -> TestNetwork:
     if _control is None:
         raise ServiceError(NO_PRIVATE_NETWORK.format(nodeid=nodeid))
     return TestNetwork(_control)

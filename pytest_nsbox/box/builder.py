@@ -155,9 +155,11 @@ class Builder:
         fds = []
         if plumbing is not None and not self._network_sent:
             fds.append(self.network().builder_socket())  # once: W keeps it
-            self._network_sent = True
         try:
             socket.send_fds(sock, [pickle.dumps(request)], fds)
+            if fds:
+                self._network_sent = True
+                self.network().builder_socket_sent()
         except OSError as exc:
             raise BuilderError(f"the sandbox builder is gone: {exc}") from None
         return ticket

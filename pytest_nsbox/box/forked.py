@@ -99,9 +99,7 @@ class ForkedSpawn:
         pass
 
 
-def _process_a(
-    config: SandboxConfig, channel: Channel, p_pid: int, target: Target, mapper: subids.ParentMapper | None
-) -> None:
+def _process_a(config: SandboxConfig, channel: Channel, p_pid: int, target: Target, mapper: subids.ParentMapper | None) -> None:
     guard_parent(channel, "A", lambda: os.getppid() == p_pid)
     ignore_signals_of_p()
     keep = {0, 1, 2, channel.fd, *config.stdio_copies} | {fd for fd in (config.stack_fd, config.crash_fd) if fd is not None}

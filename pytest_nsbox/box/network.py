@@ -25,8 +25,9 @@ bridge's namespace dies, and each sandbox's veth dies with the sandbox's namespa
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import os
-import pickle
 import select
 import selectors
 import signal
@@ -36,7 +37,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeGuard, TypeVar
 
 if TYPE_CHECKING:
     from concurrent.futures import Future  # N only: P and W never import it
@@ -55,7 +56,10 @@ LOOPBACK: Final = "127.0.0.1"
 # what N's selector watches: requests from P, W, a test's nsbox_network; a sandbox's PID 1 exiting;
 # a listener on a sandbox's loopback (to the host) or on the host's (to a service)
 FROM_P, FROM_W, FROM_TEST, GONE, TO_HOST, TO_SERVICE = range(6)
-START_TIMEOUT: Final = 30.0
+BRIDGE_MAC: Final = "02:6e:73:62:6f:78"  # locally administered: "nsbox"
+START_TIMEOUT: Final = 30.0  # P waits this long for N's first answer
+USERNS_TIMEOUT: Final = 20.0  # N waits this long for the builder's user namespace (less: P hears why)
+REQUEST_TIMEOUT: Final = 120.0  # a claim may wait for a sandbox's veth on a loaded machine
 _SERVE: Final = "import sys; sys.path[:0] = sys.argv[1].split(chr(10)); from pytest_nsbox.box.network import serve; serve()"
 NETEM_MISSING: Final = (
     "the kernel has no netem queueing discipline (sch_netem: CONFIG_NET_SCH_NETEM), which delay, jitter and loss need"
@@ -86,26 +90,76 @@ class LinkFaults:
     def empty(self) -> bool:
         return not self.needs_netem and self.rate_bits is None
 
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "delay_us": self.delay_us,
+            "jitter_us": self.jitter_us,
+            "loss_percent": self.loss_percent,
+            "rate_bits": self.rate_bits,
+        }
+
+    @classmethod
+    def from_wire(cls, value: object) -> LinkFaults:
+        """Faults as a message carries them, checked (a test's process may send anything)."""
+        if not isinstance(value, dict) or set(value) != {"delay_us", "jitter_us", "loss_percent", "rate_bits"}:
+            raise NetworkError(f"invalid faults {value!r}")
+        delay, jitter, loss, rate = value["delay_us"], value["jitter_us"], value["loss_percent"], value["rate_bits"]
+        if not all(_is_int(v) and 0 <= v <= MAX_DELAY_US for v in (delay, jitter)):
+            raise NetworkError(f"invalid delay or jitter {value!r}")
+        if not (_is_number(loss) and 0 <= loss <= 100):
+            raise NetworkError(f"invalid loss {value!r}")
+        if not (rate is None or (_is_int(rate) and MIN_RATE_BITS <= rate <= MAX_RATE_BITS)):
+            raise NetworkError(f"invalid rate {value!r}")
+        return cls(delay, jitter, float(loss), rate)
+
+
+MAX_DELAY_US: Final = 60_000_000
+MIN_RATE_BITS: Final = 8_000
+MAX_RATE_BITS: Final = (2**32 - 1) * 8  # pyroute2 packs bytes per second into 32 bits
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclass(frozen=True, slots=True)
 class Plumbing:
-    """What W asks N for one sandbox: its name on the network and its link's faults."""
+    """What W asks N for one sandbox: its link's faults."""
 
-    name: str
     faults: LinkFaults = LinkFaults()
 
 
-def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    socket.send_fds(sock, [pickle.dumps(message)], fds or [])
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None, flags: int = 0) -> None:
+    socket.send_fds(sock, [json.dumps(message).encode()], fds or [], flags)
 
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message (JSON: data only, whoever sent it) and its descriptors; (None, []) at EOF.
+    NetworkError if it is not a JSON object (its descriptors are closed)."""
     data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
     if not data:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         return None, []
-    return pickle.loads(data), fds
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict) or not isinstance(message.get("kind", ""), str):
+        _close_all(fds)
+        raise NetworkError("a message that is not a JSON object")
+    return message, fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def call(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
@@ -113,10 +167,11 @@ def call(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
     try:
         _send(sock, message, fds)
         answer, extra = _receive(sock)
+    except TimeoutError:
+        raise NetworkError(f"the private network's process did not answer {message.get('kind')!r} in time") from None
     except OSError as exc:
         raise NetworkError(f"the private network's process is gone: {exc}") from None
-    for fd in extra:
-        os.close(fd)
+    _close_all(extra)
     if answer is None:
         raise NetworkError("the private network's process exited")
     if "error" in answer:
@@ -174,15 +229,20 @@ class NetworkHost:
         except NetworkError:
             self.close()
             raise
-        self._control.settimeout(None)
         self.netem: bool = bool(hello["netem"])
 
     def builder_socket(self) -> int:
-        """The descriptor W talks to N on (sent to W once; P keeps no use for it)."""
+        """The descriptor W talks to N on (for the builder to send W once; see builder_socket_sent)."""
         return self._for_builder.fileno()
 
-    def request(self, kind: str, fds: list[int] | None = None, **fields: Any) -> dict[str, Any]:
-        return call(self._control, {"kind": kind, **fields}, fds)
+    def builder_socket_sent(self) -> None:
+        """W has its copy: P's goes, so that N sees W's end when W ends."""
+        self._for_builder.close()
+
+    def request(self, what: str, fds: list[int] | None = None, **fields: Any) -> dict[str, Any]:
+        """One request to N and its answer (NetworkError: refused, or N gone or stuck)."""
+        self._control.settimeout(REQUEST_TIMEOUT)
+        return call(self._control, {**fields, "kind": what}, fds)
 
     def probe(self, address: str, port: int) -> bool:
         """Whether *address*:*port* on the private network accepts a connection now."""
@@ -196,6 +256,10 @@ class NetworkHost:
         """The host's 127.0.0.1:*port*, reachable as 127.0.0.1:*port* inside every sandbox on the
         private network from now on (those built already get it when claimed)."""
         self.request("expose", port=port)
+
+    def unexpose_host_port(self, port: int) -> None:
+        """The host's port is no longer reachable from sandboxes."""
+        self.request("unexpose", port=port)
 
     def claim(self, ticket: int, *, control: bool = False) -> tuple[str, socket.socket | None]:
         """The sandbox of builder *ticket*, about to run: its address once N has put it on the
@@ -241,7 +305,7 @@ def plumb(sock: socket.socket, ticket: int, pidfd: int, plumbing: Plumbing) -> N
     """W: have N put the sandbox of *ticket* (its PID 1: *pidfd*) on the network. N answers P's
     claim, not W: W goes on building while N works (if N is gone, the claim fails)."""
     try:
-        _send(sock, {"kind": "plumb", "ticket": ticket, "name": plumbing.name, "faults": plumbing.faults}, [pidfd])
+        _send(sock, {"kind": "plumb", "ticket": ticket, "faults": plumbing.faults.to_wire()}, [pidfd])
     except OSError:
         pass
 
@@ -289,9 +353,10 @@ class _Sandbox:
     pidfd: int
     address: str
     host_link: str
-    generation: int  # how many of the exposed host ports it has listeners for
+    faults: LinkFaults  # its own (Network(...)): what heal() restores
     connected: Future[None]  # its veth, on the worker thread: P's claim waits for it (only)
-    listeners: list[socket.socket] = field(default_factory=list)
+    listeners: dict[int, socket.socket] = field(default_factory=dict)  # exposed host port -> listener inside
+    relays: list[socket.socket] = field(default_factory=list)  # its connections to host ports, shut when it dies
 
 
 class _Server:
@@ -305,10 +370,11 @@ class _Server:
         self.selector = selectors.DefaultSelector()
         self.sandboxes: dict[int, _Sandbox] = {}  # by pidfd
         self.services: dict[str, str] = {}  # name -> address
-        self.exposed: list[int] = []
+        self.forwards: dict[str, list[socket.socket]] = {}  # a service's address -> its listeners on the host
+        self.exposed: set[int] = set()
         self._next_host = 2
         self._next_link = 0
-        self.changed: dict[int, set[str]] = {}  # control connection fd -> names it partitioned or gave faults
+        self.changed: dict[socket.socket, set[str]] = {}  # a test's connection -> names it partitioned or gave faults
         self.claims: dict[int, _Sandbox | str] = {}  # builder ticket -> its sandbox, or why it has none
         self.builder_side: socket.socket | None = None
         self.netem = False
@@ -322,7 +388,9 @@ class _Server:
         ipr = self.bridge
         ipr.link("set", index=_index(ipr, "lo"), state="up")
         try:
-            ipr.link("add", ifname=BRIDGE, kind="bridge")
+            # a fixed address: otherwise the bridge takes its lowest port's, which changes as veths
+            # come and go, and the sandboxes' ARP entries for the gateway go stale
+            ipr.link("add", ifname=BRIDGE, kind="bridge", address=BRIDGE_MAC)
         except Exception as exc:
             raise NetworkError(
                 f"cannot create a bridge ({exc}): a kernel with CONFIG_BRIDGE (as root: modprobe bridge)"
@@ -375,7 +443,7 @@ class _Server:
         host_link = f"nsb{self._next_link}"  # unique: a dead sandbox's veth goes away asynchronously
         # on the worker thread, while this one answers P: a claim waits for its own sandbox only
         connected = self.netns.submit(lambda: self._connect(pidfd, host_link, address, faults))
-        sandbox = _Sandbox(pidfd, address, host_link, 0, connected)
+        sandbox = _Sandbox(pidfd, address, host_link, faults, connected)
         self.sandboxes[pidfd] = sandbox
         self.claims[ticket] = sandbox
         self.selector.register(pidfd, selectors.EVENT_READ, (GONE, sandbox))
@@ -414,7 +482,8 @@ class _Server:
             os.close(sandbox_ns)
 
     def claim(self, ticket: int) -> _Sandbox:
-        """The sandbox of *ticket* as plumbed, with the host ports exposed since (NetworkError)."""
+        """The sandbox of *ticket* as plumbed, with the exposed host ports (NetworkError)."""
+        self.end_finished_tests()  # what the test before changed is undone before this one starts
         self.drain_builder()  # W sent its plumb request before P heard the sandbox was ready
         result = self.claims.pop(ticket, None)
         if result is None:
@@ -430,26 +499,29 @@ class _Server:
 
     def _apply_faults(self, index: int, faults: LinkFaults) -> None:
         """On the host side of a link: what the sandbox receives is delayed, lost, rate-limited."""
+        if faults.needs_netem and not self.netem:
+            raise NetworkError(NETEM_MISSING)  # before anything changes
         ipr = self.bridge
         try:
             ipr.tc("del", index=index, handle="1:", root=True)
         except Exception:
-            pass
+            pass  # no qdisc of ours yet
         if faults.empty:
             return
         if faults.needs_netem:
-            if not self.netem:
-                raise NetworkError(NETEM_MISSING)
             options: dict[str, Any] = {"delay": faults.delay_us, "jitter": faults.jitter_us, "loss": faults.loss_percent}
             if faults.rate_bits is not None:
                 options["rate"] = faults.rate_bits // 8
             ipr.tc("add", "netem", index=index, handle="1:", **options)
         else:
             assert faults.rate_bits is not None
-            ipr.tc("add", "tbf", index=index, handle="1:", rate=faults.rate_bits // 8, burst=16384, latency=100000)
+            rate = faults.rate_bits // 8
+            burst = max(2 * 1514, rate // 100)  # a 10 ms bucket, at least two full frames
+            ipr.tc("add", "tbf", index=index, handle="1:", rate=rate, burst=burst, latency=100000)
 
-    def _link_of(self, name: str) -> int:
-        address = self.services.get(name)
+    def _service(self, name: object) -> tuple[_Sandbox, int]:
+        """The sandbox of service *name* and its link's index on the bridge."""
+        address = self.services.get(name) if isinstance(name, str) else None
         if address is None:
             known = ", ".join(sorted(self.services)) or "none"
             raise NetworkError(f"no service named {name!r} on the private network (services: {known})")
@@ -457,31 +529,31 @@ class _Server:
         if sandbox is None:
             raise NetworkError(f"service {name!r} is not running")
         try:
-            return self.netns.run(lambda: _index(self.bridge, sandbox.host_link))  # pyroute2 calls: on its thread
+            return sandbox, self.netns.run(lambda: _index(self.bridge, sandbox.host_link))  # pyroute2: its thread
         except Exception:
             raise NetworkError(f"service {name!r} has no link on the private network") from None
 
-    def partition(self, name: str) -> None:
-        index = self._link_of(name)
+    def partition(self, name: object) -> None:
+        _, index = self._service(name)
         self.netns.run(lambda: self.bridge.link("set", index=index, master=0))
 
-    def set_faults(self, name: str, faults: LinkFaults) -> None:
-        index = self._link_of(name)
+    def set_faults(self, name: object, faults: LinkFaults) -> None:
+        _, index = self._service(name)
         self.netns.run(lambda: self._apply_faults(index, faults))
 
     def heal(self, names: set[str]) -> None:
-        """Every link of *names* back on the bridge, without faults."""
+        """Every link of *names* back on the bridge, with its own faults only."""
         for name in names:
             try:
-                index = self._link_of(name)
-            except NetworkError:
-                continue  # stopped meanwhile
+                sandbox, index = self._service(name)
 
-            def restore(index: int = index) -> None:
-                self.bridge.link("set", index=index, master=self.bridge_index, state="up")
-                self._apply_faults(index, LinkFaults())
+                def restore(index: int = index, faults: LinkFaults = sandbox.faults) -> None:
+                    self.bridge.link("set", index=index, master=self.bridge_index, state="up")
+                    self._apply_faults(index, faults)
 
-            self.netns.run(restore)
+                self.netns.run(restore)
+            except Exception:
+                continue  # stopped meanwhile: its link went with it
 
     def probe(self, address: str, port: int) -> bool:
         probe = self.netns.run(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -499,22 +571,48 @@ class _Server:
         listener.bind((LOOPBACK, 0))
         listener.listen(64)
         self.selector.register(listener, selectors.EVENT_READ, (TO_SERVICE, (address, port)))
+        self.forwards.setdefault(address, []).append(listener)
         return int(listener.getsockname()[1])
 
+    def forget(self, name: str) -> None:
+        """A service stopped: its name and its forwards go."""
+        address = self.services.pop(name, None)
+        for listener in self.forwards.pop(address or "", []):
+            self.selector.unregister(listener)
+            listener.close()
+
     def expose(self, port: int) -> None:
-        if port not in self.exposed:
-            self.exposed.append(port)
+        self.exposed.add(port)
+
+    def unexpose(self, port: int) -> None:
+        """The host port is no longer reachable from sandboxes (its server stopped)."""
+        self.exposed.discard(port)
+        for sandbox in self.sandboxes.values():
+            listener = sandbox.listeners.pop(port, None)
+            if listener is not None:
+                self.selector.unregister(listener)
+                listener.close()
 
     def attach(self, sandbox: _Sandbox) -> None:
         """Listeners on the sandbox's loopback for the host ports it lacks."""
-        missing = self.exposed[sandbox.generation :]
+        missing = sorted(self.exposed - set(sandbox.listeners))
         if not missing:
             return
-        listeners = self.netns.inside(sandbox.pidfd, lambda: [_listen_loopback(port) for port in missing])
-        sandbox.generation = len(self.exposed)
-        sandbox.listeners += listeners
-        for listener in listeners:
-            self.selector.register(listener, selectors.EVENT_READ, (TO_HOST, listener))
+        made: list[socket.socket] = []
+
+        def listen() -> None:
+            for port in missing:
+                made.append(_listen_loopback(port))
+
+        try:
+            self.netns.inside(sandbox.pidfd, listen)
+        except BaseException:
+            for listener in made:
+                listener.close()  # a socket holds its namespace: never keep one half made
+            raise
+        for port, listener in zip(missing, made, strict=True):
+            sandbox.listeners[port] = listener
+            self.selector.register(listener, selectors.EVENT_READ, (TO_HOST, (sandbox, port)))
 
     # -- events
 
@@ -523,7 +621,7 @@ class _Server:
         while self.builder_side is not None and select.select([self.builder_side], [], [], 0)[0]:
             try:  # (socket.recv_fds ignores its flags before Python 3.12: no MSG_DONTWAIT)
                 request, fds = _receive(self.builder_side)
-            except OSError:
+            except (OSError, NetworkError):
                 request, fds = None, []
             if request is None:
                 self.selector.unregister(self.builder_side)
@@ -533,19 +631,34 @@ class _Server:
             self.handle_builder(request, fds)
 
     def handle_builder(self, request: dict[str, Any], fds: list[int]) -> None:
-        if request.get("kind") != "plumb" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+        ticket = request.get("ticket")
+        try:
+            if request.get("kind") != "plumb" or len(fds) != 1 or not _is_int(ticket):
+                raise NetworkError(f"unexpected request from the builder: {request!r}")
+            faults = LinkFaults.from_wire(request.get("faults"))
+        except NetworkError as exc:
+            _close_all(fds)
+            if _is_int(ticket):
+                self.claims[ticket] = str(exc)
             return
-        self.plumb(int(request["ticket"]), fds[0], request["faults"])
+        self.plumb(ticket, fds[0], faults)
 
-    def accept_to_host(self, listener: socket.socket) -> None:
+    def end_finished_tests(self) -> None:
+        """Undo what tests whose connections closed changed (before the next test is claimed)."""
+        for sock in select.select(list(self.changed), [], [], 0)[0] if self.changed else []:
+            while sock in self.changed and select.select([sock], [], [], 0)[0]:
+                _answer(self, sock, FROM_TEST)
+
+    def accept_to_host(self, sandbox: _Sandbox, port: int) -> None:
+        listener = sandbox.listeners.get(port)
+        if listener is None:
+            return
         try:
             inside, _ = listener.accept()
         except OSError:
             return
-        port = listener.getsockname()[1]
         outside = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # N's main thread: the host's namespace
+        sandbox.relays += [inside, outside]
         _relay(inside, outside, (LOOPBACK, port))
 
     def accept_to_service(self, listener: socket.socket, target: tuple[str, int]) -> None:
@@ -558,19 +671,24 @@ class _Server:
 
     def sandbox_gone(self, sandbox: _Sandbox) -> None:
         self.selector.unregister(sandbox.pidfd)
-        for listener in sandbox.listeners:
+        for listener in sandbox.listeners.values():
             self.selector.unregister(listener)
             listener.close()  # a socket holds its namespace: the sandbox's must be able to die
+        for relay in sandbox.relays:
+            try:
+                relay.shutdown(socket.SHUT_RDWR)  # its relay threads end and close it
+            except OSError:
+                pass
         del self.sandboxes[sandbox.pidfd]
         for ticket in [t for t, claimed in self.claims.items() if claimed is sandbox]:
             del self.claims[ticket]  # discarded before its test ran
         sandbox.connected.cancel()
-        # closed once the worker thread is done with it (at once if it is, or never started)
         pidfd = sandbox.pidfd
 
         def close_pidfd(_: Future[None]) -> None:
             os.close(pidfd)
 
+        # closed once the worker thread is done with it (at once if it is, or never started)
         sandbox.connected.add_done_callback(close_pidfd)
 
 
@@ -634,7 +752,7 @@ def _relay(accepted: socket.socket, upstream: socket.socket, target: tuple[str, 
 
 
 def serve() -> None:
-    """Main of N (argv: package parent, P's socket, W's socket, the builder's pid, P's pid)."""
+    """Main of N (argv: import paths, P's socket, W's socket, the builder's pid, P's pid)."""
     control = socket.socket(fileno=int(sys.argv[2]))
     builder_side = socket.socket(fileno=int(sys.argv[3]))
     builder_pid, parent = int(sys.argv[4]), int(sys.argv[5])
@@ -650,33 +768,40 @@ def serve() -> None:
         step = "make_private_network"
         server = _Server()
     except Exception as exc:
-        detail = f"step {step}: " + (f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError | NetworkError) else str(exc))
         try:
             _receive(control)
-            _send(control, {"error": f"cannot set up the private network: {detail}"})
-        except OSError:
+            _send(control, {"error": f"cannot set up the private network: step {step}: {_describe(exc)}"})
+        except (OSError, NetworkError):
             pass
         return
     server.selector.register(control, selectors.EVENT_READ, (FROM_P, None))
     server.selector.register(builder_side, selectors.EVENT_READ, (FROM_W, None))
     server.builder_side = builder_side
     while True:
-        for key, _ in server.selector.select():
+        events = server.selector.select()
+        events.sort(key=lambda event: event[0].data[0] != FROM_P)  # P waits: its requests first
+        for key, _ in events:
             kind, data = key.data
-            if kind == FROM_W:
-                server.drain_builder()
-            elif kind in (FROM_P, FROM_TEST):
-                if not _answer(server, key.fileobj, kind) and kind == FROM_P:  # type: ignore[arg-type]
-                    return  # P is gone
-            elif kind == GONE:
-                server.sandbox_gone(data)
-            elif kind == TO_HOST:
-                server.accept_to_host(data)
-            elif kind == TO_SERVICE:
-                server.accept_to_service(key.fileobj, data)  # type: ignore[arg-type]
+            try:
+                if kind == FROM_W:
+                    server.drain_builder()
+                elif kind == FROM_P:
+                    if not _answer(server, key.fileobj, kind):  # type: ignore[arg-type]
+                        return  # P is gone
+                elif kind == FROM_TEST:
+                    if key.fileobj in server.changed:  # not ended already (end_finished_tests)
+                        _answer(server, key.fileobj, kind)  # type: ignore[arg-type]
+                elif kind == GONE:
+                    server.sandbox_gone(data)
+                elif kind == TO_HOST:
+                    server.accept_to_host(*data)
+                elif kind == TO_SERVICE:
+                    server.accept_to_service(key.fileobj, data)  # type: ignore[arg-type]
+            except Exception as exc:  # one event's failure (EMFILE, a vanished link) never ends N
+                print(f"pytest-nsbox network process: {_describe(exc)}", file=sys.stderr)
 
 
-def _builder_user_namespace(builder_pid: int, timeout: float = START_TIMEOUT) -> int:
+def _builder_user_namespace(builder_pid: int, timeout: float = USERNS_TIMEOUT) -> int:
     """A descriptor of the builder's user namespace, once the builder has entered it and mapped
     its ids (a builder just started may still be in P's)."""
     import time
@@ -694,43 +819,54 @@ def _builder_user_namespace(builder_pid: int, timeout: float = START_TIMEOUT) ->
 
 
 def _answer(server: _Server, sock: socket.socket, kind: int) -> bool:
-    """Answer one request on *sock*; False when its sender is gone."""
+    """Answer one request on *sock*; False when its sender is gone (or, a test, misbehaved)."""
     try:
         request, fds = _receive(sock)
-    except OSError:
-        request, fds = None, []
+    except (OSError, NetworkError):
+        request, fds = None, []  # a test's garbage ends its connection, never N
     if request is None:
-        server.selector.unregister(sock)
-        if kind == FROM_TEST:
-            server.heal(server.changed.pop(sock.fileno(), set()))
-        sock.close()
+        _drop(server, sock, kind)
         return False
+    if kind == FROM_TEST:
+        _close_all(fds)  # a test sends no descriptors: none may pile up in N
+        fds = []
     try:
         answer = _dispatch(server, sock, kind, request, fds)
     except Exception as exc:
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        answer = {"error": str(exc) if isinstance(exc, NetworkError | OSError) else f"{type(exc).__name__}: {exc}"}
+        _close_all(fds)
+        answer = {"error": _describe(exc)}
     try:
-        _send(sock, answer)
+        # a test that sends and never reads must not stall N: its connection ends instead
+        _send(sock, answer, flags=socket.MSG_DONTWAIT if kind == FROM_TEST else 0)
     except OSError:
-        pass
+        if kind == FROM_TEST:
+            _drop(server, sock, kind)
+            return False
     return True
 
 
+def _drop(server: _Server, sock: socket.socket, kind: int) -> None:
+    """The connection ended: what a test changed is undone."""
+    try:
+        server.selector.unregister(sock)
+    except KeyError:
+        pass
+    if kind == FROM_TEST:
+        server.heal(server.changed.pop(sock, set()))
+    sock.close()
+
+
 def _dispatch(server: _Server, sock: socket.socket, kind: int, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    what = request["kind"]
+    what = request.get("kind")
     if kind == FROM_TEST:  # a test's nsbox_network: only what changes the services' links, undone at its end
-        names = server.changed.setdefault(sock.fileno(), set())
+        names = server.changed.setdefault(sock, set())
+        name = request.get("name")
         if what == "partition":
-            server.partition(request["name"])
-            names.add(request["name"])
+            server.partition(name)
+            names.add(str(name))
         elif what == "set_faults":
-            server.set_faults(request["name"], request["faults"])
-            names.add(request["name"])
+            server.set_faults(name, LinkFaults.from_wire(request.get("faults")))
+            names.add(str(name))
         elif what == "heal":
             server.heal(names)
             names.clear()
@@ -739,8 +875,6 @@ def _dispatch(server: _Server, sock: socket.socket, kind: int, request: dict[str
         else:
             raise NetworkError(f"unknown request {what!r}")
         return {}
-    if kind != FROM_P:
-        raise NetworkError(f"unknown request {what!r}")
     if what == "hello":
         return {"netem": server.netem}
     if what == "probe":
@@ -749,6 +883,9 @@ def _dispatch(server: _Server, sock: socket.socket, kind: int, request: dict[str
         return {"port": server.forward_to_host(request["address"], int(request["port"]))}
     if what == "expose":
         server.expose(int(request["port"]))
+        return {}
+    if what == "unexpose":
+        server.unexpose(int(request["port"]))
         return {}
     if what == "claim":
         control = socket.socket(fileno=fds.pop()) if fds else None
@@ -759,12 +896,13 @@ def _dispatch(server: _Server, sock: socket.socket, kind: int, request: dict[str
                 control.close()
             raise
         if control is not None:
+            server.changed[control] = set()
             server.selector.register(control, selectors.EVENT_READ, (FROM_TEST, None))
         return {"address": sandbox.address}
     if what == "service":
         server.services[request["name"]] = request["address"]
         return {}
     if what == "forget":
-        server.services.pop(request["name"], None)
+        server.forget(request["name"])
         return {}
     raise NetworkError(f"unknown request {what!r}")

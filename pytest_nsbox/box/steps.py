@@ -500,11 +500,15 @@ def run_test(config: SandboxConfig, channel: Channel, target: Callable[[Channel]
 
 
 def add_hosts(hosts: Iterable[tuple[str, str]]) -> None:
-    """The private network's services in the sandbox's /etc/hosts (the test's own copy, of its
-    init layer): started after the sandbox was built, they are added when the test starts."""
-    with open("/etc/hosts", "a") as handle:
+    """The private network's services at the top of the sandbox's /etc/hosts (the test's own copy,
+    of its init layer; first, so that they win over an image's entry of the same name): started
+    after the sandbox was built, they are added when the test starts."""
+    with open("/etc/hosts", "r+") as handle:
+        image_hosts = handle.read()
+        handle.seek(0)
         handle.write("# nsbox: services on the private network\n")
         handle.writelines(f"{address}\t{name}\n" for address, name in hosts)
+        handle.write(image_hosts)
 
 
 def _prefer_for_oom() -> None:

@@ -194,6 +194,10 @@ import pytest
 from pytest_nsbox import nsbox
 
 @pytest.mark.parametrize("kwargs", [
+    {"name": "localhost", "command": ["x"]},
+    {"name": "ok", "command": ["x"], "env": {"A": 1}},
+    {"name": "ok", "command": ["x"], "ready_port": 70000},
+    {"name": "ok", "command": ["x"], "ready_log": "("},
     {"name": "Bad_Name", "command": ["x"]},
     {"name": "ok", "command": "a string"},
     {"name": "ok", "command": ["x"], "memory": "lots"},
@@ -216,8 +220,12 @@ def test_not_from_inside_a_sandbox(inside):
 """,
         "-s",
     )
-    result.assert_outcomes(passed=5, errors=1)
+    result.assert_outcomes(passed=9, errors=1)
     out = result.stdout.str()
+    assert "'localhost' names the sandbox itself" in out
+    assert "env must map strings to strings" in out
+    assert "ready_port must be a port number, got 70000" in out
+    assert "ready_log '(' is not a regular expression" in out
     assert "invalid name 'Bad_Name'" in out
     assert "command must be a non-empty list of strings, got 'a string'" in out
     assert "invalid memory 'lots'" in out
@@ -681,3 +689,188 @@ def test_a_test_still_fits_after_it(nsbox_service):
         "no:randomly",
     )
     result.assert_outcomes(passed=3)
+
+
+def test_what_a_test_sends_on_its_control_connection_cannot_harm_the_network_process(run_inner, tmp_path: Path) -> None:
+    """The test's nsbox_network connection reaches N, outside every sandbox: N takes data only
+    (JSON), checks it, drops a connection that sends garbage, and goes on for the next tests."""
+    proof = tmp_path / "escaped"
+    result = run_inner(
+        ECHO_SERVER
+        + f"""
+import json, os, pickle, socket
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def echo(nsbox_service):
+    return nsbox_service("echo", command=ECHO, ready_port=7000)
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {proof}",))
+
+@nsbox(network="private")
+def test_pickle(echo, nsbox_network):
+    control = nsbox_network._control
+    socket.send_fds(control, [pickle.dumps(Evil())], [])
+    from pytest_nsbox.box.network import NetworkError
+    with pytest.raises(NetworkError, match="gone|exited"):  # N dropped the connection
+        nsbox_network.heal()
+
+@nsbox(network="private")
+def test_bad_values_and_descriptors(echo, nsbox_network):
+    from pytest_nsbox.box.network import NetworkError
+    for faults in ({{"delay_us": -1, "jitter_us": 0, "loss_percent": 0, "rate_bits": None}}, "x", {{"delay_us": 0}}):
+        with pytest.raises(NetworkError, match="invalid"):
+            nsbox_network._call("set_faults", name="echo", faults=faults)
+    r, w = os.pipe()
+    socket.send_fds(nsbox_network._control, [json.dumps({{"kind": "heal"}}).encode()], [r, w])
+    assert json.loads(nsbox_network._control.recv(1000)) == {{}}
+
+@nsbox(network="private")
+def test_the_network_goes_on(echo):
+    assert ask("echo", 7000) == b"echo:hi"
+""",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=3)
+    assert not proof.exists()
+
+
+def test_an_exposed_port_ends_with_the_fixture_that_exposed_it(run_inner) -> None:
+    result = run_inner(
+        """
+import socket, socketserver, threading
+import pytest
+from pytest_nsbox import nsbox
+
+class Hello(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"hello")
+
+PORT = {}
+
+class TestWithServer:
+    @pytest.fixture(scope="class")
+    def server(self, nsbox_host_ports):
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Hello)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        nsbox_host_ports.expose(server.server_address[1])
+        PORT["port"] = server.server_address[1]
+        yield
+        server.shutdown()  # the port stays bound (not closed): only the exposure can hide it
+
+    @nsbox(network="private")
+    def test_reached(self, server):
+        with socket.create_connection(("127.0.0.1", PORT["port"]), timeout=5) as c:
+            assert c.recv(10) == b"hello"
+
+@nsbox(network="private")
+def test_not_after_the_class():
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", PORT["port"]), timeout=5)
+""",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_heal_restores_a_services_own_faults(run_inner) -> None:
+    result = run_inner(
+        '''
+import socket, sys, time
+import pytest
+from pytest_nsbox import Network, nsbox
+
+# a service that reads what it is sent to the end, then answers "ok"
+SINK = [sys.executable, "-c", """
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7002)); s.listen()
+def serve(c):
+    with c:
+        while c.recv(65536):
+            pass
+        try:
+            c.sendall(b"ok")
+        except OSError:
+            pass
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""]
+
+@pytest.fixture(scope="module")
+def sink(nsbox_service):
+    return nsbox_service("sink", command=SINK, ready_port=7002, network=Network(rate="200kbit"))
+
+def upload():
+    start = time.monotonic()
+    with socket.create_connection(("sink", 7002), timeout=30) as c:
+        c.sendall(b"x" * 60000)
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(10) == b"ok"
+    return time.monotonic() - start
+
+@nsbox(network="private")
+def test_partition_then_heal(sink, nsbox_network):
+    nsbox_network.partition("sink")
+    nsbox_network.heal()
+    assert upload() >= 1.5  # what the service receives is still limited: 60 kB at 25 kB/s
+
+@nsbox(network="private")
+def test_still_limited_in_the_next_test(sink):
+    assert upload() >= 1.5
+''',
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.needs_cgroup_limits
+def test_a_test_that_cannot_fit_beside_the_services_is_an_error_not_a_hang(
+    run_inner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # a ledger of its own
+    result = run_inner(
+        ECHO_SERVER
+        + """
+import pytest
+from pytest_nsbox import nsbox
+
+@pytest.fixture(scope="module")
+def big(nsbox_service):
+    return nsbox_service("big", command=ECHO, ready_port=7000, memory="400M")
+
+@nsbox(memory="200M", network="private")
+def test_beside(big):
+    raise AssertionError("must not run")
+""",
+        "--nsbox-memory-budget=512M",
+        timeout=120,
+    )
+    result.assert_outcomes(errors=1)
+    assert "does not fit in the memory budget of 512 MiB" in result.stdout.str()
+    assert "big: 400 MiB" in result.stdout.str()
+
+
+def test_a_service_gets_none_of_pytests_environment_but_path(run_inner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NSBOX_TEST_SECRET_TOKEN", "hunter2")
+    result = run_inner(
+        """
+import os, sys, time
+import pytest
+
+def test_env(nsbox_service):
+    show = "import os, time; print(sorted(os.environ), flush=True); time.sleep(60)"
+    service = nsbox_service("env", command=[sys.executable, "-c", show],
+                            ready_log="PATH", env={"GIVEN": "yes"})
+    logged = service.logs()
+    assert "NSBOX_TEST_SECRET_TOKEN" not in logged and "hunter2" not in logged
+    assert "'GIVEN'" in logged and "'PATH'" in logged
+"""
+    )
+    result.assert_outcomes(passed=1)
