@@ -50,6 +50,8 @@ OPTION_HELP: Final = {
     "--nsbox-cpus": "default CPU bandwidth of sandboxed tests, e.g. 0.5 (over ini nsbox_cpus; 0: none)",
     "--nsbox-timeout": "default wall-clock timeout in seconds of sandboxed tests (over ini nsbox_timeout; 0: none)",
     "--nsbox-disk": "bound on what each sandboxed test writes, e.g. 1G (over ini nsbox_disk; 0: the built-in bound)",
+    "--nsbox-scratch": "where sandboxed tests write: 'memory' (a tmpfs, the default) or 'disk' (a directory on the host's disk; "
+    "over ini nsbox_scratch)",
 }
 
 
@@ -65,7 +67,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--nsbox-all", action="store_true", default=False, help="sandbox every test with the defaults (command line, ini)."
     )
     for option, name in OPTION_FIELDS.items():
-        metavar = {"image": "IMAGE", "memory": "SIZE", "pids": "N", "cpus": "CPUS", "timeout": "SECONDS", "disk": "SIZE"}[name]
+        metavar = {
+            "image": "IMAGE",
+            "memory": "SIZE",
+            "pids": "N",
+            "cpus": "CPUS",
+            "timeout": "SECONDS",
+            "disk": "SIZE",
+            "scratch": "WHERE",
+        }[name]
         group.addoption(option, default=None, metavar=metavar, dest=f"nsbox_default_{name}", help=OPTION_HELP[option])
     group.addoption(
         "--nsbox-require",
@@ -86,6 +96,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "nsbox_disk",
         "bound on what each sandboxed test writes (writable layer, /tmp, /run, /dev/shm together), e.g. 1G "
         "(default: half the memory available at the start of the run, shared by the xdist workers)",
+        default="",
+    )
+    parser.addini(
+        "nsbox_scratch",
+        "where sandboxed tests write: 'memory' (a tmpfs, charged to the memory limit; default) or 'disk' "
+        "(a directory on the host's disk, in $TMPDIR or /var/tmp)",
         default="",
     )
     parser.addini(
@@ -317,7 +333,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     user = "root" if os.getuid() == 0 else "rootless"
     build = "prebuilt" if runner.lookahead.builder is not None else "forked"
     preparer = runner.preparer
-    defaults = describe_defaults(preparer.defaults, preparer.default_disk)
+    defaults = describe_defaults(preparer.defaults, preparer.default_disk_for(preparer.defaults.spec.scratch))
     header = HEADER.format(user=user, build=build, cgroup=preparer.describe_cgroups(), defaults=defaults)
     if runner.budget is not None:
         header += f"; memory budget {format_size(runner.budget.budget)} ({runner.budget.source})"

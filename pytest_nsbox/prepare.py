@@ -7,6 +7,7 @@ Images, plans and probes are computed once per session.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -20,7 +21,7 @@ from typing import Any, Final
 import pytest
 
 from . import compat, images, probe
-from .box import cgroups, mounts, subids
+from .box import cgroups, diskscratch, mounts, subids
 from .box.config import SandboxConfig
 from .box.network import NETEM_FIX, NETEM_MISSING, LinkFaults, NetworkError, Plumbing
 from .errors import NsboxError
@@ -35,6 +36,7 @@ from .spec import (
     SandboxSpec,
     SpecError,
     check_expected_limits,
+    format_size,
     network_mode,
     spec_from_markers,
 )
@@ -52,6 +54,15 @@ IMAGE_FAILED: Final = "nsbox: {error} (test {nodeid})"
 NO_PRIVATE_NETWORK: Final = "nsbox: network='private' is unavailable here: {error}"
 NO_NETEM: Final = "nsbox: {network!r} is unavailable here: {missing}; {fix}"
 DEFAULT_DISK_FLOOR: Final = 256 * 2**20  # the default disk bound on a machine with little memory free
+NO_DISK_SCRATCH: Final = "nsbox: scratch='disk' is unavailable here: {error} (test {nodeid})"
+DISK_SCRATCH_SEEN: Final = (
+    "the directory for disk scratches, {base}, would be visible inside the sandbox ({why}). "
+    "Hint: set TMPDIR to a directory sandboxes do not see, e.g. /var/tmp (the default) or /tmp"
+)
+DISK_SCRATCH_FULL: Final = (
+    "nsbox: disk limit of {limit} cannot be had on disk: {path} has {free} free (test {nodeid}). "
+    "Hint: free some space, give a smaller disk=..., or set TMPDIR to a directory on a larger disk"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,7 @@ class Prepared:
     plan: mounts.MountPlan
     cgroup: cgroups.Cgroup | None
     image: images.ResolvedImage | None = None
+    scratch_dir: str | None = None  # scratch="disk": the sandbox's own directory on the host's disk (see box/diskscratch.py)
 
     def environment(self) -> dict[str, str]:
         """What the test sets over pytest's environment: the image's Env (see images.config)."""
@@ -80,6 +92,7 @@ class Prepared:
             oom_first=self.cgroup is not None and self.spec.memory is not None,
             id_mapping=subids.sandbox_ids().mapping,
             drop_env=self.spec.drop_env or (),
+            scratch_dir=self.scratch_dir,
         )
 
     def plumbing(self) -> Plumbing | None:
@@ -92,6 +105,11 @@ class Prepared:
         """The sandbox will not run: empty and release its cgroup."""
         if self.cgroup is not None:
             self.cgroup.discard()  # the processes of a sandbox built for it may still be on their way out
+        if self.scratch_dir is not None:
+            try:
+                diskscratch.remove_tree(self.scratch_dir)
+            except (OSError, RuntimeError) as exc:  # the run's directory takes it along at the end
+                log.debug("nsbox: could not remove %s: %s", self.scratch_dir, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +126,10 @@ def link_faults(network: object) -> LinkFaults:
     if isinstance(network, Network):
         return LinkFaults(network.delay_us, network.jitter_us, network.loss_percent, network.rate_bits)
     return LinkFaults()
+
+
+class _NoRoom(Exception):
+    """The disk scratch's filesystem has less free space than the disk bound (the message says so)."""
 
 
 class LimitsUnavailable(NsboxError):
@@ -159,6 +181,18 @@ def default_disk_bound() -> int:
     return max(bound, DEFAULT_DISK_FLOOR)
 
 
+def default_disk_bound_on_disk(path: str) -> int:
+    """The disk bound of a test with scratch="disk" that sets none: half the free space of the
+    filesystem of *path* now, divided among the run's xdist workers, in whole MiB; never less
+    than DEFAULT_DISK_FLOOR (a filesystem with less free refuses the sandbox)."""
+    try:
+        free = diskscratch.free_space(path)
+    except OSError:
+        return DEFAULT_DISK_FLOOR
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    return max(free // 2 // workers // 2**20 * 2**20, DEFAULT_DISK_FLOOR)
+
+
 def memory_available() -> int:
     """What pytest may still use: the machine's MemAvailable, or its cgroup's headroom if less."""
     try:
@@ -180,6 +214,22 @@ def memory_total() -> int:
     return total
 
 
+def _check_unseen(base: str, image: images.Resolved, plan: mounts.MountPlan) -> None:
+    """OSError if the disk scratches' directory *base* is visible inside a sandbox of *plan*:
+    through a host path it shows (the rootdir, cwd, basetemp...) or, image "host", anywhere
+    but the fresh and replaced directories (other sandboxes' scratches would be readable)."""
+    real = os.path.realpath(base)
+    for hp in plan.host_paths:
+        path = os.path.realpath(hp.path)
+        if real == path or real.startswith(path.rstrip("/") + "/"):
+            raise diskscratch.DiskScratchError(
+                errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=f"below {hp.path}, which it shows")
+            )
+    if image == images.HOST and not mounts.under_fresh_or_replaced(real):
+        why = "image 'host' shows the host's directories but /tmp, /var/tmp, /run, /dev, /proc, /sys"
+        raise diskscratch.DiskScratchError(errno.EINVAL, DISK_SCRATCH_SEEN.format(base=base, why=why))
+
+
 class Preparer:
     """Session state for preparing sandboxes: defaults, resolved images, plans, the cgroup manager."""
 
@@ -189,13 +239,16 @@ class Preparer:
         self.cgroup_root = cgroup_root
         self.cache_dir = cache_dir_setting(cache_dir, config.rootpath)
         self._images: dict[str, images.ResolvedImage] = {}
-        self._plans: dict[tuple[images.Resolved, str, str, int | None], mounts.MountPlan] = {}
+        self._plans: dict[tuple[images.Resolved, str, str, int | None, bool], mounts.MountPlan] = {}
         self._scratch: str | None = None
         self._manager: cgroups.CgroupManager | None = None
         self._manager_detected = False
         self._availability: dict[tuple[str, ...], cgroups.Availability] = {}
         self._cache_hold: layer_cache.InUse | None = None  # while layers may be built or mounted
         self.default_disk = default_disk_bound()
+        self._default_disk_on_disk: int | None = None
+        self._disk_run: diskscratch.RunDir | None = None  # scratch="disk": this process's directory
+        diskscratch.sweep_stale()  # what killed runs left, whether this run uses a disk scratch or not
         self.defaults_off: dict[str, str] = {}  # what a sandboxed test lost for want of a cgroup: reason
         # the run's private network (the runner sets it: it needs the builder); raises NetworkError
         self.network: Callable[[], Any] | None = None
@@ -206,6 +259,12 @@ class Preparer:
             self._cache_hold = None
         if self._manager is not None:
             self._manager.close()
+        if self._disk_run is not None:
+            try:
+                self._disk_run.close()
+            except (OSError, RuntimeError) as exc:  # the next run's sweep removes it
+                log.debug("nsbox: could not remove the run's disk scratch: %s", exc)
+            self._disk_run = None
         if self._scratch is not None:
             try:
                 os.rmdir(self._scratch)
@@ -237,7 +296,7 @@ class Preparer:
             return Refused(probe.linux().describe(), unavailable=True)
         try:
             image = self.resolve_image(spec.image)
-            plan = self.plan(image.root, network_mode(spec.network), spec.disk)
+            plan = self.plan(image.root, network_mode(spec.network), spec.disk, on_disk=spec.scratch == "disk")
         except images.ImageError as exc:
             return Refused(IMAGE_FAILED.format(error=exc, nodeid=label.removeprefix("test ")), unavailable=False)
         except OSError as exc:
@@ -245,11 +304,41 @@ class Preparer:
         refused = self._check_network(spec)
         if refused is not None:
             return refused
+        scratch_dir = None
+        if plan.on_disk:
+            try:
+                _check_unseen(diskscratch.base_dir(), image.root, plan)
+                scratch_dir = self.new_scratch_dir(spec.disk, label)
+            except OSError as exc:
+                error = exc.strerror if isinstance(exc, diskscratch.DiskScratchError) else exc  # no "[Errno 22]"
+                return Refused(NO_DISK_SCRATCH.format(error=error, nodeid=label.removeprefix("test ")), unavailable=False)
+            except _NoRoom as exc:
+                return Refused(str(exc), unavailable=False)
         try:
             cgroup = self.cgroup_for(spec)
         except LimitsUnavailable as exc:
+            if scratch_dir is not None:
+                diskscratch.remove_tree(scratch_dir)
             return Refused(str(exc), unavailable=True)
-        return Prepared(spec, plan, cgroup, image)
+        return Prepared(spec, plan, cgroup, image, scratch_dir)
+
+    def new_scratch_dir(self, bound: int | None, label: str) -> str:
+        """A directory on the host's disk for one sandbox's scratch (OSError: none can be made;
+        _NoRoom: its filesystem has less free space than *bound*)."""
+        if self._disk_run is None:
+            self._disk_run = diskscratch.RunDir()
+        if bound is not None:
+            free = diskscratch.free_space(self._disk_run.path)
+            if free < bound:
+                raise _NoRoom(
+                    DISK_SCRATCH_FULL.format(
+                        limit=format_size(bound),
+                        path=self._disk_run.path,
+                        free=format_size(free),
+                        nodeid=label.removeprefix("test "),
+                    )
+                )
+        return self._disk_run.new()
 
     def _check_network(self, spec: SandboxSpec) -> Refused | None:
         """Why the private network *spec* asks for cannot be had here (a SKIP), or None."""
@@ -267,9 +356,14 @@ class Preparer:
 
     def another(self, prepared: Prepared) -> Prepared | None:
         """A second sandbox like *prepared* (a cgroup of its own), or None if none can be had."""
+        scratch_dir = None
         try:
-            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec), prepared.image)
-        except LimitsUnavailable:
+            if prepared.plan.on_disk:
+                scratch_dir = self.new_scratch_dir(prepared.spec.disk, "a spare sandbox")
+            return Prepared(prepared.spec, prepared.plan, self.cgroup_for(prepared.spec), prepared.image, scratch_dir)
+        except (LimitsUnavailable, OSError, _NoRoom):
+            if scratch_dir is not None:
+                diskscratch.remove_tree(scratch_dir)
             return None
 
     def spec_for(self, item: pytest.Item) -> SandboxSpec:
@@ -280,7 +374,16 @@ class Preparer:
             if changed is not None:
                 check_expected_limits(changed, f"spec of {item.nodeid} from pytest_nsbox_modify_spec")
                 spec = changed
-        return spec if spec.disk is not None else replace(spec, disk=self.default_disk)
+        return spec if spec.disk is not None else replace(spec, disk=self.default_disk_for(spec.scratch))
+
+    def default_disk_for(self, scratch: str) -> int:
+        """The built-in disk bound: from the memory available (scratch "memory"), or from the free
+        space of the disk scratch's filesystem (scratch "disk"), read once per session."""
+        if scratch != "disk":
+            return self.default_disk
+        if self._default_disk_on_disk is None:
+            self._default_disk_on_disk = default_disk_bound_on_disk(diskscratch.base_dir())
+        return self._default_disk_on_disk
 
     def check_spec(self, item: pytest.Item) -> str | None:
         """Why the item's markers are invalid, or None."""
@@ -310,10 +413,11 @@ class Preparer:
             self._images[name] = images.resolve(name, self.config.rootpath, self.cache_dir, image_dirs)
         return self._images[name]
 
-    def plan(self, image: images.Resolved, network: str, disk: int | None) -> mounts.MountPlan:
-        """The mount plan for *image*, *network* and the *disk* bound from the current directory (cached)."""
+    def plan(self, image: images.Resolved, network: str, disk: int | None, *, on_disk: bool = False) -> mounts.MountPlan:
+        """The mount plan for *image*, *network* and the *disk* bound from the current directory
+        (cached); *on_disk*: the scratch is a directory on the host's disk (scratch="disk")."""
         cwd = os.getcwd()
-        key = (image, network, cwd, disk)
+        key = (image, network, cwd, disk, on_disk)
         if key not in self._plans:
             self._plans[key] = mounts.build_plan(
                 image=image,
@@ -329,6 +433,7 @@ class Preparer:
                 mounts=mounts.MountTable.read(),
                 stacks_dir=str(layer_cache.stacks_dir(self.cache_dir)),
                 disk=disk,
+                on_disk=on_disk,
             )
         return self._plans[key]
 

@@ -40,6 +40,7 @@ DISK_FULL: Final = (
     "nsbox: disk limit of {limit} reached: what the test wrote (its writable layer, /tmp, /var/tmp, /run, /dev/shm) "
     "filled it{detail}"
 )
+DISK_KILLED: Final = " (scratch='disk': {used} found in it; the sandbox was killed)"
 DISK_USAGE: Final = "disk_usage"  # record kind: C's look at the scratch tmpfs when the test ended
 DISK_FULL_MARGIN: Final = 64 * 2**10  # less free than this when the test ended: the bound was reached
 EXPECTED_HIT: Final = "{message}, as the marker expects (expect_limits)"
@@ -238,7 +239,7 @@ def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
     if usage.pids_limit_hits:
         message = PIDS_EXCEEDED.format(limit=spec.pids or DEFAULT_PIDS, count=usage.pids_limit_hits)
         hits.append(Cause(message, "pids", expected="pids" in spec.expect_limits))
-    disk = disk_full(spec, result.records)
+    disk = disk_full(spec, result.records, result.disk_used)
     if disk is not None:
         disk.expected = "disk" in spec.expect_limits
         hits.append(disk)
@@ -248,9 +249,15 @@ def limit_hits(spec: SandboxSpec, result: SandboxResult) -> list[Cause]:
     return hits
 
 
-def disk_full(spec: SandboxSpec, records: list[dict[str, Any]]) -> Cause | None:
+def disk_full(spec: SandboxSpec, records: list[dict[str, Any]], disk_used: int | None = None) -> Cause | None:
     """The disk bound was reached: when the test ended, its scratch tmpfs had (almost) no room
-    or no inode left (a test that deleted what it wrote after ENOSPC is not caught)."""
+    or no inode left (a test that deleted what it wrote after ENOSPC is not caught); with
+    scratch="disk", P found more than the bound in the scratch's directory (*disk_used*)."""
+    if spec.scratch == "disk":
+        if disk_used is None or spec.disk is None:
+            return None  # C's look (statvfs) shows the host's filesystem there, not the bound
+        detail = DISK_KILLED.format(used=format_size(disk_used))
+        return Cause(DISK_FULL.format(limit=format_size(spec.disk), detail=detail), "disk")
     record = next((r for r in records if r["kind"] == DISK_USAGE), None)
     if record is None or spec.disk is None:
         return None

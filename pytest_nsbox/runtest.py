@@ -448,6 +448,7 @@ class SandboxRunner:
             cgroup=prepared.cgroup,
             while_running=lambda: self._prepare_next(nextitem),  # the builder works while the test runs
             before_kill=before_kill,
+            disk_bound=prepared.spec.disk,
         )
 
     def _snapshot_later(
@@ -567,7 +568,10 @@ class SandboxRunner:
             try:
                 cgroup = self.preparer.cgroup_for(unlimited)
                 if cgroup is not None:
-                    config = replace(Prepared(unlimited, prepared.plan, cgroup).config(), stdio_copies=())
+                    scratch_dir = self.preparer.new_scratch_dir(None, "an empty sandbox") if prepared.plan.on_disk else None
+                    config = replace(
+                        Prepared(unlimited, prepared.plan, cgroup, scratch_dir=scratch_dir).config(), stdio_copies=()
+                    )
                     peak = self.supervisor.run(config, lambda channel: None, cgroup=cgroup).usage.memory_peak
             except (OSError, NsboxError) as exc:  # the figure is a courtesy: the message says it is missing
                 log.debug("nsbox: could not measure an empty sandbox: %s", exc)

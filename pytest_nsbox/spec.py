@@ -19,6 +19,8 @@ from .errors import NsboxError
 
 NetworkMode = Literal["none", "host", "private"]
 NETWORKS: Final = ("none", "host", "private")
+ScratchMode = Literal["memory", "disk"]
+SCRATCHES: Final = ("memory", "disk")  # where a sandbox's writable places live: a tmpfs, or a host directory
 DEFAULT_IMAGE: Final = "host"
 DEFAULT_PIDS: Final = 1024  # the pids cap of a sandbox that asks for none (where cgroups allow)
 SIZE_GRAMMAR: Final = "int bytes or '512K', '256M', '2G' (binary units)"
@@ -164,6 +166,7 @@ class SandboxSpec:
     # limits whose hit does not fail the test by itself (a subset of EXPECTABLE, in that order)
     expect_limits: tuple[str, ...] = ()
     drop_env: tuple[str, ...] | None = None  # fnmatch patterns of environment variables the test does not get
+    scratch: ScratchMode = "memory"  # "disk": the writable places are a directory on the host's disk, not a tmpfs
 
     def requested_limits(self) -> dict[str, object]:
         """The resource limits this spec asks for, by marker argument name (public: hooks use it)."""
@@ -248,6 +251,12 @@ def _parse_network(value: object) -> NetworkMode | Network:
     return value  # type: ignore[return-value]
 
 
+def _parse_scratch(value: object) -> ScratchMode:
+    if value not in SCRATCHES:
+        raise ValueError("expected 'memory' (a tmpfs, charged to the memory limit) or 'disk' (a directory on the host's disk)")
+    return value  # type: ignore[return-value]
+
+
 def _parse_expect_limits(value: object) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else value
     if not isinstance(names, tuple | list | set | frozenset) or not all(isinstance(n, str) for n in names):
@@ -272,6 +281,7 @@ PARSERS: Final[Mapping[str, Callable[[object], object]]] = {
     "disk": lambda v: _parse_disk(v),
     "expect_limits": _parse_expect_limits,
     "drop_env": lambda v: parse_drop_env(v),
+    "scratch": _parse_scratch,
 }
 
 
@@ -291,7 +301,7 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
-FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk", "expect_limits", "drop_env")
+FIELDS: Final = ("image", "memory", "pids", "cpus", "timeout", "network", "disk", "expect_limits", "drop_env", "scratch")
 # Limits a marker may turn off (None or 0) for one test. pids and disk cannot go unbounded:
 # None/0 drops a command-line or ini default, and the built-in bound (DEFAULT_PIDS, the default
 # disk bound) still applies.
@@ -309,6 +319,7 @@ def marker_signature(
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
     drop_env: str | Iterable[str] | _Unset | None = UNSET,
+    scratch: ScratchMode | _Unset | None = UNSET,
 ) -> dict[str, object]:
     """The ``nsbox`` marker's signature: Python writes the 'unexpected keyword' errors."""
     given = {
@@ -321,6 +332,7 @@ def marker_signature(
         "disk": disk,
         "expect_limits": expect_limits,
         "drop_env": drop_env,
+        "scratch": scratch,
     }
     return {name: value for name, value in given.items() if value is not UNSET}
 
@@ -336,6 +348,7 @@ def nsbox(
     disk: int | str | _Unset | None = UNSET,
     expect_limits: str | Iterable[str] | _Unset | None = UNSET,
     drop_env: str | Iterable[str] | _Unset | None = UNSET,
+    scratch: ScratchMode | _Unset | None = UNSET,
 ) -> Any:
     """Run the test in fresh namespaces over a throwaway overlay of rootfs *image*.
 
@@ -350,6 +363,8 @@ def nsbox(
     to hit: a process it starts OOM-killed, forks refused, or ENOSPC do not fail it by themselves.
     ``drop_env`` (a pattern or a list of them, e.g. ``["*_TOKEN", "AWS_*"]``): environment variables
     the test does not get (over ini ``nsbox_drop_env``; ``None`` drops none).
+    ``scratch`` 'memory' (default: the writable places are a tmpfs) or 'disk' (a directory on the
+    host's disk, not charged to the memory limit; the disk bound is enforced by P, see the README).
     """
     if callable(image) and not isinstance(image, str | os.PathLike):
         return pytest.mark.nsbox(image)
@@ -363,6 +378,7 @@ def nsbox(
         disk=disk,
         expect_limits=expect_limits,
         drop_env=drop_env,
+        scratch=scratch,
     )
     return pytest.mark.nsbox(**kwargs)
 
@@ -385,6 +401,7 @@ INI_FIELDS: Final = {
     "nsbox_cpus": "cpus",
     "nsbox_timeout": "timeout",
     "nsbox_disk": "disk",
+    "nsbox_scratch": "scratch",
 }
 OPTION_FIELDS: Final = {f"--nsbox-{field}": field for field in INI_FIELDS.values()}
 _OFF_WORDS: Final = ("0", "none", "off")
@@ -517,6 +534,8 @@ def describe_defaults(defaults: Defaults, default_disk: int | None = None) -> st
             parts.append(f"pids={DEFAULT_PIDS} (built-in)")
         elif name == "disk" and default_disk is not None:
             parts.append(f"disk={format_size(default_disk)} (built-in)")
+    if spec.scratch != "memory":
+        parts.append(f"scratch={spec.scratch} ({sources.get('scratch', 'built-in')})")
     if spec.drop_env:
         parts.append(f"drop_env={' '.join(spec.drop_env)} ({sources.get('drop_env', 'built-in')})")
     return ", ".join(parts)

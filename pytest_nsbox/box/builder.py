@@ -150,8 +150,8 @@ class Builder:
         plan_id = id(config.plan)
         plan = None if self._plans_sent.get(plan_id) is config.plan else config.plan
         self._plans_sent[plan_id] = config.plan
-        # B' needs the plan, the namespaces (network), the cgroup and the capability count only
-        request = (ticket, plan_id, plan, config.network, config.cgroup_files, config.cap_last_cap, plumbing)
+        # B' needs the plan, the namespaces (network), the cgroup, the capability count and a disk scratch's directory only
+        request = (ticket, plan_id, plan, config.network, config.cgroup_files, config.cap_last_cap, plumbing, config.scratch_dir)
         fds = []
         if plumbing is not None and not self._network_sent:
             fds.append(self.network().builder_socket())  # once: W keeps it
@@ -281,10 +281,12 @@ def _work(sock: socket.socket, ids: IdMapping | None) -> None:
             return  # P closed its end: P's pidfds keep its sandboxes; the B' processes die with S
         if received:
             network = socket.socket(fileno=received[0])
-        ticket, plan_id, plan, network_mode, cgroup_files, cap_last_cap, plumbing = pickle.loads(message)
+        ticket, plan_id, plan, network_mode, cgroup_files, cap_last_cap, plumbing, scratch_dir = pickle.loads(message)
         if plan is not None:
             plans[plan_id] = plan
-        config = SandboxConfig(plans[plan_id], network_mode, 0, 0, {}, "/", cap_last_cap, cgroup_files, id_mapping=ids)
+        config = SandboxConfig(
+            plans[plan_id], network_mode, 0, 0, {}, "/", cap_last_cap, cgroup_files, id_mapping=ids, scratch_dir=scratch_dir
+        )
         keep_out = (sock.fileno(), *((network.fileno(),) if network is not None else ()))
         answer, fds = _build(config, keep_out, own_pid_namespace)
         if plumbing is not None and answer.get("kind") == "ready" and fds:

@@ -71,6 +71,7 @@ class SandboxConfig:
     drop_env: tuple[str, ...] = ()  # fnmatch patterns of variables C removes from its environment
     extra_hosts: tuple[tuple[str, str], ...] = ()  # (address, name) C adds to /etc/hosts: the private network's services
     network_control_fd: int | None = None  # C's connection to the private network (a test's nsbox_network)
+    scratch_dir: str | None = None  # plan.on_disk: the host directory P made for this sandbox's scratch
 
     @classmethod
     def create(
@@ -83,6 +84,7 @@ class SandboxConfig:
         oom_first: bool = False,
         id_mapping: subids.IdMapping | None = None,
         drop_env: tuple[str, ...] = (),
+        scratch_dir: str | None = None,
     ) -> SandboxConfig:
         """A config for the calling process (its ids and namespaces, read once per process: a test
         that runs pytest in-process, inside a sandbox, reads its own)."""
@@ -102,6 +104,7 @@ class SandboxConfig:
             oom_first=oom_first,
             id_mapping=id_mapping,
             drop_env=drop_env,
+            scratch_dir=scratch_dir,
         )
 
     @property
@@ -126,6 +129,7 @@ class SandboxResult:
     done: bool = False  # the test sent its last record: it ran to its end
     started: float | None = None  # time.time() when P started the test process
     ended: float | None = None  # time.time() when the test ended: exited, sent "done", or reached its timeout
+    disk_used: int | None = None  # a disk scratch over its bound: the bytes P found in it (it killed the sandbox)
 
     @property
     def setup_error(self) -> dict[str, Any] | None:

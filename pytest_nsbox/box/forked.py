@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from . import cgroups, faults, subids
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
+from .mounts import with_scratch_source
 from .steps import (
     Step,
     children,
@@ -123,7 +124,8 @@ def _process_b(config: SandboxConfig, channel: Channel, a_pid: int, target: Targ
     # getppid() is 0 in a new PID namespace whether A lives or not: ask the host's /proc
     guard_parent(channel, "B", lambda: parent_is(a_pid))
     steps: list[Step] = [("join_session_keyring", join_session_keyring)]
-    run_steps(channel, "B", steps + [(step.name, step.run) for step in config.plan.steps])
+    plan_steps = with_scratch_source(config.plan.steps, config.scratch_dir)
+    run_steps(channel, "B", steps + [(step.name, step.run) for step in plan_steps])
     config = replace(config, root_dev=os.stat("/").st_dev)  # after pivot_root: the sandbox's root
     c_pid = os.fork()
     if c_pid == 0:

@@ -74,7 +74,9 @@ def kept_sources(plan: MountPlan) -> list[KeptSource]:
                 if full == plan.scratch or full.startswith(plan.scratch + "/"):
                     continue  # the init layer: generated per sandbox, nothing of the image
                 lowers.append(os.path.realpath(full))
-            sources.append(KeptSource(path, _relative(plan, step.upper), tuple(lowers)))
+            # scratch="disk", image "host": "/" is an overlay whose entries are the plan's stubs
+            root_stubs = frozenset(os.listdir("/")) | REPLACED_TOP_LEVEL if step.name == "mount_root_dir" else frozenset()
+            sources.append(KeptSource(path, _relative(plan, step.upper), tuple(lowers), root_stubs))
         elif isinstance(step, BindScratchDir) and step.name not in NOT_KEPT_NAMES:
             path = _inside(plan, step.target, step.root)
             if path is None:

@@ -210,6 +210,35 @@ class MountFs:
 
 
 @dataclass(frozen=True, slots=True)
+class BindDiskScratch:
+    """The sandbox's scratch on the host's disk (``scratch="disk"``): *source*, a directory P
+    made for this one sandbox (the plan is shared: ``with_scratch_source`` fills it in), bound on
+    *target* in place of the scratch tmpfs, nosuid and nodev as the tmpfs is."""
+
+    target: str
+    source: str | None = None
+    name: str = "mount_scratch_dir"
+
+    def run(self) -> None:
+        if self.source is None:
+            raise OSError(errno.EINVAL, f"{self.name}: no directory on disk was made for this sandbox")
+        os.chmod(self.source, 0o755)
+        L.mount(_b(self.source), _b(self.target), None, L.MS_BIND)
+        flags = locked_flags(self.target) | L.MS_NOSUID | L.MS_NODEV
+        L.mount(None, _b(self.target), None, L.MS_BIND | L.MS_REMOUNT | flags)
+
+
+SCRATCH_STEPS: Final = ("mount_scratch_tmpfs", "mount_scratch_dir")  # the step that makes the scratch
+
+
+def with_scratch_source(steps: Sequence[Step], source: str | None) -> tuple[Step, ...]:
+    """*steps* with the disk scratch's directory (*source*) filled in, if the plan has one."""
+    if source is None:
+        return tuple(steps)
+    return tuple(BindDiskScratch(step.target, source) if isinstance(step, BindDiskScratch) else step for step in steps)
+
+
+@dataclass(frozen=True, slots=True)
 class BindScratchDir:
     """A fresh directory of the scratch tmpfs at *target* (itself, if *target* is *source*): every
     such place shares the scratch's one size bound, the sandbox's ``disk`` limit."""
@@ -566,7 +595,7 @@ def _host_can_give(path: str) -> bool:
     return path.split("/")[1] not in ("proc", "sys", "dev")
 
 
-def _under_fresh_or_replaced(path: str) -> bool:
+def under_fresh_or_replaced(path: str) -> bool:
     """Whether the host image's tree hides *path* (it is under a fresh or replaced directory)."""
     if path.split("/")[1] in REPLACED_TOP_LEVEL:
         return True
@@ -579,6 +608,7 @@ class MountPlan:
     root: str
     steps: tuple[Step, ...]
     host_paths: tuple[HostPath, ...] = ()  # what build_plan was given (--nsbox-keep records them)
+    on_disk: bool = False  # the scratch is a host directory made per sandbox (BindDiskScratch), not a tmpfs
 
 
 @dataclass
@@ -850,6 +880,7 @@ def build_plan(
     fresh_var_tmp: bool = True,
     disk: int | None = None,
     kept: str | None = None,
+    on_disk: bool = False,
 ) -> MountPlan:
     """Build every mount step for one sandbox, by the filesystem rule of the module doc.
     ``image`` is "host", a rootfs directory, or layer directories (top first); ``host_paths``
@@ -862,6 +893,8 @@ def build_plan(
     ``disk``: the size of the scratch tmpfs, which holds every place the sandbox can write (the
     writable layers, ``/tmp``, ``/var/tmp``, ``/run``, ``/dev``, ``/dev/shm``, the root of image
     "host"): one bound for all of them (None: the kernel's default, half of the RAM).
+    ``on_disk``: no tmpfs; a directory on the host's disk, made per sandbox, is bound there
+    instead (BindDiskScratch; *disk* is then P's to enforce, see box/diskscratch.py).
 
     ``kept``: a kept writable layer, extracted (``nsbox shell --kept``): it lies over the image
     in every overlay and under the fresh directories, each under a new writable layer.
@@ -874,16 +907,25 @@ def build_plan(
     init_files = tuple((f"{init}/{name}", text) for name, text in init_layer_files(network, resolv, hosts).items())
     scratch_options = "mode=0755" + (f",size={disk}" if disk is not None else "")
     fresh_dir = f"{scratch}/fresh"
+    # its source names the sandbox's "/" too: for image "host" that is a directory of it
+    scratch_step: Step = (
+        BindDiskScratch(scratch)
+        if on_disk
+        else MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, scratch_options, ROOT_SOURCE)
+    )
     head: list[Step] = [
         MakeRootSlave(),
-        # its source names the sandbox's "/" too: for image "host" that is a directory of it
-        MountFs("mount_scratch_tmpfs", "tmpfs", scratch, L.MS_NOSUID | L.MS_NODEV, scratch_options, ROOT_SOURCE),
-        MakeTree("write_init_layer", dirs=(f"{scratch}/upper", f"{scratch}/work"), files=init_files),
+        scratch_step,
+        MakeTree("write_init_layer", dirs=(f"{scratch}/upper", f"{scratch}/work", f"{scratch}/empty"), files=init_files),
     ]
     if image == "host":
-        head.append(BindScratchDir("mount_root_dir", root, root, 0o755))  # a mount point, for pivot_root
+        if on_disk:  # "/" is a mount of its own, "nsbox-root" (require_sandbox, verify_inside): an overlay
+            upper, work = f"{scratch}/upper/root", f"{scratch}/work/root"
+            head.append(MountOverlay(root, (f"{scratch}/empty",), upper, work, ROOT_SOURCE, name="mount_root_dir"))
+        else:
+            head.append(BindScratchDir("mount_root_dir", root, root, 0o755))  # a mount point, for pivot_root
         b.host_tree("/", root, init)
-        visible = [hp for hp in host_paths if _under_fresh_or_replaced(hp.path) or not hp.readonly]
+        visible = [hp for hp in host_paths if under_fresh_or_replaced(hp.path) or not hp.readonly]
     elif isinstance(image, tuple):
         cwd, lowers = short_lowers(image, stacks_dir or os.path.join(scratch, "stacks"))
         b.overlay(root, [init, *lowers], source=ROOT_SOURCE, cwd=cwd)
@@ -941,4 +983,4 @@ def build_plan(
         tail.append(BringUpLoopback())
         if families:
             tail.append(AddLoopbackAddresses(tuple(int(f) for f in families)))
-    return MountPlan(scratch, root, (*head, *image_steps, *fresh, *b.steps, *tail), host_paths)
+    return MountPlan(scratch, root, (*head, *image_steps, *fresh, *b.steps, *tail), host_paths, on_disk)

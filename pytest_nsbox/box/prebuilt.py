@@ -29,7 +29,7 @@ from typing import NoReturn
 from . import _linux as L
 from . import cgroups, subids, wire
 from .config import EXIT_INTERNAL_ERROR, SandboxConfig, Target
-from .mounts import BindProc, MountFs, MountPlan, Step
+from .mounts import SCRATCH_STEPS, BindProc, MountFs, MountPlan, Step, with_scratch_source
 from .steps import Step as NamedStep
 from .steps import (
     children,
@@ -249,7 +249,10 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
             ("mount_proc_for_pid_namespace", _mount_own_proc),
             ("unshare_namespaces", lambda: L.unshare(config.clone_flags & ~L.CLONE_NEWPID)),
             ("write_id_maps", write_maps),
-            *((step.name, _holding_scratch(step, config.plan.scratch, scratch)) for step in prebuilt_plan_steps(config.plan)),
+            *(
+                (step.name, _holding_scratch(step, config.plan.scratch, scratch))
+                for step in prebuilt_plan_steps(config.plan, config.scratch_dir)
+            ),
             ("harden_init", lambda: harden_init(config.cap_last_cap)),
         ]
         run_steps(channel, "B", steps)
@@ -269,7 +272,7 @@ def build_ahead(config: SandboxConfig, fd: int) -> NoReturn:
 def _holding_scratch(step: Step, scratch: str, held: list[int]) -> Callable[[], None]:
     """*step*'s run; after the scratch tmpfs is mounted, B' opens it and holds it until it dies:
     after pivot_root P reaches the writable layers only through this descriptor (box/keep.py)."""
-    if not (isinstance(step, MountFs) and step.target == scratch):
+    if not (step.name in SCRATCH_STEPS and getattr(step, "target", None) == scratch):
         return step.run
 
     def run_and_hold() -> None:
@@ -328,6 +331,8 @@ def _mount_own_proc() -> None:
     L.mount(b"proc", b"/proc", b"proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
 
 
-def prebuilt_plan_steps(plan: MountPlan) -> tuple[Step, ...]:
-    """The plan's steps, with /proc bound from the one B' mounted before entering its user namespace."""
-    return tuple(BindProc(step.target) if isinstance(step, MountFs) and step.fstype == "proc" else step for step in plan.steps)
+def prebuilt_plan_steps(plan: MountPlan, scratch_dir: str | None = None) -> tuple[Step, ...]:
+    """The plan's steps, with /proc bound from the one B' mounted before entering its user
+    namespace (and the disk scratch's directory, *scratch_dir*, filled in)."""
+    steps = with_scratch_source(plan.steps, scratch_dir)
+    return tuple(BindProc(step.target) if isinstance(step, MountFs) and step.fstype == "proc" else step for step in steps)

@@ -13,7 +13,9 @@ off the test's critical path, unless their status is needed now.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import select
 import signal
@@ -22,13 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
-from . import wire
+from . import subids, wire
 from .cgroups import Cgroup, control_devices
 from .config import INTERACTIVE, KILL_GRACE, SandboxConfig, SandboxResult, Target
+from .diskscratch import DiskWatch, ScratchHelper, remove_tree
 from .forked import ForkedSpawn
 from .prebuilt import PidNamespaceSwitch, Prebuilt, PrebuiltSpawn
 from .steps import prepare_capability_drop
 
+log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 16
 STACK_DUMP_WAIT = 2.0  # seconds the test gets to write its stack on a timeout
 STACK_DUMP_QUIET = 0.2  # the dump is complete when the writer is quiet this long
@@ -172,6 +176,8 @@ class _Ending:
     spawn: Spawn
     cgroup: Cgroup | None
     reaped: bool = False
+    scratch_dir: str | None = None  # a disk scratch: removed once every process is gone
+    scratches: ScratchHelper | None = None  # who removes it
 
     def poll(self) -> bool:
         """True once every process is gone."""
@@ -193,6 +199,14 @@ class _Ending:
         self.spawn.close()
         if self.cgroup is not None:
             self.cgroup.release()
+        if self.scratch_dir is not None:
+            try:
+                if self.scratches is not None:
+                    self.scratches.remove(self.scratch_dir)
+                else:
+                    remove_tree(self.scratch_dir)
+            except (OSError, RuntimeError) as exc:  # what is left goes with the run's directory, or the next run's sweep
+                log.debug("nsbox: could not remove %s: %s", self.scratch_dir, exc)
 
     def finish_now(self, grace: float = KILL_GRACE) -> None:
         """Wait until the processes are gone (killing them after *grace* seconds), then finish."""
@@ -213,6 +227,10 @@ class Supervisor:
         self._switch = PidNamespaceSwitch()
         control_devices()  # read once in P, before any fork
         self._prepared_capabilities: int | None = None
+        # disk scratches: what they hold, and their removal (each a process of its own, on first use)
+        ids = lambda: subids.sandbox_ids().mapping  # noqa: E731 - the sandboxes' ids, read when a helper starts
+        self._measurer = ScratchHelper(ids, in_process=os.getuid() == 0)
+        self._remover = ScratchHelper(ids)
 
     def run(
         self,
@@ -224,6 +242,7 @@ class Supervisor:
         cgroup: Cgroup | None = None,
         while_running: Callable[[], None] | None = None,
         before_kill: Callable[[SandboxResult], None] | None = None,
+        disk_bound: int | None = None,
     ) -> SandboxResult:
         """Run *target* as the test process inside a sandbox; return what came back.
 
@@ -234,7 +253,10 @@ class Supervisor:
         called in P right after the fork: work that need not wait for the test. *before_kill*
         is called once, when the test is over (or timed out: its processes but PID 1 are killed
         first) and before the sandbox's PID 1 is killed, in the prebuilt form only: its mounts
-        are still there (--nsbox-keep copies the writable layers out).
+        are still there (--nsbox-keep copies the writable layers out). With a disk scratch
+        (``config.scratch_dir``), P looks at what it holds while the test runs and kills the
+        sandbox once that is over *disk_bound* (``result.disk_used``), and removes the directory
+        once every process is gone.
         """
         if self._prepared_capabilities != config.cap_last_cap:
             prepare_capability_drop(config.cap_last_cap)
@@ -272,6 +294,9 @@ class Supervisor:
             spawn.close()
             if cgroup is not None:
                 cgroup.discard()
+            if config.scratch_dir is not None:
+                with contextlib.suppress(OSError, RuntimeError):  # else the run's directory takes it along
+                    remove_tree(config.scratch_dir)
             raise
         if child_pid == 0:
             os.close(read_fd)
@@ -279,10 +304,13 @@ class Supervisor:
             spawn.child(config, write_fd, kept, p_pid, target)
         os.close(write_fd)
         os.close(stack_write)
-        ending = _Ending(child_pid, spawn, cgroup)
+        ending = _Ending(child_pid, spawn, cgroup, scratch_dir=config.scratch_dir, scratches=self._remover)
+        watch = None
+        if config.scratch_dir is not None and disk_bound is not None:
+            watch = DiskWatch(config.scratch_dir, disk_bound, self._measurer.usage)
         try:
             keep = _Once(before_kill if isinstance(spawn, PrebuiltSpawn) else None)
-            result = self._watch(ending, read_fd, stack_read, timeout, while_running, keep)
+            result = self._watch(ending, read_fd, stack_read, timeout, while_running, keep, watch)
         except BaseException:
             ending.kill()
             ending.finish_now()
@@ -301,6 +329,7 @@ class Supervisor:
         timeout: float | None,
         while_running: Callable[[], None] | None,
         keep: _Once,
+        watch: DiskWatch | None = None,
     ) -> SandboxResult:
         spawn, child_pid, cgroup = ending.spawn, ending.pid, ending.cgroup
         result = SandboxResult()
@@ -317,7 +346,10 @@ class Supervisor:
                 while_running()
             self.reap()  # earlier sandboxes, while this test runs
             while True:
-                ready = select.select(watched, [], [], 0 if interrupt.pending else deadline.remaining())[0]
+                wait = 0 if interrupt.pending else deadline.remaining()
+                if watch is not None:
+                    wait = watch.due() if wait is None else min(wait, watch.due())
+                ready = select.select(watched, [], [], wait)[0]
                 if interrupt.fd in ready:
                     interrupt.woken()
                     ready.remove(interrupt.fd)
@@ -327,10 +359,19 @@ class Supervisor:
                     interrupt.decide()  # the result pipe is read up to now
                     if not ready:
                         continue
-                if not ready:
+                if not ready and watch is not None and deadline.remaining() != 0:
+                    used = watch.exceeded()
+                    if used is None:
+                        continue
+                    result.disk_used = used  # over the bound: the sandbox is killed as on a timeout
+                    watch = None
+                    _note_end(result)
+                elif not ready:
                     result.timed_out = True
+                    watch = None
                     result.ended = time.time()  # the test ran until now; the dump is P's work
                     stack += _dump_stack(spawn.test_pid(child_pid), stack_read)
+                if not ready:
                     if keep.pending and isinstance(spawn, PrebuiltSpawn):
                         _stop_all_but_init(spawn, child_pid, cgroup)
                         keep(result)
@@ -376,11 +417,13 @@ class Supervisor:
             if not (select.select([stack_read], [], [], 0)[0] and _read_into(stack_read, stack)):
                 break
         result.stack = stack.decode(errors="replace")
+        if watch is not None and result.disk_used is None:
+            result.disk_used = watch.exceeded()  # what the test wrote since the last look
         if reader.pending and result.wire_error is None and not result.timed_out and not result.done:
             result.wire_error = f"truncated record ({reader.pending} bytes) at end of stream"
         if cgroup is not None:
             result.usage = cgroup.usage()  # final: every process of the test is gone
-        if result.test_status is None or result.setup_error is not None or result.timed_out:
+        if result.test_status is None or result.setup_error is not None or result.timed_out or result.disk_used is not None:
             if result.setup_error is None:
                 keep(result)
             spawn.kill()
@@ -444,6 +487,8 @@ class Supervisor:
     def close(self) -> None:
         self.reap(block=True)
         self._switch.close()
+        self._measurer.close()
+        self._remover.close()
 
 
 def run_once(

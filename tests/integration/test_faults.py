@@ -98,6 +98,7 @@ NOT_IN_A_TEST_RUN: dict[str, str] = {
     "connect_network": "network='private' only: test_network.py makes it fail",
     "make_private_network": "network='private' only: test_network.py makes it fail",
     "write_hosts": "a private network with a service only: test_network.py makes it fail",
+    "mount_scratch_dir": "scratch='disk' only: test_disk.py makes it fail",
 }
 
 CASES = [(mode, step) for step, forms in STEP_FAULTS.items() for mode in forms]

@@ -324,3 +324,26 @@ def test_a_mask_hides_a_file_or_a_directory_and_skips_a_missing_path(tmp_path: P
         (os.fsencode(sources / mounts.MASK_DIR), os.fsencode(tmp_path / "acpi")),
     ]
     assert all(c[2] & mounts.L.MS_RDONLY and c[2] & mounts.L.MS_REMOUNT for c in calls[1::2])
+
+
+def test_a_disk_scratch_is_a_directory_bound_per_sandbox(tmp_path: Path) -> None:
+    """scratch="disk": no tmpfs; each sandbox's own directory fills the shared plan's step."""
+    table = mounts.MountTable.parse("1 0 0:1 / / rw - ext4 /dev/vda rw\n")
+    plan = mounts.build_plan(
+        image="host", network="none", scratch=str(tmp_path / "s"), host_paths=[], mounts=table, disk=2**20, on_disk=True
+    )
+    assert plan.on_disk
+    names = [step.name for step in plan.steps]
+    assert "mount_scratch_tmpfs" not in names and names[1] == "mount_scratch_dir"
+    scratch_step = plan.steps[1]
+    assert isinstance(scratch_step, mounts.BindDiskScratch) and scratch_step.source is None
+    with pytest.raises(OSError, match="no directory on disk was made for this sandbox"):
+        scratch_step.run()
+    filled = mounts.with_scratch_source(plan.steps, "/var/tmp/x/1")
+    assert filled[1] == mounts.BindDiskScratch(str(tmp_path / "s"), "/var/tmp/x/1")
+    assert filled[2:] == plan.steps[2:]
+    # image "host": "/" is an overlay named like every sandbox root (require_sandbox checks the name)
+    root = next(step for step in plan.steps if step.name == "mount_root_dir")
+    assert isinstance(root, mounts.MountOverlay) and root.source == mounts.ROOT_SOURCE
+    assert root.upper.startswith(str(tmp_path / "s") + "/")
+    assert not any(isinstance(step, mounts.MountFs) and step.fstype == "tmpfs" for step in plan.steps)

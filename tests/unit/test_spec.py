@@ -44,7 +44,7 @@ def test_format_size(size: int, text: str) -> None:
 
 def test_marker_overrides_ini_defaults() -> None:
     ini = {"nsbox_image": "tests/images/tiny", "nsbox_memory": "64M", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": "5"}
-    ini["nsbox_disk"] = ""
+    ini["nsbox_disk"] = ini["nsbox_scratch"] = ""
     defaults = defaults_from_ini(ini.__getitem__)
     assert defaults.spec == SandboxSpec(image="tests/images/tiny", memory=64 * 2**20, timeout=5.0)
     spec = spec_from_marker((), {"memory": "1G", "network": "host"}, "t.py::test_x", defaults)
@@ -53,7 +53,15 @@ def test_marker_overrides_ini_defaults() -> None:
 
 
 def test_bad_ini_value_names_the_ini_key() -> None:
-    ini = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "many", "nsbox_cpus": "", "nsbox_timeout": "", "nsbox_disk": ""}
+    ini = {
+        "nsbox_image": "",
+        "nsbox_memory": "",
+        "nsbox_pids": "many",
+        "nsbox_cpus": "",
+        "nsbox_timeout": "",
+        "nsbox_disk": "",
+        "nsbox_scratch": "",
+    }
     with pytest.raises(SpecError, match=r"invalid pids 'many' from ini nsbox_pids \(expected a positive integer\)"):
         defaults_from_ini(ini.__getitem__)
 
@@ -104,7 +112,15 @@ def test_requested_limits() -> None:
     assert SandboxSpec(memory=1, timeout=2.0).requested_limits() == {"memory": 1, "timeout": 2.0}
 
 
-NO_INI = {"nsbox_image": "", "nsbox_memory": "", "nsbox_pids": "", "nsbox_cpus": "", "nsbox_timeout": "", "nsbox_disk": ""}
+NO_INI = {
+    "nsbox_image": "",
+    "nsbox_memory": "",
+    "nsbox_pids": "",
+    "nsbox_cpus": "",
+    "nsbox_timeout": "",
+    "nsbox_disk": "",
+    "nsbox_scratch": "",
+}
 
 
 def test_precedence_marker_over_command_line_over_ini() -> None:
@@ -363,3 +379,18 @@ def test_bad_drop_env_names_its_source() -> None:
         with_drop_env(Defaults(), ["A", "B=1"])
     with pytest.raises(SpecError, match=r"invalid drop_env 3 from nsbox marker on t.py::test_x \(expected a pattern"):
         spec_from_marker((), {"drop_env": 3}, "t.py::test_x", Defaults())
+
+
+def test_scratch_is_memory_or_disk_by_marker_option_or_ini() -> None:
+    assert spec_from_marker((), {}, "t.py::test_x", Defaults()).scratch == "memory"
+    assert spec_from_marker((), {"scratch": "disk"}, "t.py::test_x", Defaults()).scratch == "disk"
+    with pytest.raises(SpecError, match=r"invalid scratch 'ssd' from nsbox marker on t.py::test_x \(expected 'memory'"):
+        spec_from_marker((), {"scratch": "ssd"}, "t.py::test_x", Defaults())
+    ini = defaults_from({**NO_INI, "nsbox_scratch": "disk"}.__getitem__)
+    assert ini.spec.scratch == "disk" and describe_defaults(ini).endswith(", scratch=disk (ini)")
+    assert spec_from_marker((), {"scratch": None}, "t.py::test_x", ini).scratch == "disk"  # None: not given
+    assert spec_from_marker((), {"scratch": "memory"}, "t.py::test_x", ini).scratch == "memory"
+    assert defaults_from(NO_INI.__getitem__, {"--nsbox-scratch": "memory"}).spec.scratch == "memory"
+    with pytest.raises(SpecError, match="invalid scratch 'off' from option --nsbox-scratch"):
+        defaults_from(NO_INI.__getitem__, {"--nsbox-scratch": "off"})
+    assert nsbox(scratch="disk").kwargs == {"scratch": "disk"}
