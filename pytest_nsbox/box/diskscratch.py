@@ -35,6 +35,7 @@ USER_DIR_PREFIX: Final = "pytest-nsbox-disk-"  # + uid (not a mounts.SCRATCH_PRE
 RUN_PREFIX: Final = "run-"
 DEFAULT_BASE: Final = "/var/tmp"  # on disk where /tmp is a tmpfs (FHS: for larger temporary files)
 MEMORY_FILESYSTEMS: Final = ("tmpfs", "ramfs")
+NO_UPPER_FILESYSTEMS: Final = ("overlay",)  # overlayfs cannot put an upper layer there
 POLL_INTERVAL: Final = 0.1  # seconds between two looks at a running sandbox's usage, at least
 POLL_SHARE: Final = 10  # ... and at least this many times the time one look took (a tenth of P's time)
 
@@ -85,6 +86,12 @@ def user_dir(base: str | None = None) -> str:
             errno.EINVAL,
             f"{base} is a {fstype} (memory), not a disk: scratch='disk' would still write to memory. "
             f"Hint: set TMPDIR to a directory on a disk (outside the project), e.g. TMPDIR={DEFAULT_BASE}",
+        )
+    if fstype in NO_UPPER_FILESYSTEMS:
+        raise DiskScratchError(
+            errno.EINVAL,
+            f"{base} is on {fstype}, which cannot hold a sandbox's writable layers (an overlay's upper layer). "
+            f"Hint: set TMPDIR to a directory on a disk filesystem such as ext4, xfs or btrfs (outside the project)",
         )
     try:
         os.mkdir(path, 0o700)
