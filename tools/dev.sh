@@ -14,7 +14,8 @@ VENV=${NSBOX_VENV:-$REPO/.venv}
 OLDEST_VENV=${NSBOX_OLDEST_VENV:-$REPO/.venv-oldest}
 COMPAT_VENV=${NSBOX_COMPAT_VENV:-$REPO/.venv-compat}
 ROOTLESS_USER=${NSBOX_ROOTLESS_USER:-nsboxci}
-# what runs again on cgroup v2 (User-Mode Linux): the limits, the disk bound (charged to memory), doctor
+# what runs again on cgroup v2 (User-Mode Linux; not the slow tests: forks are 10-25x slower there): the limits,
+# the disk bound (charged to memory), doctor, the private network (netem is only there)
 UML_TESTS="tests/integration/test_limits.py tests/integration/test_disk.py tests/integration/test_doctor.py tests/integration/test_network.py"
 
 apt_install() {
@@ -120,14 +121,14 @@ run_rootless() {
       chown $ROOTLESS_USER: $d $d/cgroup.procs $d/cgroup.subtree_control $d/cgroup.threads
       cd '$work' && runuser -u $ROOTLESS_USER -- env -i HOME=/home/$ROOTLESS_USER PATH=/usr/bin:/bin \
         PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' PYTEST_NSBOX_CGROUP_ROOT=$ROOTLESS_USER \
-        .venv/bin/python -m pytest -p no:cacheprovider $UML_TESTS"
+        .venv/bin/python -m pytest -p no:cacheprovider -m 'not slow' $UML_TESTS"
   fi
 }
 
 run_uml_limits() {
   # cgroup v2 as root: the guest's pytest lives in the root cgroup, sandboxes are its children.
   echo "== limits tests on cgroup v2 (User-Mode Linux), as root"
-  tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider $UML_TESTS"
+  tools/uml-run.sh "PYTEST_NSBOX_REQUIRE='${PYTEST_NSBOX_REQUIRE:-}' $VENV/bin/python -m pytest -p no:cacheprovider -m 'not slow' $UML_TESTS"
 }
 
 run_wheel() {
